@@ -1,0 +1,71 @@
+"""Process-group and model-parallel setup.
+
+Under `torchrun` the group comes from the environment (RANK, WORLD_SIZE, ...). In a plain
+`python` process or a notebook we make a one-process group on the spot, so nobody needs
+torchrun for a single device.
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+from fairscale.nn.model_parallel import initialize as mp
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (fp16 where bf16 is unsupported), fp16 on MPS, float32 on CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def initialize(model_parallel_size, device: torch.device) -> int:
+    """Make sure a process group and fairscale's model-parallel groups exist; return the
+    model-parallel size in force. Safe to call again (notebooks rebuild models)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank())
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if launched_by_torchrun():
+            dist.init_process_group(backend)
+        else:
+            # A one-process group with an in-memory store: no ports, no env variables.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    world = dist.get_world_size()
+    if mp.model_parallel_is_initialized():
+        current = mp.get_model_parallel_world_size()
+        if model_parallel_size not in (None, current):
+            raise ValueError(
+                f"model parallelism is already set up with size {current} in this process; "
+                f"it cannot change to {model_parallel_size} without a new process"
+            )
+        return current
+    size = world if model_parallel_size is None else model_parallel_size
+    if size < 1 or world % size:
+        raise ValueError(
+            f"model_parallel_size={size} must divide the number of processes ({world})"
+        )
+    mp.initialize_model_parallel(size)
+    return size
+
+
+def model_parallel_rank() -> int:
+    return mp.get_model_parallel_rank()

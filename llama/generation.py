@@ -1,0 +1,357 @@
+"""`Llama`: build a model from a checkpoint folder and generate with it.
+
+Every public method turns its inputs into prompt token lists (see prompts.py), then runs
+the one generation core, `Llama.decode_steps`, and shapes its output. The core prefills
+all prompts of a batch in one forward pass (rows of different lengths included), then
+decodes one token per row per step, each row at its own position in the KV cache.
+"""
+
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Set, Tuple, TypedDict
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, distributed
+from .model import ModelArgs, Transformer
+from .prompts import (
+    Dialog,
+    Message,
+    UNSAFE_ERROR,
+    chat_prompt_tokens,
+    dialog_prompt_tokens,
+    infilling_prompt_tokens,
+    is_unsafe,
+    require_infilling,
+)
+from .tokenizer import Tokenizer
+
+
+class CompletionPrediction(TypedDict, total=False):
+    generation: str
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+
+
+class InfillingPrediction(TypedDict, total=False):
+    generation: str
+    full_text: str
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+
+
+class ChatPrediction(TypedDict, total=False):
+    generation: Message
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+
+
+def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus sampling: draw from the smallest set of most likely tokens whose mass
+    reaches p (the most likely token is always kept). probs: (bsz, vocab) -> (bsz, 1)."""
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before > p, 0.0)
+    sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
+    choice = torch.multinomial(sorted_probs, num_samples=1)
+    return torch.gather(order, -1, choice)
+
+
+def next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Greedy when temperature <= 0, else top-p sampling at that temperature. -> (bsz,)"""
+    if temperature > 0:
+        return sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p).flatten()
+    return torch.argmax(logits, dim=-1)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+class Llama:
+    @staticmethod
+    def build(
+        ckpt_dir: str,
+        tokenizer_path: Optional[str] = None,
+        max_seq_len: int = 2048,
+        max_batch_size: int = 4,
+        model_parallel_size: Optional[int] = None,
+        *,
+        seed: int = 1,
+        device=None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> "Llama":
+        """Load a model folder (`params.json`, `consolidated.NN.pth`) and its tokenizer.
+
+        Works in a plain Python process (a one-process group is made on the spot) and
+        under `torchrun --nproc_per_node N`; the checkpoint's shards are re-split for N.
+        The KV cache holds `max_batch_size` sequences of `max_seq_len` tokens.
+        tokenizer_path defaults to `<ckpt_dir>/tokenizer.model`; device to CUDA, else MPS,
+        else CPU; dtype to bf16 on CUDA (fp16 without bf16), fp16 on MPS, float32 on CPU.
+        All ranks must use the same `seed` so that they sample the same tokens.
+        """
+        if max_seq_len < 1 or max_batch_size < 1:
+            raise ValueError(f"max_seq_len ({max_seq_len}) and max_batch_size "
+                             f"({max_batch_size}) must be at least 1")
+        device = torch.device(device) if device is not None else distributed.default_device()
+        dtype = dtype or distributed.default_dtype(device)
+        mp_size = distributed.initialize(model_parallel_size, device)
+        torch.manual_seed(seed)
+        if distributed.local_rank() > 0:
+            sys.stdout = open(os.devnull, "w")
+
+        start = time.time()
+        ckpt_dir = Path(ckpt_dir)
+        if not ckpt_dir.is_dir():
+            raise FileNotFoundError(f"checkpoint folder {ckpt_dir} does not exist")
+        params = checkpoint.read_params(ckpt_dir)
+        tokenizer = Tokenizer(str(tokenizer_path or ckpt_dir / "tokenizer.model"))
+        if params.get("vocab_size", -1) > 0 and params["vocab_size"] != tokenizer.n_words:
+            raise ValueError(
+                f"{ckpt_dir / 'params.json'} says vocab_size {params['vocab_size']} but the "
+                f"tokenizer has {tokenizer.n_words} pieces; use the tokenizer.model of this model"
+            )
+        params["vocab_size"] = tokenizer.n_words
+        model_args = ModelArgs(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **params)
+        state = checkpoint.load_rank_state(ckpt_dir, distributed.model_parallel_rank(), mp_size)
+        rows = state["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in state else None
+        if rows is not None and rows != tokenizer.n_words:
+            raise ValueError(
+                f"the checkpoint in {ckpt_dir} embeds {rows} tokens but the tokenizer has "
+                f"{tokenizer.n_words} pieces; use the tokenizer.model shipped with these weights"
+            )
+        with default_dtype(dtype), torch.device(device):
+            model = Transformer(model_args)
+        checkpoint.load_into(model, state, str(ckpt_dir), device, dtype)
+        print(f"Loaded in {time.time() - start:.2f} seconds")
+        return Llama(model, tokenizer)
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    # ---- the generation core ----------------------------------------------------------
+
+    def check_batch(self, prompt_tokens: Sequence[List[int]]) -> None:
+        params = self.model.params
+        if len(prompt_tokens) > params.max_batch_size:
+            raise ValueError(
+                f"{len(prompt_tokens)} prompts exceed max_batch_size={params.max_batch_size}; "
+                f"pass fewer prompts per call or build with a larger max_batch_size"
+            )
+        for i, p in enumerate(prompt_tokens):
+            if not p:
+                raise ValueError(f"prompt {i} has no tokens")
+            if len(p) > params.max_seq_len:
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens, more than max_seq_len="
+                    f"{params.max_seq_len}; shorten it or build with a larger max_seq_len"
+                )
+
+    @torch.inference_mode()
+    def decode_steps(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float,
+        top_p: float,
+        stop_ids: Set[int],
+        prompt_logprobs: Optional[List[List[float]]] = None,
+    ) -> Iterator[List[Optional[Tuple[int, float]]]]:
+        """Yield, once per step, each row's new (token, logprob), or None for a row that
+        has finished. A row finishes on a token of `stop_ids` (not yielded) or after
+        min(max_gen_len, max_seq_len - len(prompt)) tokens.
+
+        If `prompt_logprobs` is a list, it receives each prompt's token log-probabilities
+        (0.0 for the first token, which nothing predicts).
+        """
+        self.check_batch(prompt_tokens)
+        model, params = self.model, self.model.params
+        device = model.rope.device
+        bsz = len(prompt_tokens)
+        lens = [len(p) for p in prompt_tokens]
+        budgets = [max(0, min(max_gen_len, params.max_seq_len - n)) for n in lens]
+
+        # Prefill every row at once; tokens past a row's end are placeholders whose cache
+        # entries are overwritten by that row's own decode steps before anything reads them.
+        padded = torch.zeros((bsz, max(lens)), dtype=torch.long, device=device)
+        for i, p in enumerate(prompt_tokens):
+            padded[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+        hidden = model.forward_hidden(padded, 0, kv_len=max(lens))
+        if prompt_logprobs is not None:
+            logp = F.log_softmax(model.output(hidden).float(), dim=-1)
+            targets = logp[:, :-1].gather(-1, padded[:, 1:, None])[..., 0]
+            for i, n in enumerate(lens):
+                prompt_logprobs.append([0.0] + targets[i, : n - 1].tolist())
+        last = hidden[torch.arange(bsz, device=device), torch.tensor(lens, device=device) - 1]
+        logits = model.output(last).float()
+
+        positions = list(lens)  # where each row's next token goes
+        produced = [0] * bsz
+        active = [b > 0 for b in budgets]
+        while any(active):
+            tokens = next_tokens(logits, temperature, top_p)
+            token_logprobs = F.log_softmax(logits, dim=-1).gather(-1, tokens[:, None])[:, 0]
+            step: List[Optional[Tuple[int, float]]] = [None] * bsz
+            for i, (tok, lp) in enumerate(zip(tokens.tolist(), token_logprobs.tolist())):
+                if not active[i]:
+                    continue
+                if tok in stop_ids:
+                    active[i] = False
+                    continue
+                step[i] = (tok, lp)
+                produced[i] += 1
+                active[i] = produced[i] < budgets[i]
+            yield step
+            if not any(active):
+                return
+            # Finished rows keep their position so they never run past the cache.
+            start = torch.tensor(positions, device=device)
+            hidden = model.forward_hidden(tokens[:, None], start, kv_len=max(positions) + 1)
+            logits = model.output(hidden[:, 0]).float()
+            positions = [p + 1 if a else p for p, a in zip(positions, active)]
+
+    def run(self, prompt_tokens, max_gen_len, temperature, top_p, stop_ids, echo=False,
+            want_prompt_logprobs=False):
+        """Collect decode_steps into per-row (tokens, logprobs)."""
+        prompt_lp = [] if want_prompt_logprobs else None
+        out_tokens: List[List[int]] = [[] for _ in prompt_tokens]
+        out_logprobs: List[List[float]] = [[] for _ in prompt_tokens]
+        for step in self.decode_steps(prompt_tokens, max_gen_len, temperature, top_p,
+                                      stop_ids, prompt_lp):
+            for i, item in enumerate(step):
+                if item is not None:
+                    out_tokens[i].append(item[0])
+                    out_logprobs[i].append(item[1])
+        if echo:
+            out_tokens = [list(p) + t for p, t in zip(prompt_tokens, out_tokens)]
+            if prompt_lp is not None:
+                out_logprobs = [p + lp for p, lp in zip(prompt_lp, out_logprobs)]
+        return out_tokens, out_logprobs
+
+    def default_gen_len(self, max_gen_len: Optional[int]) -> int:
+        if max_gen_len is None:
+            return self.model.params.max_seq_len - 1
+        if max_gen_len < 0:
+            raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
+        return max_gen_len
+
+    # ---- public API ---------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+        stop_token: Optional[int] = None,
+    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Generate from token lists. Returns each row's new tokens (prompt included with
+        `echo`) and, with `logprobs`, the log-probability of each returned token.
+        Generation stops at `stop_token` (default: EOS), which is not returned."""
+        stop_ids = {self.tokenizer.eos_id if stop_token is None else stop_token}
+        tokens, lps = self.run(prompt_tokens, self.default_gen_len(max_gen_len), temperature,
+                               top_p, stop_ids, echo, want_prompt_logprobs=logprobs and echo)
+        return tokens, (lps if logprobs else None)
+
+    def pieces(self, tokens: List[int]) -> List[str]:
+        return [self.tokenizer.token_piece(t) for t in tokens]
+
+    def text_completion(
+        self,
+        prompts: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> List[CompletionPrediction]:
+        """Continue each prompt. With `echo` the prompt is part of the result."""
+        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p,
+                                    logprobs, echo)
+        if logprobs:
+            return [{"generation": self.tokenizer.decode(t), "tokens": self.pieces(t),
+                     "logprobs": lp} for t, lp in zip(tokens, lps)]
+        return [{"generation": self.tokenizer.decode(t)} for t in tokens]
+
+    def text_infilling(
+        self,
+        prefixes: List[str],
+        suffixes: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        suffix_first: bool = False,
+    ) -> List[InfillingPrediction]:
+        """Fill the middle between each prefix and suffix (PSM format, or SPM with
+        `suffix_first`). Stops at <EOT> or EOS."""
+        require_infilling(self.tokenizer)
+        if len(prefixes) != len(suffixes):
+            raise ValueError(f"got {len(prefixes)} prefixes but {len(suffixes)} suffixes; "
+                             f"pass one suffix per prefix")
+        prompt_tokens = [infilling_prompt_tokens(self.tokenizer, pre, suf, suffix_first)
+                         for pre, suf in zip(prefixes, suffixes)]
+        stop_ids = {self.tokenizer.eot_id, self.tokenizer.eos_id}
+        tokens, lps = self.run(prompt_tokens, self.default_gen_len(max_gen_len), temperature,
+                               top_p, stop_ids)
+        results = []
+        for t, lp, pre, suf in zip(tokens, lps, prefixes, suffixes):
+            text = self.tokenizer.decode_infilling(t)
+            if logprobs:
+                results.append({"generation": text, "logprobs": lp, "tokens": self.pieces(t),
+                                "full_text": pre + text + suf})
+            else:
+                results.append({"generation": text, "full_text": pre + text + suf})
+        return results
+
+    def chat_completion(
+        self,
+        dialogs: List[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+    ) -> List[ChatPrediction]:
+        """Answer each dialog as the assistant. Uses the 70B-Instruct `<step>` format when
+        the tokenizer has `<step>`, else the Llama-2 [INST] format. Dialogs carrying chat
+        tags or control tokens are not run; their content is UNSAFE_ERROR."""
+        step_format = self.tokenizer.step_id is not None
+        encode = dialog_prompt_tokens if step_format else chat_prompt_tokens
+        prompt_tokens = [encode(self.tokenizer, d) for d in dialogs]  # validates every dialog
+        unsafe = [is_unsafe(self.tokenizer, d) for d in dialogs]
+        safe_rows = [i for i, u in enumerate(unsafe) if not u]
+        stop_ids = {self.tokenizer.eos_id}
+        if step_format:
+            stop_ids.add(self.tokenizer.step_id)
+        tokens, lps = [[]] * len(dialogs), [[]] * len(dialogs)
+        if safe_rows:
+            run_tokens, run_lps = self.run([prompt_tokens[i] for i in safe_rows],
+                                           self.default_gen_len(max_gen_len), temperature,
+                                           top_p, stop_ids)
+            for i, t, lp in zip(safe_rows, run_tokens, run_lps):
+                tokens[i], lps[i] = t, lp
+        results = []
+        for i, (t, lp) in enumerate(zip(tokens, lps)):
+            message = {"role": "assistant"}
+            if step_format:
+                message["destination"] = "user"
+            message["content"] = UNSAFE_ERROR if unsafe[i] else self.tokenizer.decode(t)
+            result = {"generation": message}
+            if logprobs:
+                result.update(tokens=self.pieces(t), logprobs=lp)
+            results.append(result)
+        return results

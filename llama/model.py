@@ -1,0 +1,298 @@
+"""The Code Llama Transformer, model-parallel through fairscale.
+
+The parameter names, shapes and parallel split of every layer are those of Meta's
+reference, so `consolidated.NN.pth` shards load as they are. Two things differ inside:
+
+- the KV cache is a small module whose rows can sit at different positions, so a ragged
+  batch is prefilled in one pass and decoded without teacher forcing;
+- attention goes through `torch.nn.functional.scaled_dot_product_attention`, which never
+  materialises the (seqlen x cache length) score matrix on GPU backends and takes a mask
+  that is correct for any `start_pos` (chunked prefill works).
+"""
+
+import math
+from dataclasses import dataclass, fields
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
+from fairscale.nn.model_parallel.layers import (
+    ColumnParallelLinear,
+    ParallelEmbedding,
+    RowParallelLinear,
+)
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    """Hyperparameters, as in a checkpoint's `params.json` plus the two cache sizes."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None: same as n_heads (no grouped-query attention)
+    vocab_size: int = -1  # set from the tokenizer at build time
+    multiple_of: int = 256  # the SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+
+    @classmethod
+    def field_names(cls) -> set:
+        return {f.name for f in fields(cls)}
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "ModelArgs":
+        """Shapes of a Code Llama size ("7b", "13b", "34b", "70b") or a tiny test model."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """SwiGLU width: 2/3 of 4*dim, scaled, rounded up (11008 for 7B, 28672 for 70B)."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+# The shapes of the released models (vocab 32016 where the tokenizer has the infill
+# pieces; 34B and the Python models have 32000).
+PRESETS = {
+    "7b": dict(dim=4096, n_layers=32, n_heads=32, multiple_of=256, ffn_dim_multiplier=1.0,
+               norm_eps=1e-5, rope_theta=1e6, vocab_size=32016),
+    "13b": dict(dim=5120, n_layers=40, n_heads=40, multiple_of=256, ffn_dim_multiplier=1.0,
+                norm_eps=1e-5, rope_theta=1e6, vocab_size=32016),
+    "34b": dict(dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, multiple_of=256,
+                ffn_dim_multiplier=1.0, norm_eps=1e-5, rope_theta=1e6, vocab_size=32000),
+    "70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096,
+                ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=10000, vocab_size=32016),
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32,
+                 ffn_dim_multiplier=1.0, norm_eps=1e-5, rope_theta=1e6, vocab_size=512),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, then scale in the model dtype, as the reference does.
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_table(head_dim: int, end: int, theta: float) -> torch.Tensor:
+    """cos and sin of every (position, frequency) pair: shape (end, head_dim // 2, 2), float32.
+
+    Computed in float32 exactly like the reference's complex `freqs_cis`, but stored as
+    real numbers so that the rotation compiles and runs on devices without complex support.
+    """
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(end, dtype=torch.float32), freqs)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2j], x[2j+1]) of the last dim (Meta's interleaved layout).
+
+    x: (bsz, seqlen, heads, head_dim); cos_sin: (bsz, seqlen, head_dim // 2, 2).
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    re, im = pairs.unbind(-1)
+    cos, sin = cos_sin[:, :, None].unbind(-1)
+    rotated = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values, (max_batch_size, kv_heads, max_seq_len, head_dim).
+
+    Keys are stored after RoPE. Each row writes at its own positions, so rows of a batch
+    may hold sequences of different lengths.
+    """
+
+    def __init__(self, max_batch_size: int, max_seq_len: int, kv_heads: int, head_dim: int):
+        super().__init__()
+        shape = (max_batch_size, kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape), persistent=False)
+        self.register_buffer("v", torch.zeros(shape), persistent=False)
+
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
+        """Write k, v (bsz, seqlen, heads, head_dim) at positions (bsz, seqlen); return the
+        first kv_len cached positions of those rows as (bsz, heads, kv_len, head_dim)."""
+        bsz = k.shape[0]
+        rows = torch.arange(bsz, device=k.device)[:, None]
+        self.k[rows, :, positions] = k.to(self.k.dtype)
+        self.v[rows, :, positions] = v.to(self.v.dtype)
+        return self.k[:bsz, :, :kv_len], self.v[:bsz, :, :kv_len]
+
+
+def attend(q, k, v, mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
+    """Scaled dot-product attention with grouped-query heads.
+
+    q: (bsz, heads, seqlen, head_dim); k, v: (bsz, kv_heads, kv_len, head_dim).
+    mask: boolean (bsz, 1, seqlen, kv_len), True where a key may be seen, or None.
+    causal: the plain lower-triangular mask (seqlen == kv_len), which lets SDPA pick its
+    fastest kernels.
+    """
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1]
+    )
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        world = get_model_parallel_world_size()
+        self.n_local_heads = args.n_heads // world
+        self.n_local_kv_heads = args.kv_heads // world
+        self.n_rep = self.n_local_heads // self.n_local_kv_heads
+        self.head_dim = args.head_dim
+        identity = lambda x: x  # weights come from the checkpoint; loading is strict
+
+        def column(out_features):
+            return ColumnParallelLinear(
+                args.dim, out_features, bias=False, gather_output=False, init_method=identity
+            )
+
+        self.wq = column(args.n_heads * self.head_dim)
+        self.wk = column(args.kv_heads * self.head_dim)
+        self.wv = column(args.kv_heads * self.head_dim)
+        self.wo = RowParallelLinear(
+            args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True,
+            init_method=identity,
+        )
+        self.cache = KVCache(
+            args.max_batch_size, args.max_seq_len, self.n_local_kv_heads, self.head_dim
+        )
+
+    def forward(self, x, cos_sin, positions, mask, causal, kv_len):
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
+        keys, values = self.cache.update(positions, k, v, kv_len)
+        out = attend(q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), mask, causal)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        identity = lambda x: x
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False,
+                                       init_method=identity)
+        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True,
+                                    init_method=identity)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False,
+                                       init_method=identity)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, cos_sin, positions, mask, causal, kv_len):
+        h = x + self.attention(self.attention_norm(x), cos_sin, positions, mask, causal, kv_len)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, params: ModelArgs):
+        super().__init__()
+        self.params = params
+        self.vocab_size = params.vocab_size
+        self.n_layers = params.n_layers
+        world = get_model_parallel_world_size()
+        for name, size in [("n_heads", params.n_heads), ("n_kv_heads", params.kv_heads),
+                           ("dim", params.dim), ("vocab_size", params.vocab_size),
+                           ("FFN hidden size", params.ffn_hidden_dim)]:
+            if size % world:
+                raise ValueError(
+                    f"{name} = {size} is not divisible by the model-parallel size {world}; "
+                    f"run with a number of processes that divides it"
+                )
+        identity = lambda x: x
+        self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim,
+                                                init_method=identity)
+        self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, eps=params.norm_eps)
+        self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False,
+                                           init_method=identity)
+        # Twice max_seq_len like the reference, so positions past the cache still rotate.
+        self.register_buffer(
+            "rope", rope_table(params.head_dim, params.max_seq_len * 2, params.rope_theta),
+            persistent=False,
+        )
+
+    def positions(self, start_pos: Union[int, torch.Tensor], bsz: int, seqlen: int):
+        """Absolute positions (bsz, seqlen) of the tokens, from one start or one per row."""
+        device = self.rope.device
+        offsets = torch.arange(seqlen, device=device)
+        if isinstance(start_pos, int):
+            return (start_pos + offsets).expand(bsz, seqlen)
+        return start_pos.to(device)[:, None] + offsets
+
+    @torch.inference_mode()
+    def forward_hidden(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor],
+                       kv_len: Optional[int] = None) -> torch.Tensor:
+        """Final normalised hidden states (bsz, seqlen, dim) for `tokens` placed at
+        `start_pos` (an int, or a tensor with one start per row), updating the KV cache.
+
+        kv_len: how many cache positions attention reads; at least the largest position
+        plus one. Computed when not given (which costs a host sync for tensor starts).
+        """
+        bsz, seqlen = tokens.shape
+        positions = self.positions(start_pos, bsz, seqlen)
+        if kv_len is None:
+            kv_len = int(positions.max()) + 1
+        max_seq_len, max_batch = self.params.max_seq_len, self.params.max_batch_size
+        if kv_len > max_seq_len or bsz > max_batch:
+            raise ValueError(
+                f"{bsz} rows up to position {kv_len} do not fit the KV cache of "
+                f"{max_batch} rows x {max_seq_len} positions; raise max_batch_size/max_seq_len"
+            )
+        # Plain causal attention when the chunk starts at 0 in every row; no mask at all
+        # for one token per row reading exactly its prefix; otherwise an explicit mask.
+        causal = isinstance(start_pos, int) and start_pos == 0 and kv_len == seqlen
+        mask = None
+        if not causal and not (isinstance(start_pos, int) and seqlen == 1
+                               and kv_len == start_pos + 1):
+            key_pos = torch.arange(kv_len, device=positions.device)
+            mask = (key_pos <= positions[..., None])[:, None]
+        cos_sin = self.rope[positions]
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, cos_sin, positions, mask, causal, kv_len)
+        return self.norm(h)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor]):
+        """Float32 logits (bsz, seqlen, vocab_size) for every position of `tokens`."""
+        return self.output(self.forward_hidden(tokens, start_pos)).float()

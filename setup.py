@@ -1,0 +1,26 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+requirements = [
+    line.strip()
+    for line in Path(__file__).with_name("requirements.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+]
+
+setup(
+    name="codellama",
+    version="0.1.0",
+    description="Inference for Code Llama models: faithful to Meta's reference, without its bugs",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(include=["llama", "llama.*"]),
+    install_requires=requirements,
+    extras_require={
+        # What the test suite needs beyond the runtime: the HF reference implementation
+        # (numerical oracle and conversion), safetensors for HF folders, pytest.
+        "test": ["pytest", "transformers", "safetensors"],
+    },
+)
