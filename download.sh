@@ -21,7 +21,7 @@
 #   CODELLAMA_EXPECTED_SHARD_BYTES  the shard size assumed by the free-space check
 #                                   (default: an estimate per model size; 0 turns it off)
 #
-# Runs on bash 3.2 (macOS) and newer.
+# Written for bash 3.2 (the macOS default) and newer: no associative arrays, no ${var,,}.
 
 set -euo pipefail
 
@@ -32,6 +32,7 @@ REQUEST_PAGE="https://www.llama.com/llama-downloads/"
 
 TMP_LOG=""
 FAILED_FILES=()
+FAILED_COUNT=0
 
 # ----------------------------------------------------------------------------- messages
 
@@ -81,6 +82,17 @@ file_size() {
 
 to_lower() {
     printf '%s' "$1" | tr '[:upper:]' '[:lower:]'
+}
+
+same_ignoring_case() {
+    # same_ignoring_case A B: true when A and B are equal apart from letter case (no subprocess).
+    local rc=1
+    shopt -s nocasematch
+    if [[ $1 == "$2" ]]; then
+        rc=0
+    fi
+    shopt -u nocasematch
+    return $rc
 }
 
 human_gb() {
@@ -159,7 +171,7 @@ choose_checksum_tool() {
 }
 
 md5_of() {
-    # Print the lower-case md5 of file $1.
+    # Print the md5 of file $1 (hex digits only).
     local out
     case $CHECKSUM_TOOL in
         md5sum) out=$(md5sum -- "$1") ;;
@@ -167,7 +179,7 @@ md5_of() {
         openssl) out=$(openssl md5 -r "$1") ;;
     esac
     out=${out%%[[:space:]]*}
-    to_lower "${out#\\}"
+    printf '%s' "${out#\\}"
 }
 
 # ----------------------------------------------------------------------------- the link
@@ -180,6 +192,11 @@ clean_url() {
     url=${url%\"}
     url=${url#\'}
     url=${url%\'}
+    # Some mail clients hand out the '*' URL-encoded; put it back.
+    if [[ $url != *"*"* && $url == *%2[Aa]* ]]; then
+        local head=${url%%%2[Aa]*}
+        url="$head*${url#"$head"%2?}"
+    fi
     printf '%s' "$url"
 }
 
@@ -194,9 +211,10 @@ check_url() {
             "Select and copy the text of the link itself instead: it starts with $META_HOST_TEXT/*?Policy=..."
     fi
     if [[ -n ${CODELLAMA_URL_PREFIX:-} ]]; then
-        note "Note: CODELLAMA_URL_PREFIX is set; accepting links that start with $CODELLAMA_URL_PREFIX"
-        if [[ $url != "$CODELLAMA_URL_PREFIX"/* ]]; then
-            die "The link must start with $CODELLAMA_URL_PREFIX/ (set by CODELLAMA_URL_PREFIX), but it is:" "$url"
+        local prefix=${CODELLAMA_URL_PREFIX%/}
+        note "Note: CODELLAMA_URL_PREFIX is set; accepting links that start with $prefix"
+        if [[ $url != "$prefix"/* ]]; then
+            die "The link must start with $prefix/ (set by CODELLAMA_URL_PREFIX), but it is:" "$url"
         fi
     elif ! [[ $lower =~ $META_HOST_PATTERN ]]; then
         die "The link must start with $META_HOST_TEXT (the text of the link in Meta's e-mail), but it is:" \
@@ -250,7 +268,7 @@ parse_models() {
         [[ -n $name ]] || continue
         found=""
         for known in $ALL_MODELS; do
-            if [[ $(to_lower "$name") == "$(to_lower "$known")" ]]; then
+            if same_ignoring_case "$name" "$known"; then
                 found=$known
                 break
             fi
@@ -275,9 +293,16 @@ parse_models() {
 # ----------------------------------------------------------------------------- downloading
 
 looks_like_html() {
-    local start
-    start=$(head -c 512 "$1" | tr -d '\000' | tr '[:upper:]' '[:lower:]' | tr -d ' \t\r\n')
-    [[ $start == "<!doctypehtml"* || $start == "<html"* || $start == "<?xml"*"<html"* ]]
+    # True when file $1 starts like a web page (<!DOCTYPE html, <html, or XHTML); bash only, no subprocess.
+    local LC_ALL=C start="" rc=1
+    IFS= read -r -d '' -n 512 start <"$1" || true
+    start=${start//[[:space:]]/}
+    shopt -s nocasematch
+    if [[ $start == "<!doctypehtml"* || $start == "<html"* || $start == "<?xml"*"<html"* ]]; then
+        rc=0
+    fi
+    shopt -u nocasematch
+    return $rc
 }
 
 explain_http_error() {
@@ -286,10 +311,10 @@ explain_http_error() {
     case $code in
         403)
             die "The server refused $rel (HTTP 403 Forbidden)." \
-                "The download link has most likely expired: links from Meta work for 24 hours and for a" \
-                "limited number of downloads. Request a new link on Meta's Llama download page" \
-                "($REQUEST_PAGE) and run this script again with it; the files you already" \
-                "have are kept and partial ones are resumed." \
+                "The download link has most likely expired: links from Meta work for 24 hours and for" \
+                "a limited number of downloads. Request a new link on Meta's Llama download page" \
+                "($REQUEST_PAGE) and run this script again with it;" \
+                "the files you already have are kept and partial ones are resumed." \
                 "(A link copied incompletely, or a proxy that blocks the host, gives the same error.)"
             ;;
         404)
@@ -309,11 +334,13 @@ explain_http_error() {
 
 explain_write_error() {
     # explain_write_error DEST
-    local dir free
-    dir=$(dirname "$1")
-    free=$(free_bytes "$dir")
+    local free shown=unknown
+    free=$(free_bytes "${1%/*}")
+    if [[ -n $free ]]; then
+        shown=$(human_gb "$free")
+    fi
     die "Could not write $1: the disk is probably full (or the folder is not writable)." \
-        "Free space on that disk: ${free:+$(human_gb "$free")}${free:-unknown}." \
+        "Free space on that disk: $shown." \
         "Make room or choose another TARGET_FOLDER, then run the script again to resume."
 }
 
@@ -324,7 +351,7 @@ check_free_space() {
     have=$(file_size "$dest")
     need=$((expected - have))
     [[ $need -gt 0 ]] || return 0
-    free=$(free_bytes "$(dirname "$dest")")
+    free=$(free_bytes "${dest%/*}")
     [[ -n $free ]] || return 0
     if [[ $free -lt $need ]]; then
         die "Not enough free disk space for $dest." \
@@ -382,7 +409,7 @@ fetch() {
             explain_http_error "$code" "$rel"
         fi
         local free
-        free=$(free_bytes "$(dirname "$dest")")
+        free=$(free_bytes "${dest%/*}")
         if [[ -n $free && $free -lt 1000000 ]]; then
             explain_write_error "$dest"
         fi
@@ -400,36 +427,43 @@ fetch() {
         rm -f "$dest"
         die "The server sent a web page (HTML) instead of $rel; the page was deleted." \
             "This usually means the link is wrong or has expired, so a sign-in or error page came back." \
-            "Copy the link text (starting with $META_HOST_TEXT) from the e-mail, or request a new" \
-            "link on Meta's Llama download page ($REQUEST_PAGE), and run this script again."
+            "Copy the link text (starting with $META_HOST_TEXT) from the e-mail," \
+            "or request a new link on Meta's Llama download page ($REQUEST_PAGE)," \
+            "and run this script again."
     fi
 }
 
 # ----------------------------------------------------------------------------- verification
 
+record_failure() {
+    FAILED_FILES+=("$1")
+    FAILED_COUNT=$((FAILED_COUNT + 1))
+}
+
 verify_model() {
     # verify_model DIR FILE...: compare FILEs in DIR with DIR/checklist.chk; record failures in FAILED_FILES.
     local dir=$1 line name sum i found actual
     shift
-    local names=() sums=()
+    local names=() sums=() count=0
     local line_pattern='^([0-9a-fA-F]{32})[[:space:]]+\*?(.*[^[:space:]])[[:space:]]*$'
     while IFS= read -r line || [[ -n $line ]]; do
         line=${line%$'\r'}
         [[ -n ${line//[[:space:]]/} ]] || continue
         if [[ $line =~ $line_pattern ]]; then
-            sums+=("$(to_lower "${BASH_REMATCH[1]}")")
+            sums+=("${BASH_REMATCH[1]}")
             name=${BASH_REMATCH[2]}
             names+=("${name#./}")
+            count=$((count + 1))
         else
             printf '%s\n' "$dir/checklist.chk: FAILED (not a checksum line: $line)"
-            FAILED_FILES+=("$dir/checklist.chk (unreadable line; delete it and run again)")
+            record_failure "$dir/checklist.chk (unreadable line; delete it and run again)"
             return 0
         fi
     done <"$dir/checklist.chk"
 
     for name in "$@"; do
         found=""
-        for ((i = 0; i < ${#names[@]}; i++)); do
+        for ((i = 0; i < count; i++)); do
             if [[ ${names[$i]} == "$name" ]]; then
                 found=${sums[$i]}
                 break
@@ -437,15 +471,15 @@ verify_model() {
         done
         if [[ -z $found ]]; then
             printf '%s: FAILED (not listed in checklist.chk, cannot be verified)\n' "$name"
-            FAILED_FILES+=("$dir/$name (not listed in checklist.chk)")
+            record_failure "$dir/$name (not listed in checklist.chk)"
             continue
         fi
         actual=$(md5_of "$dir/$name")
-        if [[ $actual == "$found" ]]; then
+        if same_ignoring_case "$actual" "$found"; then
             printf '%s: OK\n' "$name"
         else
             printf '%s: FAILED (md5 %s, expected %s)\n' "$name" "$actual" "$found"
-            FAILED_FILES+=("$dir/$name")
+            record_failure "$dir/$name"
         fi
     done
 
@@ -523,9 +557,9 @@ main() {
         verify_model "$target/$folder" "${files[@]}" params.json tokenizer.model
     done
 
-    if [[ ${#FAILED_FILES[@]} -gt 0 ]]; then
+    if [[ $FAILED_COUNT -gt 0 ]]; then
         {
-            echo "ERROR: checksum verification failed for ${#FAILED_FILES[@]} file(s):"
+            echo "ERROR: checksum verification failed for $FAILED_COUNT file(s):"
             for s in "${FAILED_FILES[@]}"; do
                 echo "         $s"
             done
@@ -537,4 +571,4 @@ main() {
     echo "All files downloaded and verified in $target"
 }
 
-main "$@"
+main

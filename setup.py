@@ -21,6 +21,6 @@ setup(
     extras_require={
         # What the test suite needs beyond the runtime: the HF reference implementation
         # (numerical oracle and conversion), safetensors for HF folders, pytest.
-        "test": ["pytest", "transformers", "safetensors"],
+        "test": ["pytest", "transformers", "safetensors", "protobuf"],
     },
 )

@@ -5,6 +5,7 @@ Under `torchrun` the group comes from the environment (RANK, WORLD_SIZE, ...). I
 torchrun for a single device.
 """
 
+import atexit
 import os
 
 import torch
@@ -49,6 +50,9 @@ def initialize(model_parallel_size, device: torch.device) -> int:
         else:
             # A one-process group with an in-memory store: no ports, no env variables.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        # A group left alive at interpreter exit can abort the process ("terminate called
+        # without an active exception" with gloo): close the one we opened.
+        atexit.register(_destroy_group)
     world = dist.get_world_size()
     if mp.model_parallel_is_initialized():
         current = mp.get_model_parallel_world_size()
@@ -65,6 +69,11 @@ def initialize(model_parallel_size, device: torch.device) -> int:
         )
     mp.initialize_model_parallel(size)
     return size
+
+
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def model_parallel_rank() -> int:

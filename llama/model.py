@@ -68,6 +68,17 @@ class ModelArgs:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
+    def num_params(self) -> int:
+        """Parameter count of the whole model (all model-parallel ranks together)."""
+        attention = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.kv_heads)
+        layer = attention + 3 * self.dim * self.ffn_hidden_dim + 2 * self.dim
+        return self.n_layers * layer + 2 * self.vocab_size * self.dim + self.dim
+
+    def kv_cache_bytes(self, element_size: int) -> int:
+        """Bytes of the preallocated KV cache, all ranks together."""
+        return (2 * self.n_layers * self.max_batch_size * self.max_seq_len * self.kv_heads
+                * self.head_dim * element_size)
+
 
 # The shapes of the released models (vocab 32016 where the tokenizer has the infill
 # pieces; 34B and the Python models have 32000).

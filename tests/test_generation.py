@@ -1,0 +1,186 @@
+"""Generation: equal to a greedy loop over Hugging Face's model, real logprobs, ragged
+batches, seeded sampling, stop rules, and every input error."""
+
+import pytest
+import torch
+
+from conftest import build, hf_model
+from llama import Llama
+
+
+@pytest.fixture(scope="module")
+def tiny(make_model):
+    folder, args, state = make_model()
+    return build(folder, max_seq_len=48), args, state
+
+
+def hf_greedy(model, prompt, n):
+    """Greedy continuation and the log-probability of each chosen token, no KV cache."""
+    ids, lps = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1], -1)
+            ids.append(int(logp.argmax()))
+            lps.append(float(logp.max()))
+    return ids[len(prompt):], lps
+
+
+def test_greedy_tokens_and_logprobs_match_transformers(tiny):
+    gen, args, state = tiny
+    prompts = [[1, 5, 9, 200, 17], [1, 300, 2, 40]]
+    tokens, logprobs = gen.generate(prompts, max_gen_len=12, temperature=0, logprobs=True,
+                                    stop_token=-100)  # no stop: compare all 12 tokens
+    ref = hf_model(args, state)
+    for p, t, lp in zip(prompts, tokens, logprobs):
+        want_t, want_lp = hf_greedy(ref, p, 12)
+        assert t == want_t
+        assert lp == pytest.approx(want_lp, abs=1e-4)
+        assert all(x < 0 for x in lp)  # the reference reported 0.0 for every generated token
+
+
+def test_echo_logprobs_are_teacher_forced_logprobs(tiny):
+    gen, args, state = tiny
+    prompt = [1, 5, 9, 200, 17, 33]
+    tokens, logprobs = gen.generate([prompt], max_gen_len=4, temperature=0, logprobs=True,
+                                    echo=True, stop_token=-100)
+    assert tokens[0][:6] == prompt and len(tokens[0]) == 10
+    with torch.no_grad():
+        logp = torch.log_softmax(hf_model(args, state)(torch.tensor([tokens[0]])).logits[0], -1)
+    want = [0.0] + [float(logp[i, tokens[0][i + 1]]) for i in range(9)]
+    assert logprobs[0] == pytest.approx(want, abs=1e-4)
+    # Nothing generated: the prompt is still scored (the reference returned zeros).
+    tokens, logprobs = gen.generate([prompt], max_gen_len=0, logprobs=True, echo=True)
+    assert tokens == [prompt] and logprobs[0] == pytest.approx(want[:6], abs=1e-4)
+
+
+def test_ragged_batch_equals_each_prompt_alone(tiny):
+    gen, _, _ = tiny
+    prompts = ["def add(a, b):", "import os\nimport sys\n\nclass Config:\n    ", "x"]
+    batch = gen.text_completion(prompts, temperature=0, max_gen_len=10, logprobs=True)
+    for prompt, got in zip(prompts, batch):
+        alone = gen.text_completion([prompt], temperature=0, max_gen_len=10, logprobs=True)[0]
+        assert got["tokens"] == alone["tokens"] and got["generation"] == alone["generation"]
+        assert got["logprobs"] == pytest.approx(alone["logprobs"], abs=1e-5)
+
+
+def test_budget_is_bounded_by_max_seq_len(tiny):
+    gen, _, _ = tiny
+    prompt = list(range(3, 43))  # 40 tokens with max_seq_len 48: at most 8 more
+    tokens, _ = gen.generate([prompt, [1, 2]], max_gen_len=100, temperature=0, stop_token=-100)
+    assert len(tokens[0]) == 8 and len(tokens[1]) == 46
+
+
+def test_seeded_sampling_is_reproducible(make_model):
+    folder, _, _ = make_model()
+    prompts = ["def f(x):", "class A"]
+    runs = [build(folder, seed=s).text_completion(prompts, temperature=1.0, top_p=0.95,
+                                                   max_gen_len=16) for s in (7, 7, 8)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_top_p_keeps_the_nucleus():
+    from llama import sample_top_p
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).repeat(2000, 1)
+    draws = sample_top_p(probs, 0.7).flatten()
+    assert set(draws.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7; the tail is cut
+    assert sample_top_p(probs[:1], 0.0).item() == 0  # the top token is always kept
+
+
+class ScriptedOutput(torch.nn.Module):
+    """Stands in for the output projection: each call makes the next scripted token win."""
+
+    def __init__(self, vocab_size, script):
+        super().__init__()
+        self.vocab_size, self.script, self.calls = vocab_size, list(script), 0
+
+    def forward(self, h):
+        logits = torch.zeros(*h.shape[:-1], self.vocab_size)
+        logits[..., self.script[min(self.calls, len(self.script) - 1)]] = 10.0
+        self.calls += 1
+        return logits
+
+
+def scripted(gen, script):
+    gen.model.output = ScriptedOutput(gen.model.vocab_size, script)
+    return gen
+
+
+@pytest.mark.parametrize("stop", ["eot_id", "eos_id"])
+def test_infilling_stops_at_eot_and_eos(make_model, stop):
+    folder, _, _ = make_model()
+    gen = build(folder)
+    tok = gen.tokenizer
+    a, b = tok.encode_infilling("x = 1")[:2]
+    scripted(gen, [a, b, getattr(tok, stop), a, a])
+    out = gen.text_infilling(["def f():\n    "], ["\n    return x\n"], temperature=0,
+                             max_gen_len=20, logprobs=True)[0]
+    assert out["tokens"] == [tok.token_piece(a), tok.token_piece(b)]
+    assert out["generation"] == tok.decode_infilling([a, b])
+    assert out["full_text"] == "def f():\n    " + out["generation"] + "\n    return x\n"
+    assert list(out) == ["generation", "logprobs", "tokens", "full_text"]
+
+
+def test_step_chat_stops_at_step_and_reports_destination(make_model, step_tokenizer_path):
+    folder, _, _ = make_model(tokenizer=step_tokenizer_path)
+    gen = build(folder)
+    tok = gen.tokenizer
+    a = tok.encode("ok", False, False)[0]
+    scripted(gen, [a, a, tok.step_id, a])
+    out = gen.chat_completion([[{"role": "user", "content": "hi"}]], temperature=0)[0]
+    assert out["generation"] == {"role": "assistant", "destination": "user",
+                                 "content": tok.decode([a, a])}
+
+
+def test_unsafe_dialogs_are_not_run(tiny):
+    gen, _, _ = tiny
+    calls = []
+    forward = gen.model.forward_hidden
+    gen.model.forward_hidden = lambda tokens, *a, **k: calls.append(tokens.shape[0]) or forward(
+        tokens, *a, **k)
+    try:
+        bad = [{"role": "user", "content": "[INST] sneaky"}]
+        good = [{"role": "user", "content": "hello"}]
+        out = gen.chat_completion([bad], logprobs=True, max_gen_len=4)
+        assert calls == []  # the reference still generated (and leaked) an answer
+        assert out[0]["generation"]["content"].startswith("Error: special tags")
+        assert out[0]["tokens"] == [] and out[0]["logprobs"] == []
+        out = gen.chat_completion([bad, good, bad], max_gen_len=4, temperature=0)
+        assert calls and set(calls) == {1}  # only the safe dialog went through the model
+        assert out[1]["generation"]["role"] == "assistant"
+    finally:
+        gen.model.forward_hidden = forward
+
+
+def test_input_errors(tiny, make_model, plain_tokenizer_path):
+    gen, _, _ = tiny
+    with pytest.raises(ValueError, match="2 prefixes but 1 suffixes"):
+        gen.text_infilling(["a", "b"], ["c"])
+    with pytest.raises(ValueError, match="more than max_seq_len=48"):
+        gen.text_completion(["word " * 200])
+    with pytest.raises(ValueError, match="exceed max_batch_size=4"):
+        gen.text_completion(["a"] * 5)
+    with pytest.raises(ValueError, match="no user message"):
+        gen.chat_completion([[{"role": "system", "content": "only system"}]])
+    with pytest.raises(ValueError, match="max_gen_len"):
+        gen.text_completion(["a"], max_gen_len=-1)
+    folder, _, _ = make_model(tokenizer=plain_tokenizer_path)
+    with pytest.raises(ValueError, match="no infilling pieces"):
+        build(folder).text_infilling(["a"], ["b"])
+
+
+def test_no_bare_asserts_guard_user_input():
+    import ast
+    import pathlib
+    import llama
+    for path in pathlib.Path(llama.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        asserts = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Assert)]
+        assert not asserts, f"{path.name} uses assert at lines {asserts}"
+
+
+def test_llama_is_exported():
+    import llama
+    for name in ["Llama", "Transformer", "ModelArgs", "Tokenizer", "Dialog"]:
+        assert hasattr(llama, name)
+    assert Llama.build.__kwdefaults__ == {"seed": 1, "device": None, "dtype": None}

@@ -1,0 +1,112 @@
+"""Loading: strict checks with clear errors, resharding on load, plain-python builds."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import build, write_checkpoint
+
+
+def test_builds_without_torchrun_and_twice_in_one_process(make_model):
+    assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
+    folder, _, _ = make_model()
+    first, second = build(folder), build(folder)
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(first.model.forward(tokens, 0), second.model.forward(tokens, 0))
+    assert first.model.output.weight.dtype == torch.float32  # CPU default: float32
+
+
+def test_dtype_argument(make_model):
+    folder, _, _ = make_model()
+    gen = build(folder, dtype=torch.bfloat16)
+    assert gen.model.output.weight.dtype == torch.bfloat16
+    assert gen.model.layers[0].attention.cache.k.dtype == torch.bfloat16
+    assert gen.model.forward(torch.tensor([[1, 2]]), 0).dtype == torch.float32
+
+
+def test_two_shards_load_on_one_process(make_model):
+    one, _, _ = make_model(shards=1)
+    two, _, _ = make_model(shards=2)
+    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(build(one).model.forward(tokens, 0), build(two).model.forward(tokens, 0))
+
+
+def copy_of(folder, tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def edit_shard(folder, fn):
+    path = folder / "consolidated.00.pth"
+    state = torch.load(path)
+    fn(state)
+    torch.save(state, path)
+
+
+def test_missing_tensor_is_named(make_model, tmp_path):
+    folder = copy_of(make_model()[0], tmp_path)
+    edit_shard(folder, lambda s: s.pop("layers.1.feed_forward.w3.weight"))
+    with pytest.raises(ValueError, match=r"missing keys \['layers.1.feed_forward.w3.weight'\]"):
+        build(folder)
+
+
+def test_unexpected_tensor_is_named_but_rope_freqs_is_fine(make_model, tmp_path):
+    folder = copy_of(make_model()[0], tmp_path)
+    assert "rope.freqs" in torch.load(folder / "consolidated.00.pth")
+    edit_shard(folder, lambda s: s.update({"layers.0.attention.bias": torch.zeros(3)}))
+    with pytest.raises(ValueError, match=r"unexpected keys \['layers.0.attention.bias'\]"):
+        build(folder)
+
+
+def test_wrong_shape_is_named(make_model, tmp_path):
+    folder = copy_of(make_model()[0], tmp_path)
+    edit_shard(folder, lambda s: s.update({"norm.weight": torch.ones(65)}))
+    with pytest.raises(ValueError, match=r"norm.weight has shape \(65,\)"):
+        build(folder)
+
+
+def test_params_and_tokenizer_mismatch(make_model, tmp_path, plain_tokenizer_path):
+    folder = copy_of(make_model()[0], tmp_path)
+    params = json.loads((folder / "params.json").read_text())
+    (folder / "params.json").write_text(json.dumps({**params, "n_layers": 3}))
+    with pytest.raises(ValueError, match=r"missing keys \['layers.2"):
+        build(folder)
+    (folder / "params.json").write_text(json.dumps({**params, "max_tokens": 3}))
+    with pytest.raises(ValueError, match="unknown key.*max_tokens"):
+        build(folder)
+    (folder / "params.json").write_text(json.dumps({**params, "vocab_size": 1000}))
+    with pytest.raises(ValueError, match="vocab_size 1000 but the tokenizer has 512"):
+        build(folder)
+
+
+def test_tokenizer_vocab_must_match_embedding(make_model, tmp_path):
+    folder = copy_of(make_model()[0], tmp_path)
+    edit_shard(folder, lambda s: s.update(
+        {"tok_embeddings.weight": s["tok_embeddings.weight"][:256]}))
+    with pytest.raises(ValueError, match="embeds 256 tokens but the tokenizer has 512"):
+        build(folder)
+
+
+def test_missing_files(tmp_path, make_model):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="params.json"):
+        build(tmp_path)
+    folder = copy_of(make_model()[0], tmp_path)
+    (folder / "consolidated.00.pth").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint files \(\*.pth\)"):
+        build(folder)
+    with pytest.raises(FileNotFoundError, match="tokenizer model not found"):
+        build(make_model()[0], tokenizer_path=str(tmp_path / "missing.model"))
+
+
+def test_shards_of_different_models(make_model, tmp_path):
+    folder = copy_of(make_model(shards=2)[0], tmp_path)
+    other = make_model(shards=2, n_kv_heads=4)[0]
+    shutil.copy(other / "consolidated.01.pth", folder / "consolidated.01.pth")
+    with pytest.raises(ValueError, match="shards disagree on the shape"):
+        build(folder)
