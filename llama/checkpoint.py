@@ -107,6 +107,26 @@ def load_rank_state(ckpt_dir: Path, rank: int, world: int) -> Dict[str, torch.Te
     return {k: rank_slice(shards, k, rank, world, files) for k in sorted(keys - IGNORED_KEYS)}
 
 
+def load_folder(ckpt_dir: Path, rank: int, world: int):
+    """(params dict, this rank's state dict, default tokenizer path) of a model folder."""
+    params = read_params(ckpt_dir)
+    return params, load_rank_state(ckpt_dir, rank, world), Path(ckpt_dir) / "tokenizer.model"
+
+
+def random_state(model: torch.nn.Module, seed: int, device, dtype) -> Dict[str, torch.Tensor]:
+    """Random weights for every parameter of `model` (this rank's shapes), made directly on
+    `device`: for benchmarks and tests that need real shapes but no checkpoint."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    state = {}
+    for key, p in model.state_dict().items():
+        if key.endswith("norm.weight"):
+            state[key] = torch.ones(p.shape, device=device, dtype=dtype)
+        else:
+            w = torch.randn(p.shape, generator=g, device=device, dtype=dtype)
+            state[key] = w.mul_(p.shape[-1] ** -0.5 if "embeddings" not in key else 1.0)
+    return state
+
+
 def check_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:
     """Strict loading: every parameter present, nothing unknown, every shape right."""
     expected = model.state_dict()

@@ -78,3 +78,7 @@ def _destroy_group() -> None:
 
 def model_parallel_rank() -> int:
     return mp.get_model_parallel_rank()
+
+
+def model_parallel_world_size() -> int:
+    return mp.get_model_parallel_world_size()

@@ -78,6 +78,25 @@ def default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
+def check_fits(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, before allocating, a model whose weights plus KV cache exceed the free
+    memory of a CUDA device, saying both numbers and what to lower."""
+    if device.type != "cuda":
+        return
+    world = distributed.model_parallel_world_size()
+    size = torch.finfo(dtype).bits // 8
+    weights = args.num_params() * size // world
+    cache = args.kv_cache_bytes(size) // world
+    free, _ = torch.cuda.mem_get_info(device)
+    if weights + cache > free:
+        gib = 2**30
+        raise MemoryError(
+            f"this rank needs {weights / gib:.1f} GiB of weights plus {cache / gib:.1f} GiB of "
+            f"KV cache ({args.max_batch_size} x {args.max_seq_len} tokens) but the GPU has "
+            f"{free / gib:.1f} GiB free; lower max_seq_len or max_batch_size, or use more GPUs"
+        )
+
+
 class Llama:
     @staticmethod
     def build(
@@ -114,26 +133,65 @@ class Llama:
         ckpt_dir = Path(ckpt_dir)
         if not ckpt_dir.is_dir():
             raise FileNotFoundError(f"checkpoint folder {ckpt_dir} does not exist")
-        params = checkpoint.read_params(ckpt_dir)
-        tokenizer = Tokenizer(str(tokenizer_path or ckpt_dir / "tokenizer.model"))
+        rank = distributed.model_parallel_rank()
+        params, state, default_tokenizer = checkpoint.load_folder(ckpt_dir, rank, mp_size)
+        tokenizer = Tokenizer(str(tokenizer_path or default_tokenizer))
         if params.get("vocab_size", -1) > 0 and params["vocab_size"] != tokenizer.n_words:
             raise ValueError(
-                f"{ckpt_dir / 'params.json'} says vocab_size {params['vocab_size']} but the "
-                f"tokenizer has {tokenizer.n_words} pieces; use the tokenizer.model of this model"
+                f"{ckpt_dir} says vocab_size {params['vocab_size']} but the tokenizer has "
+                f"{tokenizer.n_words} pieces; use the tokenizer.model of this model"
             )
         params["vocab_size"] = tokenizer.n_words
-        model_args = ModelArgs(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **params)
-        state = checkpoint.load_rank_state(ckpt_dir, distributed.model_parallel_rank(), mp_size)
         rows = state["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in state else None
         if rows is not None and rows != tokenizer.n_words:
             raise ValueError(
                 f"the checkpoint in {ckpt_dir} embeds {rows} tokens but the tokenizer has "
                 f"{tokenizer.n_words} pieces; use the tokenizer.model shipped with these weights"
             )
-        with default_dtype(dtype), torch.device(device):
-            model = Transformer(model_args)
+        model = Llama.empty_model(ModelArgs(max_seq_len=max_seq_len,
+                                            max_batch_size=max_batch_size, **params),
+                                  device, dtype)
         checkpoint.load_into(model, state, str(ckpt_dir), device, dtype)
         print(f"Loaded in {time.time() - start:.2f} seconds")
+        return Llama(model, tokenizer)
+
+    @staticmethod
+    def empty_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:
+        """A Transformer whose KV cache and RoPE table are on `device`; its parameters are
+        placeholders until `checkpoint.load_into` assigns the real ones."""
+        check_fits(args, device, dtype)
+        with default_dtype(dtype), torch.device(device):
+            return Transformer(args)
+
+    @staticmethod
+    def from_preset(
+        name: str,
+        max_seq_len: int,
+        max_batch_size: int,
+        model_parallel_size: Optional[int] = None,
+        *,
+        tokenizer_path: Optional[str] = None,
+        seed: int = 1,
+        device=None,
+        dtype: Optional[torch.dtype] = None,
+        **overrides,
+    ) -> "Llama":
+        """A model with the real shapes of a Code Llama size ("7b", "13b", "34b", "70b",
+        "tiny") and random weights made on the device: for benchmarks, no download needed.
+        Without `tokenizer_path` only the token-level API (`generate`, `model`) works."""
+        device = torch.device(device) if device is not None else distributed.default_device()
+        dtype = dtype or distributed.default_dtype(device)
+        distributed.initialize(model_parallel_size, device)
+        torch.manual_seed(seed)
+        tokenizer = Tokenizer(tokenizer_path) if tokenizer_path else None
+        if tokenizer is not None:
+            overrides["vocab_size"] = tokenizer.n_words
+        args = ModelArgs.from_name(name, max_seq_len=max_seq_len,
+                                   max_batch_size=max_batch_size, **overrides)
+        model = Llama.empty_model(args, device, dtype)
+        state = checkpoint.random_state(model, seed + distributed.model_parallel_rank(),
+                                        device, dtype)
+        checkpoint.load_into(model, state, f"random {name}", device, dtype)
         return Llama(model, tokenizer)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
