@@ -5,8 +5,8 @@ from .generation import (
     CompletionPrediction,
     InfillingPrediction,
     Llama,
-    sample_top_p,
 )
+from .decode import sample_top_p
 from .model import ModelArgs, Transformer
 from .prompts import Dialog, Message, dialog_prompt_tokens, infilling_prompt_tokens
 from .tokenizer import Tokenizer

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, distributed
+from .decode import GraphedDecoder, decode_step, pick
 from .model import ModelArgs, Transformer
 from .prompts import (
     Dialog,
@@ -48,24 +49,6 @@ class ChatPrediction(TypedDict, total=False):
     generation: Message
     tokens: List[str]  # not required
     logprobs: List[float]  # not required
-
-
-def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus sampling: draw from the smallest set of most likely tokens whose mass
-    reaches p (the most likely token is always kept). probs: (bsz, vocab) -> (bsz, 1)."""
-    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    sorted_probs = sorted_probs.masked_fill(mass_before > p, 0.0)
-    sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
-    choice = torch.multinomial(sorted_probs, num_samples=1)
-    return torch.gather(order, -1, choice)
-
-
-def next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Greedy when temperature <= 0, else top-p sampling at that temperature. -> (bsz,)"""
-    if temperature > 0:
-        return sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p).flatten()
-    return torch.argmax(logits, dim=-1)
 
 
 @contextlib.contextmanager
@@ -194,9 +177,17 @@ class Llama:
         checkpoint.load_into(model, state, f"random {name}", device, dtype)
         return Llama(model, tokenizer)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+    def __init__(self, model: Transformer, tokenizer: Optional[Tokenizer],
+                 cuda_graphs: bool = True):
+        """Wrap a loaded model. On CUDA its projections are fused and decode steps replay
+        CUDA graphs (pass cuda_graphs=False to run every step eagerly)."""
         self.model = model
         self.tokenizer = tokenizer
+        self.prefill_chunk = 8192  # prompt positions per forward pass; bounds activations
+        on_cuda = model.rope.device.type == "cuda"
+        if on_cuda:
+            model.fuse()
+        self.graphed = GraphedDecoder(model) if on_cuda and cuda_graphs else None
 
     # ---- the generation core ----------------------------------------------------------
 
@@ -217,6 +208,39 @@ class Llama:
                 )
 
     @torch.inference_mode()
+    def prefill(self, prompt_tokens: List[List[int]], temperature: float, top_p: float,
+                prompt_logprobs: Optional[List[List[float]]]):
+        """Run every prompt through the model in chunks of `prefill_chunk` positions (all
+        rows at once; placeholder tokens past a row's end are overwritten by that row's
+        own decode steps before anything reads them). Returns the first (tokens, logprobs)
+        after each prompt, and fills `prompt_logprobs` if it is a list."""
+        model = self.model
+        device = model.rope.device
+        lens = [len(p) for p in prompt_tokens]
+        padded = torch.zeros((len(lens), max(lens)), dtype=torch.long, device=device)
+        for i, p in enumerate(prompt_tokens):
+            padded[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+        last_index = torch.tensor(lens, device=device) - 1
+        last_hidden = torch.empty((len(lens), model.params.dim), device=device,
+                                  dtype=model.norm.weight.dtype)
+        scores = []
+        for start in range(0, max(lens), self.prefill_chunk):
+            end = min(start + self.prefill_chunk, max(lens))
+            hidden = model.forward_hidden(padded[:, start:end], start, kv_len=end)
+            here = (last_index >= start) & (last_index < end)
+            rows = here.nonzero()[:, 0]
+            last_hidden[rows] = hidden[rows, last_index[rows] - start]
+            if prompt_logprobs is not None:  # log p(token t+1 | tokens <= t) in this chunk
+                logp = F.log_softmax(model.output(hidden).float(), dim=-1)
+                targets = torch.cat([padded[:, start + 1:end + 1],
+                                     torch.zeros_like(padded[:, :1])], dim=1)[:, : end - start]
+                scores.append(logp.gather(-1, targets[..., None])[..., 0])
+        if prompt_logprobs is not None:
+            table = torch.cat(scores, dim=1).tolist()
+            prompt_logprobs.extend([0.0] + row[: n - 1] for row, n in zip(table, lens))
+        return pick(model.output(last_hidden).float(), temperature, top_p)
+
+    @torch.inference_mode()
     def decode_steps(
         self,
         prompt_tokens: List[List[int]],
@@ -226,42 +250,26 @@ class Llama:
         stop_ids: Set[int],
         prompt_logprobs: Optional[List[List[float]]] = None,
     ) -> Iterator[List[Optional[Tuple[int, float]]]]:
-        """Yield, once per step, each row's new (token, logprob), or None for a row that
-        has finished. A row finishes on a token of `stop_ids` (not yielded) or after
-        min(max_gen_len, max_seq_len - len(prompt)) tokens.
+        """The generation core. Yield, once per step, each row's new (token, logprob), or
+        None for a row that has finished. A row finishes on a token of `stop_ids` (not
+        yielded) or after min(max_gen_len, max_seq_len - len(prompt)) tokens.
 
         If `prompt_logprobs` is a list, it receives each prompt's token log-probabilities
         (0.0 for the first token, which nothing predicts).
         """
         self.check_batch(prompt_tokens)
-        model, params = self.model, self.model.params
-        device = model.rope.device
-        bsz = len(prompt_tokens)
+        max_seq_len = self.model.params.max_seq_len
+        device = self.model.rope.device
         lens = [len(p) for p in prompt_tokens]
-        budgets = [max(0, min(max_gen_len, params.max_seq_len - n)) for n in lens]
-
-        # Prefill every row at once; tokens past a row's end are placeholders whose cache
-        # entries are overwritten by that row's own decode steps before anything reads them.
-        padded = torch.zeros((bsz, max(lens)), dtype=torch.long, device=device)
-        for i, p in enumerate(prompt_tokens):
-            padded[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
-        hidden = model.forward_hidden(padded, 0, kv_len=max(lens))
-        if prompt_logprobs is not None:
-            logp = F.log_softmax(model.output(hidden).float(), dim=-1)
-            targets = logp[:, :-1].gather(-1, padded[:, 1:, None])[..., 0]
-            for i, n in enumerate(lens):
-                prompt_logprobs.append([0.0] + targets[i, : n - 1].tolist())
-        last = hidden[torch.arange(bsz, device=device), torch.tensor(lens, device=device) - 1]
-        logits = model.output(last).float()
+        budgets = [max(0, min(max_gen_len, max_seq_len - n)) for n in lens]
+        tokens, logprobs = self.prefill(prompt_tokens, temperature, top_p, prompt_logprobs)
 
         positions = list(lens)  # where each row's next token goes
-        produced = [0] * bsz
+        produced = [0] * len(lens)
         active = [b > 0 for b in budgets]
         while any(active):
-            tokens = next_tokens(logits, temperature, top_p)
-            token_logprobs = F.log_softmax(logits, dim=-1).gather(-1, tokens[:, None])[:, 0]
-            step: List[Optional[Tuple[int, float]]] = [None] * bsz
-            for i, (tok, lp) in enumerate(zip(tokens.tolist(), token_logprobs.tolist())):
+            step: List[Optional[Tuple[int, float]]] = [None] * len(lens)
+            for i, (tok, lp) in enumerate(zip(tokens.tolist(), logprobs.tolist())):
                 if not active[i]:
                     continue
                 if tok in stop_ids:
@@ -273,11 +281,20 @@ class Llama:
             yield step
             if not any(active):
                 return
+            tokens, logprobs = self.step(tokens, positions, temperature, top_p)
             # Finished rows keep their position so they never run past the cache.
-            start = torch.tensor(positions, device=device)
-            hidden = model.forward_hidden(tokens[:, None], start, kv_len=max(positions) + 1)
-            logits = model.output(hidden[:, 0]).float()
             positions = [p + 1 if a else p for p, a in zip(positions, active)]
+
+    def step(self, tokens, positions: List[int], temperature: float, top_p: float):
+        """One decode step: from a CUDA graph where possible, else eagerly. Rows that are
+        all at one position attend over exactly their keys with no mask."""
+        kv_len = max(positions) + 1
+        if self.graphed is not None and self.graphed.usable(kv_len):
+            start = torch.tensor(positions, device=tokens.device)
+            return self.graphed(tokens, start, kv_len, temperature, top_p)
+        same = all(p == positions[0] for p in positions)
+        start = positions[0] if same else torch.tensor(positions, device=tokens.device)
+        return decode_step(self.model, tokens, start, kv_len, temperature, top_p)
 
     def run(self, prompt_tokens, max_gen_len, temperature, top_p, stop_ids, echo=False,
             want_prompt_logprobs=False):

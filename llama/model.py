@@ -23,6 +23,7 @@ from fairscale.nn.model_parallel.layers import (
     RowParallelLinear,
 )
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass
@@ -155,17 +156,24 @@ class KVCache(nn.Module):
         return self.k[:bsz, :, :kv_len], self.v[:bsz, :, :kv_len]
 
 
-def attend(q, k, v, mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
+def attend(q, k, v, mask) -> torch.Tensor:
     """Scaled dot-product attention with grouped-query heads.
 
     q: (bsz, heads, seqlen, head_dim); k, v: (bsz, kv_heads, kv_len, head_dim).
-    mask: boolean (bsz, 1, seqlen, kv_len), True where a key may be seen, or None.
-    causal: the plain lower-triangular mask (seqlen == kv_len), which lets SDPA pick its
-    fastest kernels.
+    mask: None (every key visible), CAUSAL (query i sees keys up to kv_len - seqlen + i:
+    a prefill chunk after kv_len - seqlen cached tokens, run by flash kernels without a
+    materialised mask), or a boolean (bsz, 1, seqlen, kv_len) tensor, True where visible.
     """
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1]
-    )
+    gqa = k.shape[1] != q.shape[1]
+    if mask is CAUSAL:
+        seqlen, kv_len = q.shape[2], k.shape[2]
+        if seqlen == kv_len:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        mask = causal_lower_right(seqlen, kv_len)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+CAUSAL = object()  # sentinel: causal attention aligned to the end of the keys
 
 
 class Attention(nn.Module):
@@ -193,16 +201,41 @@ class Attention(nn.Module):
         self.cache = KVCache(
             args.max_batch_size, args.max_seq_len, self.n_local_kv_heads, self.head_dim
         )
+        self.wqkv: Optional[torch.Tensor] = None  # set by fuse(): wq, wk, wv in one matrix
 
-    def forward(self, x, cos_sin, positions, mask, causal, kv_len):
+    def fuse(self) -> None:
+        """Concatenate wq, wk, wv into one matrix (one matmul instead of three, which
+        matters when decoding is bound by launches and memory reads); the three weights
+        become views into it, so the state dict is unchanged."""
+        self.wqkv = fuse_weights(self.wq, self.wk, self.wv)
+
+    def forward(self, x, cos_sin, positions, mask, kv_len):
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        if self.wqkv is None:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        else:
+            kv_size = self.n_local_kv_heads * self.head_dim
+            q, k, v = F.linear(x, self.wqkv).split(
+                [self.n_local_heads * self.head_dim, kv_size, kv_size], dim=-1)
+        q = q.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        k = k.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = v.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
         keys, values = self.cache.update(positions, k, v, kv_len)
-        out = attend(q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), mask, causal)
+        out = attend(q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+def fuse_weights(*layers: nn.Module) -> torch.Tensor:
+    """One tensor holding the weights of `layers` stacked along dim 0; each layer's
+    weight is re-pointed at its rows of it (no extra memory once the old ones are freed)."""
+    fused = torch.cat([layer.weight.detach() for layer in layers])
+    start = 0
+    for layer in layers:
+        rows = layer.weight.shape[0]
+        layer.weight.data = fused[start:start + rows]
+        start += rows
+    return fused
 
 
 class FeedForward(nn.Module):
@@ -216,8 +249,16 @@ class FeedForward(nn.Module):
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False,
                                        init_method=identity)
 
+        self.w13: Optional[torch.Tensor] = None  # set by fuse(): w1 and w3 in one matrix
+
+    def fuse(self) -> None:
+        self.w13 = fuse_weights(self.w1, self.w3)
+
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -229,9 +270,18 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, cos_sin, positions, mask, causal, kv_len):
-        h = x + self.attention(self.attention_norm(x), cos_sin, positions, mask, causal, kv_len)
+    def forward(self, x, cos_sin, positions, mask, kv_len):
+        h = x + self.attention(self.attention_norm(x), cos_sin, positions, mask, kv_len)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+def attention_mask(start_pos, positions: torch.Tensor, seqlen: int, kv_len: int):
+    """The cheapest mask that is right for this call (see `attend`)."""
+    if isinstance(start_pos, int) and kv_len == start_pos + seqlen:
+        # Every row holds exactly the keys before and in this chunk.
+        return None if seqlen == 1 else CAUSAL
+    key_pos = torch.arange(kv_len, device=positions.device)
+    return (key_pos <= positions[..., None])[:, None]
 
 
 class Transformer(nn.Module):
@@ -289,19 +339,19 @@ class Transformer(nn.Module):
                 f"{bsz} rows up to position {kv_len} do not fit the KV cache of "
                 f"{max_batch} rows x {max_seq_len} positions; raise max_batch_size/max_seq_len"
             )
-        # Plain causal attention when the chunk starts at 0 in every row; no mask at all
-        # for one token per row reading exactly its prefix; otherwise an explicit mask.
-        causal = isinstance(start_pos, int) and start_pos == 0 and kv_len == seqlen
-        mask = None
-        if not causal and not (isinstance(start_pos, int) and seqlen == 1
-                               and kv_len == start_pos + 1):
-            key_pos = torch.arange(kv_len, device=positions.device)
-            mask = (key_pos <= positions[..., None])[:, None]
-        cos_sin = self.rope[positions]
+        mask = attention_mask(start_pos, positions, seqlen, kv_len)
+        cos_sin = self.rope[positions].float()  # float32 even after a model-wide .to(dtype)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos_sin, positions, mask, causal, kv_len)
+            h = layer(h, cos_sin, positions, mask, kv_len)
         return self.norm(h)
+
+    def fuse(self) -> "Transformer":
+        """Fuse each layer's q/k/v and w1/w3 projections (see Attention.fuse)."""
+        for layer in self.layers:
+            layer.attention.fuse()
+            layer.feed_forward.fuse()
+        return self
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor]):

@@ -80,7 +80,7 @@ def test_seeded_sampling_is_reproducible(make_model):
 
 
 def test_top_p_keeps_the_nucleus():
-    from llama import sample_top_p
+    from llama import sample_top_p  # noqa: F401
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).repeat(2000, 1)
     draws = sample_top_p(probs, 0.7).flatten()
     assert set(draws.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7; the tail is cut
@@ -184,3 +184,37 @@ def test_llama_is_exported():
     for name in ["Llama", "Transformer", "ModelArgs", "Tokenizer", "Dialog"]:
         assert hasattr(llama, name)
     assert Llama.build.__kwdefaults__ == {"seed": 1, "device": None, "dtype": None}
+
+
+class PaddedSteps:
+    """What the CUDA graphs compute (a masked step over a fixed bucket of cache
+    positions), run eagerly so that CPU tests cover the same function."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def usable(self, kv_len):
+        return True
+
+    def __call__(self, tokens, positions, kv_len, temperature, top_p):
+        from llama.decode import decode_step, kv_bucket
+        bucket = kv_bucket(kv_len, self.model.params.max_seq_len)
+        return decode_step(self.model, tokens, positions, bucket, temperature, top_p)
+
+
+def test_fast_path_gives_the_plain_path_tokens(make_model):
+    """Fused projections, chunked prefill and padded, masked decode steps (the GPU fast
+    path) produce the plain path's greedy tokens and logprobs."""
+    folder, _, _ = make_model()
+    plain, fast = build(folder), build(folder)
+    fast.model.fuse()
+    fast.prefill_chunk = 4
+    fast.graphed = PaddedSteps(fast.model)
+    prompts = ["def add(a, b):", "import os\nimport sys\n\nclass Config:\n    ", "x"]
+    args = dict(temperature=0, max_gen_len=12, logprobs=True, echo=True)
+    want, got = plain.text_completion(prompts, **args), fast.text_completion(prompts, **args)
+    for w, g in zip(want, got):
+        assert g["tokens"] == w["tokens"]
+        assert g["logprobs"] == pytest.approx(w["logprobs"], abs=1e-4)
+    assert fast.model.layers[0].attention.wq.weight.data_ptr() == (
+        fast.model.layers[0].attention.wqkv.data_ptr())  # views, not copies

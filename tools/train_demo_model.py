@@ -106,7 +106,7 @@ FULL = dict(
     # optimisation
     ctx=1024, batch_size=32, epochs=20, max_steps=None, lr=1.5e-3, min_lr_ratio=0.1,
     warmup_steps=100, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, dropout=0.1,
-    eval_every=100, valid_rows=128, log_every=25, seed=20240824,
+    eval_every=100, valid_rows=128, log_every=50, seed=20240824,
 )
 TINY = dict(
     FULL,
@@ -169,6 +169,9 @@ def list_corpus(cfg: dict, root: Optional[Path] = None) -> Dict[str, List[Tuple[
             continue
         if text.strip():
             splits[split_of(rel.as_posix(), cfg)].append((rel.as_posix(), text))
+    if not cfg.get("max_files") and len(splits["train"]) < 300:
+        raise SystemExit(f"only {len(splits['train'])} training files under {root}: this Python "
+                         f"installation lacks most of its standard library's .py sources")
     if cfg.get("max_files"):
         def key(item):
             return hashlib.sha256(item[0].encode()).hexdigest()

@@ -1,0 +1,99 @@
+"""Correctness of the fast (bf16, CUDA) path against a float32 CPU run of the same weights.
+
+Random weights are made once in float32 on the CPU (`Llama.from_preset`) and copied into a
+model on `--device` in `--dtype` (`checkpoint.load_into`). Then:
+
+- the logits of one forward pass are compared by relative error (~1e-2 expected for bf16);
+- greedy generation of a ragged batch of prompts (through `Llama.generate`, so whatever
+  decode path it takes is what is checked) is compared token by token. Low precision may
+  change a token where two are nearly tied: at the first divergence the token the test
+  model picked must be one of the float32 model's top 2 there.
+
+Exit status 1 on a real mismatch. On CPU with float32 the two runs must agree exactly.
+
+    python benchmarks/check_gpu.py                   # cuda, bfloat16
+    python benchmarks/check_gpu.py --device cpu      # float32 vs float32
+    python benchmarks/check_gpu.py --device cpu --dtype bfloat16
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import fire
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+from llama import Llama  # noqa: E402
+from llama.checkpoint import load_into  # noqa: E402
+
+# A little bigger than the "tiny" preset (GQA, 4 layers), still instant on any device.
+SHAPES = dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, multiple_of=64)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm()).item()
+
+
+def run(device: str = "cuda", dtype: str = None, preset: str = "tiny", prompts: int = 6,
+        gen_len: int = 48, seed: int = 0, max_rel_err: float = None, **overrides) -> dict:
+    """The check as a dict: {"ok", "logits_rel_err", "prompts": [...]}."""
+    device = torch.device(device)
+    dt = DTYPES[dtype] if dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    exact = dt == torch.float32 and device.type == "cpu"  # the very same computation
+    limit = max_rel_err or (1e-4 if dt == torch.float32 else 5e-2)
+    shapes = {**SHAPES, **overrides} if preset == "tiny" else overrides
+    g = torch.Generator().manual_seed(seed)
+    lens = [int(n) for n in torch.randint(3, 40, (prompts,), generator=g)]
+    max_seq_len = max(lens) + gen_len
+    kw = dict(max_seq_len=max_seq_len, max_batch_size=prompts, seed=seed)
+    ref = Llama.from_preset(preset, device="cpu", dtype=torch.float32, **kw, **shapes)
+    test = Llama.from_preset(preset, device=device, dtype=dt, **kw, **shapes)
+    load_into(test.model, ref.model.state_dict(), "float32 copy", device, dt)
+    vocab = ref.model.vocab_size
+    prompt_tokens = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
+
+    tokens = torch.randint(3, vocab, (2, 64), generator=g)
+    want = ref.model.forward(tokens, 0)
+    got = test.model.forward(tokens.to(device), 0)
+    logits_err = rel_err(got, want)
+
+    gen = dict(max_gen_len=gen_len, temperature=0.0, stop_token=-1)
+    ref_out, _ = ref.generate(prompt_tokens, **gen)
+    test_out, _ = test.generate(prompt_tokens, **gen)
+    rows, ok = [], logits_err <= limit
+    for prompt, a, b in zip(prompt_tokens, ref_out, test_out):
+        agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        row = {"prompt_len": len(prompt), "agreeing_tokens": agree, "generated": len(b)}
+        if len(a) != len(b) or len(b) != gen_len:
+            row["problem"] = f"lengths {len(a)} (float32) vs {len(b)} (test), wanted {gen_len}"
+        elif agree < gen_len:  # first divergence: a near-tie in float32?
+            logits = ref.model.forward(torch.tensor([prompt + a[:agree]]), 0)[0, -1]
+            top2 = logits.topk(2)
+            row.update(float32_top2=top2.indices.tolist(), test_token=b[agree],
+                       float32_gap=(top2.values[0] - logits[b[agree]]).item())
+            if exact or b[agree] not in row["float32_top2"]:
+                row["problem"] = "test token is not a float32 near-tie"
+        ok &= "problem" not in row
+        rows.append(row)
+    return {"ok": bool(ok), "device": str(device), "dtype": str(dt).replace("torch.", ""),
+            "logits_rel_err": logits_err, "max_rel_err": limit, "gen_len": gen_len,
+            "prompts": rows}
+
+
+def main(device: str = "cuda", dtype: str = None, **kwargs):
+    report = run(device, dtype, **kwargs)
+    print(json.dumps(report, indent=2))
+    agree = [r["agreeing_tokens"] for r in report["prompts"]]
+    print(f"{'OK' if report['ok'] else 'MISMATCH'}: {report['dtype']} on {report['device']} vs "
+          f"float32 CPU: logits rel. error {report['logits_rel_err']:.2e} (limit "
+          f"{report['max_rel_err']:.0e}); tokens agreeing before divergence {agree} of "
+          f"{report['gen_len']}")
+    if not report["ok"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

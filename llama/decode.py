@@ -1,0 +1,100 @@
+"""The per-token step of generation: choose the next tokens from logits, and run one
+decode step of the model followed by that choice, either plainly or replayed from a CUDA
+graph.
+
+At batch 1 a 7B decode step is ~400 small kernels whose launch cost alone exceeds the
+time the GPU needs to read the weights. A CUDA graph launches them all at once. Graphs
+need fixed shapes, so each graph attends over a fixed number of cache positions (a
+power-of-two bucket at least as large as the longest row) and masks the positions a row
+has not reached; one graph is captured per (batch size, bucket, sampling settings).
+"""
+
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+
+# Contexts beyond this run eagerly: there a step is long enough to hide launch costs,
+# and the exact-length unmasked attention of the eager path reads no padding.
+MAX_GRAPH_KV_LEN = 16384
+MIN_BUCKET = 256
+
+
+def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus sampling: draw from the smallest set of most likely tokens whose mass
+    reaches p (the most likely token is always kept). probs: (bsz, vocab) -> (bsz, 1).
+
+    The draw is an exponential race (argmax of prob / Exp(1) noise), which picks token i
+    with probability proportional to its kept mass, like torch.multinomial, but without
+    a host synchronisation, so it can live inside a CUDA graph."""
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before > p, 0.0)
+    noise = torch.empty_like(sorted_probs).exponential_(1)
+    choice = torch.argmax(sorted_probs / noise, dim=-1, keepdim=True)
+    return torch.gather(order, -1, choice)
+
+
+def pick(logits: torch.Tensor, temperature: float, top_p: float):
+    """Next tokens (bsz,) from float32 logits (bsz, vocab): greedy when temperature <= 0,
+    else top-p sampling at that temperature; and each chosen token's log-probability
+    under the unscaled distribution."""
+    if temperature > 0:
+        tokens = sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p)[:, 0]
+    else:
+        tokens = torch.argmax(logits, dim=-1)
+    logprobs = F.log_softmax(logits, dim=-1).gather(-1, tokens[:, None])[:, 0]
+    return tokens, logprobs
+
+
+def decode_step(model, tokens, positions, kv_len: int, temperature: float, top_p: float):
+    """Feed one token per row at its own position; return the next (tokens, logprobs)."""
+    hidden = model.forward_hidden(tokens[:, None], positions, kv_len=kv_len)
+    return pick(model.output(hidden[:, 0]).float(), temperature, top_p)
+
+
+def kv_bucket(kv_len: int, max_seq_len: int) -> int:
+    bucket = MIN_BUCKET
+    while bucket < kv_len:
+        bucket *= 2
+    return min(bucket, max_seq_len)
+
+
+class GraphedDecoder:
+    """decode_step replayed from CUDA graphs captured on first use."""
+
+    def __init__(self, model):
+        self.model = model
+        self.graphs: Dict[tuple, Tuple[torch.cuda.CUDAGraph, tuple, tuple]] = {}
+        self.pool = torch.cuda.graph_pool_handle()  # one memory pool shared by all graphs
+
+    def usable(self, kv_len: int) -> bool:
+        return kv_len <= min(MAX_GRAPH_KV_LEN, self.model.params.max_seq_len)
+
+    def __call__(self, tokens, positions, kv_len: int, temperature: float, top_p: float):
+        bucket = kv_bucket(kv_len, self.model.params.max_seq_len)
+        key = (tokens.shape[0], bucket, temperature, top_p)
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(tokens, positions, bucket, temperature, top_p)
+        graph, (static_tokens, static_positions), outputs = self.graphs[key]
+        static_tokens.copy_(tokens)
+        static_positions.copy_(positions)
+        graph.replay()
+        return tuple(t.clone() for t in outputs)  # the next replay overwrites outputs
+
+    def capture(self, tokens, positions, bucket, temperature, top_p):
+        static_tokens, static_positions = tokens.clone(), positions.clone()
+        step = lambda: decode_step(  # noqa: E731
+            self.model, static_tokens, static_positions, bucket, temperature, top_p)
+        # Warm up on a side stream (kernel selection, workspaces) before capturing. The
+        # warm-up writes the same cache entries the real step writes next.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool), torch.inference_mode():
+            outputs = step()
+        return graph, (static_tokens, static_positions), outputs
