@@ -5,7 +5,7 @@
 """
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import fire
 
@@ -13,7 +13,6 @@ from llama import Llama
 
 # The small model that ships in this repo, so the example runs with no download.
 DEMO = str(Path(__file__).resolve().parent / "models" / "CodeLlama-demo")
-
 
 
 def main(
@@ -24,7 +23,10 @@ def main(
     max_seq_len: int = 256,
     max_batch_size: int = 4,
     max_gen_len: Optional[int] = None,
+    stream: bool = False,
+    stop: Optional[List[str]] = None,
 ):
+    """--stream prints text as it is generated; --stop '["\\n\\n"]' ends at those strings."""
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
@@ -39,10 +41,16 @@ def main(
         "    for name in sorted(os.listdir(folder)):\n"
         "        if name.endswith('.py'):\n",
     ]
-    results = generator.text_completion(
-        prompts, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p
-    )
-    for prompt, result in zip(prompts, results):
+    sampling = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, stop=stop)
+    if stream:
+        for prompt in prompts:
+            print(prompt)
+            print("> ", end="", flush=True)
+            for piece in generator.stream_completion(prompt, **sampling):
+                print(piece, end="", flush=True)
+            print("\n\n==================================\n")
+        return
+    for prompt, result in zip(prompts, generator.text_completion(prompts, **sampling)):
         print(prompt)
         print(f"> {result['generation']}")
         print("\n==================================\n")

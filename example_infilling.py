@@ -6,7 +6,7 @@ bundled demo model by default:
 """
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import fire
 
@@ -64,21 +64,32 @@ def main(
     max_seq_len: int = 192,
     max_gen_len: int = 128,
     max_batch_size: int = 4,
+    stream: bool = False,
+    stop: Optional[List[str]] = None,
 ):
+    """--stream prints the filled text as it is generated; --stop ends at those strings."""
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
     )
-    prefixes = [p.split("<FILL>")[0] for p in PROMPTS]
-    suffixes = [p.split("<FILL>")[1] for p in PROMPTS]
+    sampling = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, stop=stop)
+    pairs = [p.split("<FILL>") for p in PROMPTS]
+    if stream:
+        for prompt, (prefix, suffix) in zip(PROMPTS, pairs):
+            print("\n================= Prompt text =================\n")
+            print(prompt)
+            print("\n================= Filled text =================\n")
+            print(prefix, end="", flush=True)
+            for piece in generator.stream_infilling(prefix, suffix, **sampling):
+                print(piece, end="", flush=True)
+            print(suffix)
+        return
     results = generator.text_infilling(
-        prefixes=prefixes,
-        suffixes=suffixes,
-        max_gen_len=max_gen_len,
-        temperature=temperature,
-        top_p=top_p,
+        prefixes=[prefix for prefix, _ in pairs],
+        suffixes=[suffix for _, suffix in pairs],
+        **sampling,
     )
     for prompt, result in zip(PROMPTS, results):
         print("\n================= Prompt text =================\n")

@@ -6,7 +6,7 @@
 """
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import fire
 
@@ -24,7 +24,10 @@ def main(
     max_seq_len: int = 512,
     max_batch_size: int = 8,
     max_gen_len: Optional[int] = None,
+    stream: bool = False,
+    stop: Optional[List[str]] = None,
 ):
+    """--stream prints each answer as it is generated; --stop ends at those strings."""
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
@@ -43,10 +46,17 @@ def main(
             {"role": "user", "content": "Show a short example."},
         ],
     ]
-    results = generator.chat_completion(
-        instructions, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p
-    )
-    for dialog, result in zip(instructions, results):
+    sampling = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, stop=stop)
+    if stream:
+        for dialog in instructions:
+            for msg in dialog:
+                print(f"{msg['role'].capitalize()}: {msg['content']}\n")
+            print("> Assistant: ", end="", flush=True)
+            for piece in generator.stream_chat_completion(dialog, **sampling):
+                print(piece, end="", flush=True)
+            print("\n\n==================================\n")
+        return
+    for dialog, result in zip(instructions, generator.chat_completion(instructions, **sampling)):
         for msg in dialog:
             print(f"{msg['role'].capitalize()}: {msg['content']}\n")
         print(f"> {result['generation']['role'].capitalize()}: {result['generation']['content']}")

@@ -1,17 +1,25 @@
-"""Reading checkpoints in Meta's original format.
+"""Reading checkpoints: Meta's original format and Hugging Face's.
 
-A model folder holds `params.json`, `tokenizer.model` and one `consolidated.NN.pth` per
-model-parallel rank it was saved for. SPLIT_DIMS below is the one place that says how
-each tensor is split across ranks; it drives loading (any shard count onto any world
-size whose splits divide evenly) and the Hugging Face conversion.
+A Meta model folder holds `params.json`, `tokenizer.model` and one `consolidated.NN.pth`
+per model-parallel rank it was saved for. A Hugging Face folder holds `config.json`,
+`*.safetensors` (with `model.safetensors.index.json` when there are several) and, for
+us, `tokenizer.model`. SPLIT_DIMS below is the one place that says how each tensor is
+split across ranks; it drives loading (any shard count onto any world size whose splits
+divide evenly), the Hugging Face conversion and llama/convert.py.
+
+Files are memory-mapped and sliced, so a rank reads from disk only its own part.
 """
 
+import ctypes
 import json
+import mmap
 import re
+import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
+from tqdm import tqdm
 
 from .model import ModelArgs
 
@@ -38,6 +46,152 @@ def split_dim(key: str) -> Optional[int]:
     """The split dimension of a state-dict key, or None for replicated tensors."""
     return SPLIT_DIMS.get(re.sub(r"^layers\.\d+\.", "", key))
 
+
+def split_range(full: int, world: int, rank: int, key: str, dim: int) -> Tuple[int, int]:
+    """[start, stop) of `rank`'s part of `full` rows along `dim` in a world of `world`."""
+    if full % world:
+        raise ValueError(
+            f"{key} has {full} rows along dim {dim}, which do not split evenly over "
+            f"{world} model-parallel processes; use a process count that divides it"
+        )
+    return rank * full // world, (rank + 1) * full // world
+
+
+def check_heads_split(args: ModelArgs, world: int, source) -> None:
+    """Refuse, before reading any weight, a world size that does not divide the heads."""
+    for what, n in (("attention heads", args.n_heads), ("key/value heads", args.kv_heads)):
+        if n % world:
+            raise ValueError(
+                f"{source}: {n} {what} do not split over {world} model-parallel processes; "
+                f"run with a process count that divides {n}"
+            )
+
+
+def progress(items: Iterable, desc: str, rank: int = 0):
+    """A progress bar on rank 0 when stderr is a terminal (tqdm's disable=None)."""
+    return tqdm(items, desc=desc, disable=True if rank else None, leave=False)
+
+
+# ---- memory-mapped tensors ---------------------------------------------------------------
+
+def mapped_ranges(path: Path) -> List[Tuple[int, int]]:
+    """Address ranges where this process maps `path` privately, as torch.load(mmap=True)
+    and safetensors do; empty where /proc/self/maps does not exist (not Linux)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    target = str(Path(path).resolve())
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == target and fields[1].endswith("p"):
+            lo, hi = fields[0].split("-")
+            ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges
+
+
+def _madvise():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
+
+
+_MADVISE = _madvise() if sys.platform.startswith("linux") else None
+
+
+def release_pages(t: torch.Tensor, ranges: List[Tuple[int, int]]) -> None:
+    """Forget the resident pages of `t`'s storage once what was needed has been copied out.
+
+    A process keeps every page it has read of a file mapping until the mapping goes, which
+    for a memory-mapped checkpoint is when its last tensor is freed; slicing a whole file
+    (a dim-1 split reads every row) would hold the checkpoint's pages on top of the rank's
+    copy. MADV_DONTNEED on a private mapping that nothing wrote to only drops the pages (the
+    kernel reads the file again if they are touched), so it is done only for storages that
+    lie inside a private mapping of one of the checkpoint's own files.
+    """
+    storage = t.untyped_storage()
+    start, size = storage.data_ptr(), storage.nbytes()
+    lo = start - start % mmap.PAGESIZE  # mappings start on a page, so lo stays inside
+    if _MADVISE is None or not size or not any(a <= lo and start + size <= b for a, b in ranges):
+        return
+    _MADVISE(lo, start + size - lo, mmap.MADV_DONTNEED)
+
+
+class MappedShards:
+    """A checkpoint as memory-mapped views: `parts[key]` holds one view per saved shard
+    (split along SPLIT_DIMS; one view for a Hugging Face tensor). Nothing is read from disk
+    until a part is sliced. `hf_args` is set for Hugging Face tensors, whose q/k rows are
+    in HF's RoPE order and are put back in Meta's order as they are read."""
+
+    def __init__(self, parts: Dict[str, List[torch.Tensor]], files: List[Path],
+                 hf_args: Optional[ModelArgs] = None, names: Optional[Dict[str, str]] = None):
+        self.parts = parts
+        self.hf_args = hf_args
+        self.names = names or {}  # Meta key -> "file: tensor name", for error messages
+        self.mapped = [r for f in files for r in mapped_ranges(f)]
+
+    def keys(self) -> List[str]:
+        return list(self.parts)
+
+    def full_shape(self, key: str) -> Tuple[int, ...]:
+        parts, dim = self.parts[key], split_dim(key)
+        shape = list(parts[0].shape)
+        if dim is not None:
+            shape[dim] *= len(parts)
+        return tuple(shape)
+
+    def release(self, key: str) -> None:
+        for part in self.parts[key]:
+            release_pages(part, self.mapped)
+
+    def read(self, key: str, rank: int, world: int, copy: bool = False) -> torch.Tensor:
+        """This rank's part of `key` for a world of `world` ranks, in Meta's layout.
+
+        When the shard count equals the world size the part is a shard as it is: a view of
+        the file, read only when used (unless `copy`). Otherwise it is a fresh tensor cut
+        and joined from the shards, and the pages it was copied from are released.
+        """
+        piece = self._slice(key, rank, world, copy)
+        heads = rope_heads(key, self.hf_args) if self.hf_args else None
+        if heads:
+            self._check_rope_rows(key, piece, heads, world)
+            piece = rope_permute(piece, heads // world, to_hf=False)
+            self.release(key)  # the permuted copy is what is kept
+        return piece
+
+    def _slice(self, key: str, rank: int, world: int, copy: bool) -> torch.Tensor:
+        parts, dim = self.parts[key], split_dim(key)
+        if len(parts) == world or dim is None:
+            sources = [parts[rank if dim is not None else 0]]
+            if not copy and len(parts) == world:
+                return sources[0]
+        else:
+            size = parts[0].shape[dim]
+            start, stop = split_range(size * len(parts), world, rank, key, dim)
+            sources = []
+            for i, part in enumerate(parts):  # keep the overlap of shard i with [start, stop)
+                lo, hi = max(start, i * size), min(stop, (i + 1) * size)
+                if lo < hi:
+                    sources.append(part.narrow(dim, lo - i * size, hi - lo))
+        piece = torch.cat(sources, dim=dim or 0)  # a copy, even of a single source
+        self.release(key)
+        return piece
+
+    def _check_rope_rows(self, key: str, piece: torch.Tensor, heads: int, world: int):
+        rows, want = piece.shape[0] * world, heads * self.hf_args.head_dim
+        if rows != want:
+            raise ValueError(
+                f"{self.names.get(key, key)} has {rows} rows but config.json's {heads} heads "
+                f"of {self.hf_args.head_dim} need {want}; this config.json does not belong "
+                f"to these weights"
+            )
+
+
+# ---- Meta's format ------------------------------------------------------------------------
 
 def read_params(ckpt_dir: Path) -> dict:
     path = Path(ckpt_dir) / "params.json"
@@ -66,51 +220,294 @@ def shard_files(ckpt_dir: Path) -> List[Path]:
     return files
 
 
-def rank_slice(shards: List[Dict[str, torch.Tensor]], key: str, rank: int, world: int,
-               files: List[Path]) -> torch.Tensor:
-    """This rank's part of `key`, cut from the N saved shards for a world of `world` ranks."""
-    parts = [s[key] for s in shards]
-    dim = split_dim(key)
-    if dim is None:
-        return parts[0]
-    if any(p.shape != parts[0].shape for p in parts):
-        shapes = ", ".join(f"{f.name}: {tuple(p.shape)}" for f, p in zip(files, parts))
-        raise ValueError(f"shards disagree on the shape of {key} ({shapes}); the folder mixes "
-                         f"files of different models")
-    size = parts[0].shape[dim]
-    full = size * len(parts)
-    if full % world:
-        raise ValueError(
-            f"{key} has {full} rows along dim {dim}, which do not split evenly over "
-            f"{world} model-parallel processes; use a process count that divides it"
-        )
-    if len(parts) == world:
-        return parts[rank]
-    start, stop = rank * full // world, (rank + 1) * full // world
-    pieces = []
-    for i, part in enumerate(parts):  # keep the overlap of shard i with [start, stop)
-        lo, hi = max(start, i * size), min(stop, (i + 1) * size)
-        if lo < hi:
-            pieces.append(part.narrow(dim, lo - i * size, hi - lo))
-    return torch.cat(pieces, dim=dim)
+def open_meta(ckpt_dir: Path) -> MappedShards:
+    """The consolidated.NN.pth files of a folder, memory-mapped, checked to be shards of
+    one model (same keys, same shapes)."""
+    files = shard_files(ckpt_dir)
+    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
+    keys = list(shards[0])
+    for f, s in zip(files[1:], shards[1:]):
+        if set(s) != set(keys):
+            raise ValueError(f"{f} holds other keys than {files[0]}; the folder mixes models")
+    for key in keys:
+        if any(s[key].shape != shards[0][key].shape for s in shards):
+            shapes = ", ".join(f"{f.name}: {tuple(s[key].shape)}" for f, s in zip(files, shards))
+            raise ValueError(f"shards disagree on the shape of {key} ({shapes}); the folder "
+                             f"mixes files of different models")
+    return MappedShards({k: [s[k] for s in shards] for k in keys}, files)
 
 
 def load_rank_state(ckpt_dir: Path, rank: int, world: int) -> Dict[str, torch.Tensor]:
-    """The state dict of one model-parallel rank, read lazily through mmap so that only
-    this rank's bytes are paged in."""
-    files = shard_files(ckpt_dir)
-    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
-    keys = set(shards[0])
-    for f, s in zip(files[1:], shards[1:]):
-        if set(s) != keys:
-            raise ValueError(f"{f} holds other keys than {files[0]}; the folder mixes models")
-    return {k: rank_slice(shards, k, rank, world, files) for k in sorted(keys - IGNORED_KEYS)}
+    """The state dict of one model-parallel rank. Shards that are exactly this rank's part
+    stay views of the file; resharded parts are copies whose source pages are released, so
+    host memory holds about this rank's weights, not the checkpoint."""
+    src = open_meta(ckpt_dir)
+    keys = [k for k in src.keys() if k not in IGNORED_KEYS]
+    return {k: src.read(k, rank, world) for k in progress(keys, f"loading {ckpt_dir}", rank)}
+
+
+# ---- Hugging Face's format ----------------------------------------------------------------
+# Meta key (per layer, after "layers.{i}.") -> HF key (after "model.layers.{i}.").
+HF_LAYER_KEYS = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+HF_TOP_KEYS = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+# Saved by transformers before 4.31 but never used: RoPE is recomputed from rope_theta.
+HF_IGNORED_SUFFIX = "rotary_emb.inv_freq"
+# config.json key -> params.json key, for the numbers that mean the same in both.
+HF_PARAMS = {
+    "hidden_size": "dim",
+    "num_hidden_layers": "n_layers",
+    "num_attention_heads": "n_heads",
+    "num_key_value_heads": "n_kv_heads",
+    "rms_norm_eps": "norm_eps",
+    "rope_theta": "rope_theta",
+    "vocab_size": "vocab_size",
+}
+HF_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "vocab_size")
+# transformers' LlamaConfig defaults, for config.json files that leave these out.
+HF_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0}
+# Where llama.convert keeps the original params.json inside config.json, so that
+# converting back writes the same keys and values.
+PARAMS_KEY = "codellama_params"
+
+
+def rope_permute(w: torch.Tensor, n_heads: int, to_hf: bool) -> torch.Tensor:
+    """Reorder q/k projection rows between Meta's interleaved RoPE pairs (2j, 2j+1) and
+    HF's split halves (j, j + head_dim/2). The reordering stays inside each head, so it
+    commutes with splitting the rows by whole heads between model-parallel ranks."""
+    rows, cols = w.shape
+    half = rows // n_heads // 2
+    if to_hf:
+        return w.view(n_heads, half, 2, cols).transpose(1, 2).reshape(rows, cols)
+    return w.view(n_heads, 2, half, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def rope_heads(meta_key: str, args: ModelArgs) -> Optional[int]:
+    """How many heads a full q or k projection holds; None for the other tensors."""
+    if meta_key.endswith("attention.wq.weight"):
+        return args.n_heads
+    if meta_key.endswith("attention.wk.weight"):
+        return args.kv_heads
+    return None
+
+
+def hf_key(meta_key: str) -> str:
+    if meta_key in HF_TOP_KEYS:
+        return HF_TOP_KEYS[meta_key]
+    layer, rest = re.match(r"layers\.(\d+)\.(.+)", meta_key).groups()
+    return f"model.layers.{layer}.{HF_LAYER_KEYS[rest]}"
+
+
+def meta_key(hf_name: str) -> Optional[str]:
+    """The Meta key of a Hugging Face tensor name; None if LlamaForCausalLM has no such
+    weight."""
+    top = {v: k for k, v in HF_TOP_KEYS.items()}
+    if hf_name in top:
+        return top[hf_name]
+    layer_keys = {v: k for k, v in HF_LAYER_KEYS.items()}
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
+    if match and match.group(2) in layer_keys:
+        return f"layers.{match.group(1)}.{layer_keys[match.group(2)]}"
+    return None
+
+
+def meta_to_hf(state: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, torch.Tensor]:
+    """A full (unsharded) Meta state dict in Hugging Face `LlamaForCausalLM` layout."""
+    out = {}
+    for key, w in state.items():
+        if key in IGNORED_KEYS:
+            continue
+        heads = rope_heads(key, args)
+        out[hf_key(key)] = rope_permute(w, heads, to_hf=True) if heads else w
+    return out
+
+
+def hf_to_meta(state: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, torch.Tensor]:
+    """The inverse of meta_to_hf."""
+    out = {}
+    for name, w in state.items():
+        key = meta_key(name)
+        if key is None:
+            raise ValueError(f"unexpected Hugging Face tensor {name}")
+        heads = rope_heads(key, args)
+        out[key] = rope_permute(w, heads, to_hf=False) if heads else w
+    return out
+
+
+def hf_config(args: ModelArgs) -> dict:
+    """A `transformers` LlamaConfig dict with the same shapes as `args`."""
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama")
+    config.update({hf: getattr(args, key) for hf, key in HF_PARAMS.items()})
+    config.update(
+        num_key_value_heads=args.kv_heads, rope_theta=float(args.rope_theta),
+        intermediate_size=args.ffn_hidden_dim, max_position_embeddings=args.max_seq_len,
+        tie_word_embeddings=False, hidden_act="silu", bos_token_id=1, eos_token_id=2,
+    )
+    return config
+
+
+def read_hf_config(hf_dir: Path) -> dict:
+    """config.json of a Hugging Face folder, checked to describe a model we can run."""
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a Hugging Face model folder needs "
+                                f"config.json")
+    config = json.loads(path.read_text())
+    if config.get("model_type", "llama") != "llama":
+        raise ValueError(f"{path} is for a {config['model_type']!r} model; only Llama "
+                         f"(model_type 'llama') checkpoints can be read")
+    missing = [k for k in HF_REQUIRED if k not in config]
+    if missing:
+        raise ValueError(f"{path} lacks the required key(s) {missing}")
+    unsupported = [
+        ("rope_scaling", config.get("rope_scaling") is not None),
+        ("attention_bias", bool(config.get("attention_bias"))),
+        ("mlp_bias", bool(config.get("mlp_bias"))),
+        ("tie_word_embeddings", bool(config.get("tie_word_embeddings"))),
+        ("hidden_act", config.get("hidden_act", "silu") != "silu"),
+        ("head_dim", config.get("head_dim", config["hidden_size"] // config[
+            "num_attention_heads"]) != config["hidden_size"] // config["num_attention_heads"]),
+    ]
+    bad = [k for k, is_bad in unsupported if is_bad]
+    if bad:
+        raise ValueError(
+            f"{path} sets {', '.join(f'{k}={config[k]!r}' for k in bad)}, which Code Llama's "
+            f"architecture does not have; this folder holds a different model"
+        )
+    return config
+
+
+def ffn_params(dim: int, intermediate: int, source) -> dict:
+    """multiple_of (and ffn_dim_multiplier) for which ModelArgs.ffn_hidden_dim is exactly
+    `intermediate`. multiple_of=256 gives the released 7B, 13B and 34B widths; rounding up
+    to a multiple of `intermediate` itself gives it back whenever 2/3 of 4*dim does not
+    exceed it (70B's 28672); a multiplier of intermediate/(2/3 of 4*dim) covers the rest
+    (int() may land one below `intermediate`, and rounding up restores it)."""
+    base = int(2 * (4 * dim) / 3)
+    candidates = [dict(multiple_of=256), dict(multiple_of=intermediate),
+                  dict(multiple_of=intermediate, ffn_dim_multiplier=intermediate / base)]
+    for params in candidates:
+        if intermediate > 0 and ModelArgs(dim=dim, **params).ffn_hidden_dim == intermediate:
+            return params
+    raise ValueError(f"{source}: intermediate_size {intermediate} cannot be expressed with "
+                     f"hidden_size {dim}; it must be a positive number")
+
+
+def hf_params(config: dict, source) -> dict:
+    """params.json fields for a config.json (n_kv_heads only under grouped-query
+    attention, as in Meta's files)."""
+    values = {**HF_DEFAULTS, **config}
+    params = {key: values[hf] for hf, key in HF_PARAMS.items() if hf in values}
+    if params.get("n_kv_heads") in (None, params["n_heads"]):
+        params.pop("n_kv_heads", None)
+    params.update(ffn_params(params["dim"], config["intermediate_size"], source))
+    return params
+
+
+def safe_open(path: Path):
+    try:
+        from safetensors import safe_open as open_file
+    except ImportError as e:
+        raise ImportError("reading Hugging Face folders needs the safetensors package: "
+                          "pip install safetensors") from e
+    return open_file(str(path), framework="pt", device="cpu")
+
+
+def hf_weight_files(hf_dir: Path) -> Dict[str, Path]:
+    """Tensor name -> .safetensors file, from model.safetensors.index.json or, without
+    one, from the files themselves."""
+    hf_dir = Path(hf_dir)
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no weight_map; download it again")
+        files = {name: hf_dir / f for name, f in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise FileNotFoundError(f"{index} names {f.name}, which is not in {hf_dir}; "
+                                        f"download every shard the index lists")
+        return files
+    paths = sorted(hf_dir.glob("*.safetensors"))
+    if not paths:
+        raise FileNotFoundError(
+            f"no *.safetensors weights in {hf_dir}; save the model with transformers' "
+            f"save_pretrained (safetensors is its default) or use Meta's consolidated.*.pth"
+        )
+    files = {}
+    for path in paths:
+        with safe_open(path) as f:
+            files.update({name: path for name in f.keys()})
+    return files
+
+
+def open_hf(hf_dir: Path, args: ModelArgs) -> MappedShards:
+    """A Hugging Face folder's tensors as memory-mapped views under Meta's key names."""
+    files = hf_weight_files(hf_dir)
+    parts, names = {}, {}
+    for path in sorted(set(files.values())):
+        with safe_open(path) as f:
+            for name in f.keys():
+                if name.endswith(HF_IGNORED_SUFFIX):
+                    continue
+                key = meta_key(name)
+                if key is None:
+                    raise ValueError(f"{path} holds {name}, which is not a weight of "
+                                     f"LlamaForCausalLM; this folder holds a different model")
+                parts[key] = [f.get_tensor(name)]  # a view of the file; nothing read yet
+                names[key] = f"{path}: {name}"
+    return MappedShards(parts, sorted(set(files.values())), hf_args=args, names=names)
+
+
+def load_hf_rank_state(hf_dir: Path, rank: int, world: int,
+                       params: dict) -> Dict[str, torch.Tensor]:
+    """One model-parallel rank's state dict, in Meta's key names and RoPE order, from a
+    Hugging Face folder; like load_rank_state, it reads only this rank's part."""
+    src = open_hf(hf_dir, ModelArgs(**params))
+    keys = src.keys()
+    return {k: src.read(k, rank, world) for k in progress(keys, f"loading {hf_dir}", rank)}
+
+
+# ---- either format ------------------------------------------------------------------------
+
+def is_hf_folder(ckpt_dir: Path) -> bool:
+    """config.json and no *.pth: where a folder has both formats, Meta's files win."""
+    ckpt_dir = Path(ckpt_dir)
+    return (ckpt_dir / "config.json").is_file() and not any(ckpt_dir.glob("*.pth"))
 
 
 def load_folder(ckpt_dir: Path, rank: int, world: int):
-    """(params dict, this rank's state dict, default tokenizer path) of a model folder."""
-    params = read_params(ckpt_dir)
-    return params, load_rank_state(ckpt_dir, rank, world), Path(ckpt_dir) / "tokenizer.model"
+    """(params dict, this rank's state dict, default tokenizer path) of a model folder in
+    Meta's format or Hugging Face's."""
+    ckpt_dir = Path(ckpt_dir)
+    if is_hf_folder(ckpt_dir):
+        params = hf_params(read_hf_config(ckpt_dir), ckpt_dir / "config.json")
+        check_heads_split(ModelArgs(**params), world, ckpt_dir / "config.json")
+        state = load_hf_rank_state(ckpt_dir, rank, world, params)
+    else:
+        if not (ckpt_dir / "params.json").is_file() and not any(ckpt_dir.glob("*.pth")):
+            raise FileNotFoundError(
+                f"no checkpoint in {ckpt_dir}: expected params.json with consolidated.NN.pth "
+                f"(Meta's format) or config.json with *.safetensors (Hugging Face's)"
+            )
+        params = read_params(ckpt_dir)
+        check_heads_split(ModelArgs(**params), world, ckpt_dir / "params.json")
+        state = load_rank_state(ckpt_dir, rank, world)
+    return params, state, ckpt_dir / "tokenizer.model"
 
 
 def random_state(model: torch.nn.Module, seed: int, device, dtype) -> Dict[str, torch.Tensor]:
@@ -134,8 +531,8 @@ def check_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: 
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(
-            f"checkpoint {source} does not match the model built from params.json: "
-            f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"checkpoint {source} does not match the model built from its params.json or "
+            f"config.json: missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
     for key, tensor in state.items():
@@ -149,90 +546,15 @@ def check_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: 
 
 def load_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: str,
               device: torch.device, dtype: torch.dtype) -> None:
-    """Check `state` strictly, then make it the model's parameters on device in dtype."""
+    """Check `state` strictly, then make it the model's parameters on device in dtype.
+
+    Tensors already on `device` in `dtype` are used as they are (memory-mapped ones stay
+    so: no copy at all). The others are converted one at a time and taken out of `state`
+    (which is empty afterwards), so a change of dtype or device never holds two copies of
+    all the weights in host memory.
+    """
     check_state(model, state, source)
-    model.load_state_dict(
-        {k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True
-    )
-
-
-# ---- Hugging Face layout --------------------------------------------------------------
-# Meta key (per layer, after "layers.{i}.") -> HF key (after "model.layers.{i}.").
-HF_LAYER_KEYS = {
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
-HF_TOP_KEYS = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-
-
-def rope_permute(w: torch.Tensor, n_heads: int, to_hf: bool) -> torch.Tensor:
-    """Reorder q/k projection rows between Meta's interleaved RoPE pairs (2j, 2j+1) and
-    HF's split halves (j, j + head_dim/2)."""
-    rows, cols = w.shape
-    half = rows // n_heads // 2
-    if to_hf:
-        return w.view(n_heads, half, 2, cols).transpose(1, 2).reshape(rows, cols)
-    return w.view(n_heads, 2, half, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def hf_key(meta_key: str) -> str:
-    if meta_key in HF_TOP_KEYS:
-        return HF_TOP_KEYS[meta_key]
-    layer, rest = re.match(r"layers\.(\d+)\.(.+)", meta_key).groups()
-    return f"model.layers.{layer}.{HF_LAYER_KEYS[rest]}"
-
-
-def meta_to_hf(state: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, torch.Tensor]:
-    """A full (unsharded) Meta state dict in Hugging Face `LlamaForCausalLM` layout."""
-    out = {}
-    for key, w in state.items():
-        if key in IGNORED_KEYS:
-            continue
-        if key.endswith("attention.wq.weight"):
-            w = rope_permute(w, args.n_heads, to_hf=True)
-        elif key.endswith("attention.wk.weight"):
-            w = rope_permute(w, args.kv_heads, to_hf=True)
-        out[hf_key(key)] = w
-    return out
-
-
-def hf_to_meta(state: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, torch.Tensor]:
-    """The inverse of meta_to_hf."""
-    to_meta = {hf_key(k): k for k in
-               list(HF_TOP_KEYS) + [f"layers.{i}.{r}" for i in range(args.n_layers)
-                                    for r in HF_LAYER_KEYS]}
-    out = {}
-    for key, w in state.items():
-        if key not in to_meta:
-            raise ValueError(f"unexpected Hugging Face tensor {key}")
-        meta = to_meta[key]
-        if meta.endswith("attention.wq.weight"):
-            w = rope_permute(w, args.n_heads, to_hf=False)
-        elif meta.endswith("attention.wk.weight"):
-            w = rope_permute(w, args.kv_heads, to_hf=False)
-        out[meta] = w
-    return out
-
-
-def hf_config(args: ModelArgs) -> dict:
-    """A `transformers` LlamaConfig dict with the same shapes as `args`."""
-    return dict(
-        architectures=["LlamaForCausalLM"], model_type="llama",
-        vocab_size=args.vocab_size, hidden_size=args.dim,
-        intermediate_size=args.ffn_hidden_dim, num_hidden_layers=args.n_layers,
-        num_attention_heads=args.n_heads, num_key_value_heads=args.kv_heads,
-        rms_norm_eps=args.norm_eps, rope_theta=float(args.rope_theta),
-        max_position_embeddings=args.max_seq_len, tie_word_embeddings=False,
-        hidden_act="silu", bos_token_id=1, eos_token_id=2,
-    )
+    moved = {}
+    for key in list(state):
+        moved[key] = state.pop(key).to(device=device, dtype=dtype)
+    model.load_state_dict(moved, strict=True, assign=True)

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Set, Tuple, TypedDict
+from typing import Callable, Iterator, List, Optional, Sequence, Set, Tuple, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from .prompts import (
     is_unsafe,
     require_infilling,
 )
+from .text import TextRow
 from .tokenizer import Tokenizer
 
 
@@ -249,17 +250,18 @@ class Llama:
         top_p: float,
         stop_ids: Set[int],
         prompt_logprobs: Optional[List[List[float]]] = None,
+        on_token: Optional[Callable[[int, int, float], bool]] = None,
     ) -> Iterator[List[Optional[Tuple[int, float]]]]:
         """The generation core. Yield, once per step, each row's new (token, logprob), or
         None for a row that has finished. A row finishes on a token of `stop_ids` (not
         yielded) or after min(max_gen_len, max_seq_len - len(prompt)) tokens.
 
         If `prompt_logprobs` is a list, it receives each prompt's token log-probabilities
-        (0.0 for the first token, which nothing predicts).
+        (0.0 for the first token, which nothing predicts). `on_token(row, token, logprob)`
+        is called for each new token; returning True finishes that row (stop strings).
         """
         self.check_batch(prompt_tokens)
         max_seq_len = self.model.params.max_seq_len
-        device = self.model.rope.device
         lens = [len(p) for p in prompt_tokens]
         budgets = [max(0, min(max_gen_len, max_seq_len - n)) for n in lens]
         tokens, logprobs = self.prefill(prompt_tokens, temperature, top_p, prompt_logprobs)
@@ -277,7 +279,8 @@ class Llama:
                     continue
                 step[i] = (tok, lp)
                 produced[i] += 1
-                active[i] = produced[i] < budgets[i]
+                stopped = on_token is not None and on_token(i, tok, lp)
+                active[i] = produced[i] < budgets[i] and not stopped
             yield step
             if not any(active):
                 return
@@ -296,23 +299,31 @@ class Llama:
         start = positions[0] if same else torch.tensor(positions, device=tokens.device)
         return decode_step(self.model, tokens, start, kv_len, temperature, top_p)
 
-    def run(self, prompt_tokens, max_gen_len, temperature, top_p, stop_ids, echo=False,
-            want_prompt_logprobs=False):
-        """Collect decode_steps into per-row (tokens, logprobs)."""
-        prompt_lp = [] if want_prompt_logprobs else None
-        out_tokens: List[List[int]] = [[] for _ in prompt_tokens]
-        out_logprobs: List[List[float]] = [[] for _ in prompt_tokens]
-        for step in self.decode_steps(prompt_tokens, max_gen_len, temperature, top_p,
-                                      stop_ids, prompt_lp):
-            for i, item in enumerate(step):
-                if item is not None:
-                    out_tokens[i].append(item[0])
-                    out_logprobs[i].append(item[1])
-        if echo:
-            out_tokens = [list(p) + t for p, t in zip(prompt_tokens, out_tokens)]
-            if prompt_lp is not None:
-                out_logprobs = [p + lp for p, lp in zip(prompt_lp, out_logprobs)]
-        return out_tokens, out_logprobs
+    def run(self, prompt_tokens, max_gen_len, temperature, top_p, stop_ids, decode,
+            stop=None, echo=False, prompt_logprobs=None) -> List[TextRow]:
+        """Run the generation core to the end; one TextRow (tokens, logprobs, text cut at
+        the first stop string) per prompt."""
+        rows = [TextRow(decode, check_stop(stop), p if echo else ()) for p in prompt_tokens]
+        for _ in self.decode_steps(prompt_tokens, self.default_gen_len(max_gen_len),
+                                   temperature, top_p, stop_ids, prompt_logprobs,
+                                   on_token=lambda i, tok, lp: rows[i].add(tok, lp)):
+            pass
+        return rows
+
+    def stream(self, prompt_tokens, max_gen_len, temperature, top_p, stop_ids, decode,
+               stop=None) -> Iterator[str]:
+        """Run the generation core on one prompt, yielding its new text as it becomes
+        final (the pieces concatenate to the text `run` returns)."""
+        row = TextRow(decode, check_stop(stop))
+        for _ in self.decode_steps([prompt_tokens], self.default_gen_len(max_gen_len),
+                                   temperature, top_p, stop_ids,
+                                   on_token=lambda i, tok, lp: row.add(tok, lp)):
+            delta = row.delta()
+            if delta:
+                yield delta
+        tail = row.delta(final=True)
+        if tail:
+            yield tail
 
     def default_gen_len(self, max_gen_len: Optional[int]) -> int:
         if max_gen_len is None:
@@ -334,11 +345,15 @@ class Llama:
         stop_token: Optional[int] = None,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Generate from token lists. Returns each row's new tokens (prompt included with
-        `echo`) and, with `logprobs`, the log-probability of each returned token.
-        Generation stops at `stop_token` (default: EOS), which is not returned."""
+        `echo`) and, with `logprobs`, the log-probability of each returned token (0.0 for
+        the first prompt token). Generation stops at `stop_token` (default: EOS), which is
+        not returned."""
         stop_ids = {self.tokenizer.eos_id if stop_token is None else stop_token}
-        tokens, lps = self.run(prompt_tokens, self.default_gen_len(max_gen_len), temperature,
-                               top_p, stop_ids, echo, want_prompt_logprobs=logprobs and echo)
+        prompt_lp = [] if logprobs and echo else None
+        rows = self.run(prompt_tokens, max_gen_len, temperature, top_p, stop_ids,
+                        decode=lambda t: "", prompt_logprobs=prompt_lp)
+        tokens = [list(p) * echo + r.tokens for p, r in zip(prompt_tokens, rows)]
+        lps = [(prompt_lp[i] if echo else []) + r.logprobs for i, r in enumerate(rows)]
         return tokens, (lps if logprobs else None)
 
     def pieces(self, tokens: List[int]) -> List[str]:
@@ -352,15 +367,40 @@ class Llama:
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
         echo: bool = False,
+        stop: Optional[List[str]] = None,
     ) -> List[CompletionPrediction]:
-        """Continue each prompt. With `echo` the prompt is part of the result."""
+        """Continue each prompt. With `echo` the prompt is part of the result (and of
+        "tokens"/"logprobs"). Each row ends at EOS, after `max_gen_len` tokens (default
+        max_seq_len - 1, within max_seq_len), or at the first of the `stop` strings,
+        which is left out; "tokens" then keeps the tokens wholly before it."""
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
-        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p,
-                                    logprobs, echo)
-        if logprobs:
-            return [{"generation": self.tokenizer.decode(t), "tokens": self.pieces(t),
-                     "logprobs": lp} for t, lp in zip(tokens, lps)]
-        return [{"generation": self.tokenizer.decode(t)} for t in tokens]
+        prompt_lp = [] if logprobs and echo else None
+        rows = self.run(prompt_tokens, max_gen_len, temperature, top_p,
+                        {self.tokenizer.eos_id}, self.tokenizer.decode, stop, echo, prompt_lp)
+        results = []
+        for i, (p, row) in enumerate(zip(prompt_tokens, rows)):
+            result = {"generation": row.text}
+            if logprobs:
+                result["tokens"] = self.pieces(list(p) * echo + row.tokens)
+                result["logprobs"] = (prompt_lp[i] if echo else []) + row.logprobs
+            results.append(result)
+        return results
+
+    def stream_completion(self, prompt: str, temperature: float = 0.6, top_p: float = 0.9,
+                          max_gen_len: Optional[int] = None,
+                          stop: Optional[List[str]] = None) -> Iterator[str]:
+        """text_completion for one prompt, yielding the new text as it is produced."""
+        return self.stream(self.tokenizer.encode(prompt, bos=True, eos=False), max_gen_len,
+                           temperature, top_p, {self.tokenizer.eos_id},
+                           self.tokenizer.decode, stop)
+
+    def infilling_prompts(self, prefixes: List[str], suffixes: List[str], suffix_first: bool):
+        require_infilling(self.tokenizer)
+        if len(prefixes) != len(suffixes):
+            raise ValueError(f"got {len(prefixes)} prefixes but {len(suffixes)} suffixes; "
+                             f"pass one suffix per prefix")
+        return [infilling_prompt_tokens(self.tokenizer, pre, suf, suffix_first)
+                for pre, suf in zip(prefixes, suffixes)]
 
     def text_infilling(
         self,
@@ -371,27 +411,48 @@ class Llama:
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
         suffix_first: bool = False,
+        stop: Optional[List[str]] = None,
     ) -> List[InfillingPrediction]:
         """Fill the middle between each prefix and suffix (PSM format, or SPM with
-        `suffix_first`). Stops at <EOT> or EOS."""
-        require_infilling(self.tokenizer)
-        if len(prefixes) != len(suffixes):
-            raise ValueError(f"got {len(prefixes)} prefixes but {len(suffixes)} suffixes; "
-                             f"pass one suffix per prefix")
-        prompt_tokens = [infilling_prompt_tokens(self.tokenizer, pre, suf, suffix_first)
-                         for pre, suf in zip(prefixes, suffixes)]
-        stop_ids = {self.tokenizer.eot_id, self.tokenizer.eos_id}
-        tokens, lps = self.run(prompt_tokens, self.default_gen_len(max_gen_len), temperature,
-                               top_p, stop_ids)
+        `suffix_first`). A row ends at <EOT>, EOS, `max_gen_len` or a `stop` string."""
+        prompt_tokens = self.infilling_prompts(prefixes, suffixes, suffix_first)
+        rows = self.run(prompt_tokens, max_gen_len, temperature, top_p, self.infill_stop_ids,
+                        self.tokenizer.decode_infilling, stop)
         results = []
-        for t, lp, pre, suf in zip(tokens, lps, prefixes, suffixes):
-            text = self.tokenizer.decode_infilling(t)
+        for row, pre, suf in zip(rows, prefixes, suffixes):
+            result = {"generation": row.text}
             if logprobs:
-                results.append({"generation": text, "logprobs": lp, "tokens": self.pieces(t),
-                                "full_text": pre + text + suf})
-            else:
-                results.append({"generation": text, "full_text": pre + text + suf})
+                result.update(logprobs=row.logprobs, tokens=self.pieces(row.tokens))
+            result["full_text"] = pre + row.text + suf
+            results.append(result)
         return results
+
+    @property
+    def infill_stop_ids(self) -> Set[int]:
+        return {self.tokenizer.eot_id, self.tokenizer.eos_id}
+
+    def stream_infilling(self, prefix: str, suffix: str, temperature: float = 0.6,
+                         top_p: float = 0.9, max_gen_len: Optional[int] = None,
+                         suffix_first: bool = False,
+                         stop: Optional[List[str]] = None) -> Iterator[str]:
+        """text_infilling for one prefix/suffix pair, yielding the middle as it is made."""
+        (prompt,) = self.infilling_prompts([prefix], [suffix], suffix_first)
+        return self.stream(prompt, max_gen_len, temperature, top_p, self.infill_stop_ids,
+                           self.tokenizer.decode_infilling, stop)
+
+    def chat_prompt(self, dialog: Dialog) -> Tuple[List[int], bool]:
+        """(prompt tokens, unsafe) of a dialog in the tokenizer's chat format: the
+        70B-Instruct `<step>` format when the tokenizer has `<step>`, else [INST]."""
+        encode = dialog_prompt_tokens if self.step_format else chat_prompt_tokens
+        return encode(self.tokenizer, dialog), is_unsafe(self.tokenizer, dialog)
+
+    @property
+    def step_format(self) -> bool:
+        return self.tokenizer.step_id is not None
+
+    @property
+    def chat_stop_ids(self) -> Set[int]:
+        return {self.tokenizer.eos_id, self.tokenizer.step_id} - {None}
 
     def chat_completion(
         self,
@@ -400,33 +461,49 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
+        stop: Optional[List[str]] = None,
     ) -> List[ChatPrediction]:
-        """Answer each dialog as the assistant. Uses the 70B-Instruct `<step>` format when
-        the tokenizer has `<step>`, else the Llama-2 [INST] format. Dialogs carrying chat
-        tags or control tokens are not run; their content is UNSAFE_ERROR."""
-        step_format = self.tokenizer.step_id is not None
-        encode = dialog_prompt_tokens if step_format else chat_prompt_tokens
-        prompt_tokens = [encode(self.tokenizer, d) for d in dialogs]  # validates every dialog
-        unsafe = [is_unsafe(self.tokenizer, d) for d in dialogs]
-        safe_rows = [i for i, u in enumerate(unsafe) if not u]
-        stop_ids = {self.tokenizer.eos_id}
-        if step_format:
-            stop_ids.add(self.tokenizer.step_id)
-        tokens, lps = [[]] * len(dialogs), [[]] * len(dialogs)
-        if safe_rows:
-            run_tokens, run_lps = self.run([prompt_tokens[i] for i in safe_rows],
-                                           self.default_gen_len(max_gen_len), temperature,
-                                           top_p, stop_ids)
-            for i, t, lp in zip(safe_rows, run_tokens, run_lps):
-                tokens[i], lps[i] = t, lp
+        """Answer each dialog as the assistant (format chosen by `chat_prompt`). Dialogs
+        carrying chat tags or control tokens are not run: their content is UNSAFE_ERROR,
+        with empty tokens and logprobs. A reply ends at EOS (`<step>` for 70B), at
+        `max_gen_len` or at a `stop` string."""
+        prompts = [self.chat_prompt(d) for d in dialogs]  # validates every dialog first
+        safe = [i for i, (_, unsafe) in enumerate(prompts) if not unsafe]
+        rows = [TextRow(self.tokenizer.decode) for _ in dialogs]
+        if safe:
+            ran = self.run([prompts[i][0] for i in safe], max_gen_len, temperature, top_p,
+                           self.chat_stop_ids, self.tokenizer.decode, stop)
+            for i, row in zip(safe, ran):
+                rows[i] = row
         results = []
-        for i, (t, lp) in enumerate(zip(tokens, lps)):
+        for (_, unsafe), row in zip(prompts, rows):
             message = {"role": "assistant"}
-            if step_format:
+            if self.step_format:
                 message["destination"] = "user"
-            message["content"] = UNSAFE_ERROR if unsafe[i] else self.tokenizer.decode(t)
+            message["content"] = UNSAFE_ERROR if unsafe else row.text
             result = {"generation": message}
             if logprobs:
-                result.update(tokens=self.pieces(t), logprobs=lp)
+                result.update(tokens=self.pieces(row.tokens), logprobs=row.logprobs)
             results.append(result)
         return results
+
+    def stream_chat_completion(self, dialog: Dialog, temperature: float = 0.6,
+                               top_p: float = 0.9, max_gen_len: Optional[int] = None,
+                               stop: Optional[List[str]] = None) -> Iterator[str]:
+        """chat_completion for one dialog, yielding the reply's text as it is produced."""
+        prompt, unsafe = self.chat_prompt(dialog)
+        if unsafe:
+            return iter([UNSAFE_ERROR])
+        return self.stream(prompt, max_gen_len, temperature, top_p, self.chat_stop_ids,
+                           self.tokenizer.decode, stop)
+
+
+def check_stop(stop) -> List[str]:
+    """Stop strings as a list; a bare string is one stop string."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if not all(isinstance(s, str) for s in stop):
+        raise ValueError(f"stop must be a list of strings, got {stop!r}")
+    return list(stop)

@@ -10,7 +10,6 @@ reference, so `consolidated.NN.pth` shards load as they are. Two things differ i
   that is correct for any `start_pos` (chunked prefill works).
 """
 
-import math
 from dataclasses import dataclass, fields
 from typing import Optional, Union
 

@@ -1,7 +1,7 @@
 """Prompt token layouts: infilling (PSM and SPM), Llama-2 [INST] chat, 70B-Instruct `<step>`
 chat. Pure functions of (tokenizer, inputs) that also validate their inputs."""
 
-from typing import List, Literal, Optional, TypedDict
+from typing import List, Literal, TypedDict
 
 from .tokenizer import Tokenizer
 

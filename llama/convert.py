@@ -1,0 +1,268 @@
+"""Convert checkpoints between Meta's format and Hugging Face's, or reshard them.
+
+    python -m llama.convert to_hf --ckpt_dir CodeLlama-7b --out_dir CodeLlama-7b-hf
+    python -m llama.convert from_hf --hf_dir CodeLlama-7b-hf --out_dir CodeLlama-7b-mp2 --mp 2
+    python -m llama.convert reshard --ckpt_dir CodeLlama-34b --out_dir CodeLlama-34b-mp2 --mp 2
+
+fire also accepts `to-hf`, `from-hf` and `--ckpt-dir`. Inputs are memory-mapped and
+converted one tensor at a time, and each output file is written as soon as it is complete,
+so host memory holds about one output file: a safetensors shard of at most
+`--max_shard_size` for to_hf, one consolidated.NN.pth (the checkpoint divided by --mp)
+for from_hf and reshard.
+
+Round trips are exact: to_hf keeps the original params.json inside config.json (under
+"codellama_params") and from_hf writes it back when config.json still describes the
+same model. rope.freqs, an unused buffer of Meta's files, has no place in Hugging Face's
+layout and is not carried over.
+"""
+
+import dataclasses
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from . import distributed
+from .checkpoint import (
+    IGNORED_KEYS,
+    PARAMS_KEY,
+    check_heads_split,
+    check_state,
+    hf_config,
+    hf_key,
+    hf_params,
+    open_hf,
+    open_meta,
+    progress,
+    read_hf_config,
+    read_params,
+    rope_heads,
+    rope_permute,
+)
+from .model import ModelArgs, Transformer
+from .tokenizer import Tokenizer
+
+SIZE_UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size) -> int:
+    """Bytes in 5GB, 500MB, 2GiB or a plain number (GB = 10**9, as in transformers)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", str(size), re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"max_shard_size {size!r} is not a size; write e.g. 5GB, 500MB or "
+                         f"a number of bytes")
+    return int(float(match.group(1)) * SIZE_UNITS[(match.group(2) or "").upper()])
+
+
+def new_out_dir(out_dir) -> Path:
+    """The output folder, created; refuse one that holds files, so nothing is mixed."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output folder {out} is not empty; choose a new --out_dir "
+                              f"or empty it first")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def md5(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checklist(folder: Path) -> None:
+    """checklist.chk as in Meta's downloads (`md5sum -c checklist.chk` checks it)."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != "checklist.chk")
+    (folder / "checklist.chk").write_text("".join(f"{md5(folder / n)}  {n}\n" for n in names))
+
+
+def check_shapes(args: ModelArgs, shapes: Dict[str, Tuple[int, ...]], source: str) -> None:
+    """The full (unsharded) shapes of a checkpoint against the model `args` describes,
+    built on the meta device (no memory), with load_into's strict checks and messages."""
+    distributed.initialize(1, torch.device("cpu"))  # fairscale layers ask for the MP size
+    with torch.device("meta"):
+        model = Transformer(dataclasses.replace(args, max_batch_size=1))
+    check_state(model, {k: torch.empty(s, device="meta") for k, s in shapes.items()}, source)
+
+
+def check_tokenizer(folder: Path, vocab_size: int, weights: str) -> Optional[Path]:
+    """The folder's tokenizer.model, checked against the embedding; None if it has none."""
+    path = folder / "tokenizer.model"
+    if not path.is_file():
+        print(f"note: {folder} has no tokenizer.model; the output will have none either")
+        return None
+    n_words = Tokenizer(str(path)).n_words
+    if n_words != vocab_size:
+        raise ValueError(
+            f"{path} has {n_words} pieces but the weights in {weights} embed {vocab_size} "
+            f"tokens; put the tokenizer.model of this model in {folder}"
+        )
+    return path
+
+
+def meta_args(ckpt_dir: Path, params: dict, shapes: Dict[str, Tuple[int, ...]],
+              **overrides) -> ModelArgs:
+    """ModelArgs of a Meta folder, the vocabulary size taken from the embedding (params.json
+    usually leaves it to the tokenizer) and checked against params.json and tokenizer.model."""
+    if "tok_embeddings.weight" not in shapes:
+        raise ValueError(f"the checkpoint in {ckpt_dir} has no tok_embeddings.weight; it is "
+                         f"not a Code Llama checkpoint")
+    vocab = shapes["tok_embeddings.weight"][0]
+    if params.get("vocab_size", -1) > 0 and params["vocab_size"] != vocab:
+        raise ValueError(f"{ckpt_dir / 'params.json'} says vocab_size {params['vocab_size']} "
+                         f"but the checkpoint embeds {vocab} tokens; fix vocab_size")
+    args = ModelArgs(**{**params, "vocab_size": vocab, **overrides})
+    check_shapes(args, shapes, str(ckpt_dir))
+    return args
+
+
+def plan_files(sizes: List[Tuple[str, int]], max_bytes: int) -> List[List[str]]:
+    """Tensors grouped, in order, into files of at most max_bytes (a larger tensor gets a
+    file of its own), as transformers' save_pretrained does."""
+    files, current, used = [], [], 0
+    for name, size in sizes:
+        if current and used + size > max_bytes:
+            files.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += size
+    return files + [current] if current else files
+
+
+def to_hf(ckpt_dir: str, out_dir: str, max_shard_size="5GB",
+          max_position_embeddings: int = 16384) -> None:
+    """Meta folder -> Hugging Face folder (safetensors shards of at most max_shard_size,
+    model.safetensors.index.json, config.json, tokenizer.model). Code Llama was trained
+    for 16384 positions, hence max_position_embeddings' default."""
+    from safetensors.torch import save_file
+
+    ckpt_dir, max_bytes = Path(ckpt_dir), parse_size(max_shard_size)
+    params = read_params(ckpt_dir)
+    src = open_meta(ckpt_dir)
+    keys = [k for k in src.keys() if k not in IGNORED_KEYS]
+    shapes = {k: src.full_shape(k) for k in keys}
+    args = meta_args(ckpt_dir, params, shapes, max_seq_len=max_position_embeddings)
+    tokenizer = check_tokenizer(ckpt_dir, args.vocab_size, str(ckpt_dir))
+    out = new_out_dir(out_dir)
+
+    def nbytes(key):
+        return src.parts[key][0].element_size() * torch.Size(shapes[key]).numel()
+
+    groups = plan_files([(k, nbytes(k)) for k in keys], max_bytes)
+    names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    bar = progress(range(len(keys)), f"writing {out}")
+    weight_map = {}
+    for name, group in zip(names, groups):
+        tensors = {}
+        for key in group:
+            w, heads = src.read(key, 0, 1, copy=True), rope_heads(key, args)
+            tensors[hf_key(key)] = rope_permute(w, heads, to_hf=True) if heads else w
+            bar.update()
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in tensors})
+    bar.close()
+    index = {"metadata": {"total_size": sum(nbytes(k) for k in keys)}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    dtype = src.parts["tok_embeddings.weight"][0].dtype
+    config = {**hf_config(args), "torch_dtype": str(dtype).replace("torch.", ""),
+              PARAMS_KEY: params}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer:
+        shutil.copy(tokenizer, out / "tokenizer.model")
+
+
+def original_params(config: dict, params: dict) -> dict:
+    """The params.json that to_hf kept in config.json if it still describes the model that
+    config.json does (else `params`, derived from config.json)."""
+    kept = config.get(PARAMS_KEY)
+    if not isinstance(kept, dict) or set(kept) - ModelArgs.field_names():
+        return params
+    a, b = ModelArgs(**{**kept, "vocab_size": params["vocab_size"]}), ModelArgs(**params)
+    same = ("dim", "n_layers", "n_heads", "kv_heads", "ffn_hidden_dim", "norm_eps",
+            "rope_theta", "vocab_size")
+    if kept.get("vocab_size", -1) > 0 and kept["vocab_size"] != params["vocab_size"]:
+        return params
+    return kept if all(getattr(a, f) == getattr(b, f) for f in same) else params
+
+
+def from_hf(hf_dir: str, out_dir: str, mp: int = 1) -> None:
+    """Hugging Face folder -> Meta folder for `mp` model-parallel processes
+    (consolidated.NN.pth, params.json, tokenizer.model, checklist.chk)."""
+    hf_dir = Path(hf_dir)
+    config = read_hf_config(hf_dir)
+    params = hf_params(config, hf_dir / "config.json")
+    args = ModelArgs(**params)
+    check_world(args, mp, hf_dir / "config.json")
+    src = open_hf(hf_dir, args)
+    check_shapes(args, {k: src.full_shape(k) for k in src.keys()}, str(hf_dir))
+    tokenizer = check_tokenizer(hf_dir, args.vocab_size, str(hf_dir))
+    out = new_out_dir(out_dir)
+    order = meta_order(src.keys(), args)
+    for rank in range(mp):
+        state = {k: src.read(k, rank, mp, copy=True)
+                 for k in progress(order, f"writing {out} ({rank + 1}/{mp})")}
+        torch.save(state, out / f"consolidated.{rank:02d}.pth")
+        del state  # before the next rank's part is read
+    (out / "params.json").write_text(json.dumps(original_params(config, params)))
+    if tokenizer:
+        shutil.copy(tokenizer, out / "tokenizer.model")
+    write_checklist(out)
+
+
+def reshard(ckpt_dir: str, out_dir: str, mp: int) -> None:
+    """Meta folder -> Meta folder for `mp` model-parallel processes; bit-exact, params.json
+    and tokenizer.model copied as they are."""
+    ckpt_dir = Path(ckpt_dir)
+    params = read_params(ckpt_dir)
+    src = open_meta(ckpt_dir)
+    shapes = {k: src.full_shape(k) for k in src.keys() if k not in IGNORED_KEYS}
+    args = meta_args(ckpt_dir, params, shapes)
+    check_world(args, mp, ckpt_dir / "params.json")
+    out = new_out_dir(out_dir)
+    for rank in range(mp):
+        state = {k: src.read(k, rank, mp, copy=True)
+                 for k in progress(src.keys(), f"writing {out} ({rank + 1}/{mp})")}
+        torch.save(state, out / f"consolidated.{rank:02d}.pth")
+        del state
+    for name in ("params.json", "tokenizer.model"):
+        if (ckpt_dir / name).is_file():
+            shutil.copy(ckpt_dir / name, out / name)
+    write_checklist(out)
+
+
+def check_world(args: ModelArgs, mp: int, source: Path) -> None:
+    if not isinstance(mp, int) or mp < 1:
+        raise ValueError(f"--mp must be a positive whole number, got {mp!r}")
+    check_heads_split(args, mp, source)
+    for name, size in (("dim", args.dim), ("vocab_size", args.vocab_size),
+                       ("FFN hidden size", args.ffn_hidden_dim)):
+        if size % mp:
+            raise ValueError(f"{source}: {name} = {size} does not split over {mp} "
+                             f"model-parallel processes; choose an --mp that divides it")
+
+
+def meta_order(keys, args: ModelArgs) -> List[str]:
+    """Keys in the order of Meta's files: embeddings, then layer by layer, norm, output."""
+    def rank(key):
+        match = re.match(r"layers\.(\d+)\.", key)
+        top = ["tok_embeddings.weight", "norm.weight", "output.weight"]
+        return (int(match.group(1)) + 1, key) if match else (
+            0 if key == top[0] else args.n_layers + 1 + top.index(key), key)
+    return sorted(keys, key=rank)
+
+
+def main():
+    import fire
+
+    fire.Fire({"to_hf": to_hf, "from_hf": from_hf, "reshard": reshard})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The interactive chat CLI, driven through its standard input."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import build
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def chat(folder, lines, *args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "llama.chat", "--ckpt_dir", str(folder), "--temperature", "0",
+         *args], input="".join(line + "\n" for line in lines), env=env, capture_output=True,
+        text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def answers(out):
+    return [part.split("\nYou:")[0].rstrip("\n") for part in out.split("Assistant: ")[1:]]
+
+
+def test_chat_answers_resets_and_exits(make_model):
+    folder = make_model()[0]
+    out = chat(folder, ["write a loop", "and another", "/reset", "write a loop", "/exit",
+                        "never read"], "--max_seq_len", "256", "--max_gen_len", "8")
+    replies = answers(out)
+    assert len(replies) == 3
+    want = build(folder, max_seq_len=256).chat_completion(
+        [[{"role": "user", "content": "write a loop"}]], temperature=0, max_gen_len=8)
+    assert replies[0] == want[0]["generation"]["content"]
+    assert replies[2] == replies[0]  # after /reset the history is gone
+    assert "(conversation reset)" in out and "never read" not in out
+
+
+def test_chat_drops_oldest_turns_keeping_the_system_prompt(make_model):
+    folder = make_model()[0]
+    long = "please explain this code: " + "x = x + 1; " * 8
+    out = chat(folder, [long, long, long], "--max_seq_len", "160", "--max_gen_len", "16",
+               "--system", "Be brief.")
+    assert "(dropped the 2 oldest messages to stay within max_seq_len=160)" in out
+    assert len(answers(out)) == 3
+    out = chat(folder, ["word " * 200], "--max_seq_len", "64")
+    assert "too long for max_seq_len=64" in out
