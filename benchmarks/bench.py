@@ -89,8 +89,8 @@ class Clock:
         return statistics.median(times)
 
     def reset_peak(self):
-        gc.collect()
-        if self.cuda:
+        if self.cuda:  # free what the last scenario left, so that peaks are its own
+            gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
 
@@ -104,20 +104,18 @@ def measure_bandwidth(device, clock: Clock, gib: float, repeats: int = 10) -> fl
     src = torch.ones(n, dtype=torch.uint8, device=device)
     dst = torch.zeros_like(src)
     seconds = clock.median(lambda: dst.copy_(src), repeats, warmup=2)
-    del src, dst
-    clock.reset_peak()
     return 2 * n / seconds
 
 
 def decode_figures(args, elem: int, batch: int, context: int, steps: int, seconds: float,
-                   bandwidth: float) -> dict:
+                   bandwidth: float, world: int) -> dict:
     """tokens/s, and the bandwidth roofline of one step: this rank's weights (all but the
     input embedding table) plus the KV cache read, at the mean context of the timed steps
-    (step k reads context + k positions of every row)."""
-    weight_bytes = (args.num_params() - args.vocab_size * args.dim) * elem / WORLD
+    (step k reads context + k positions of every row). `world`: GPUs sharing the model."""
+    weight_bytes = (args.num_params() - args.vocab_size * args.dim) * elem / world
     mean_context = context + (steps + 1) / 2
     kv_bytes = (2 * args.n_layers * args.kv_heads * args.head_dim * mean_context * batch
-                * elem / WORLD)
+                * elem / world)
     step_bytes = weight_bytes + kv_bytes
     roofline = batch * bandwidth / step_bytes
     tps = batch * steps / seconds
@@ -177,7 +175,7 @@ def timed_decodes(run_once, clock: Clock, repeats: int, warmup: int):
     if steps < 1:
         raise RuntimeError("fewer than two tokens were generated; raise gen_len")
     return steps, seconds, {"ttft_ms": 1000 * ttft, "peak_mem_gib": clock.peak_gib(),
-                            "runs_tokens_per_s": [r[0] / r[1] for r in runs]}
+                            "runs_ms_per_step": [1000 * r[1] / r[0] for r in runs]}
 
 
 # ---- Hugging Face peers -------------------------------------------------------------------
@@ -185,8 +183,13 @@ def timed_decodes(run_once, clock: Clock, repeats: int, warmup: int):
 def hf_build(args, max_len: int, device, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(**{**hf_config(args), "max_position_embeddings": max_len})
-    with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    with torch.device(device):  # random weights made on the device
+        try:
+            model = LlamaForCausalLM._from_config(config, dtype=dtype,
+                                                  attn_implementation="sdpa")
+        except TypeError:  # transformers before `dtype` replaced `torch_dtype`
+            model = LlamaForCausalLM._from_config(config, torch_dtype=dtype,
+                                                  attn_implementation="sdpa")
     model = model.to(device).eval()
     model.generation_config.eos_token_id = None  # random weights: never stop early
     model.generation_config.pad_token_id = 0
@@ -241,8 +244,10 @@ def main(preset: str = "7b", ckpt_dir: str = None, device: str = None, dtype: st
          long_len: int = 100_000, long_gen_len: int = 32, peers="hf_eager,hf_static",
          repeats: int = 5, decode_repeats: int = 3, warmup: int = 1,
          bandwidth_gib: float = None, check: bool = False, seed: int = 1,
-         out: str = "results.json"):
-    """Benchmark; see the module docstring. Lists are comma-separated; "none" skips one."""
+         configure: dict = None, out: str = "results.json"):
+    """Benchmark; see the module docstring. Lists are comma-separated; "none" skips one.
+    configure: keyword arguments for `Llama.configure` (how decode steps run), e.g.
+    --configure '{"compile": True}' or '{"cuda_graphs": False}'."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -259,7 +264,8 @@ def main(preset: str = "7b", ckpt_dir: str = None, device: str = None, dtype: st
     results = {"config": dict(preset=None if ckpt_dir else preset, ckpt_dir=ckpt_dir,
                               device=str(device), dtype=str(dt).replace("torch.", ""),
                               world_size=WORLD, prompt_len=prompt_len, gen_len=gen_len,
-                              repeats=repeats, decode_repeats=decode_repeats, peers=peers),
+                              repeats=repeats, decode_repeats=decode_repeats, peers=peers,
+                              configure=configure),
                "env": {"torch": torch.__version__, "python": sys.version.split()[0],
                        "gpu": torch.cuda.get_device_name() if clock.cuda else None},
                "scenarios": {}}
@@ -271,11 +277,13 @@ def main(preset: str = "7b", ckpt_dir: str = None, device: str = None, dtype: st
         else:
             import check_gpu
             results["check"] = check_gpu.run(device=str(device), dtype=str(dt)[6:])
+            say(check_gpu.summary(results["check"]))
             if not results["check"]["ok"]:
                 failures.append("check")
 
-    gib = bandwidth_gib or (2.0 if clock.cuda else 0.25)
+    gib = bandwidth_gib or (2.0 if clock.cuda else 0.125)
     bandwidth = measure_bandwidth(device, clock, gib)
+    clock.reset_peak()
     results["bandwidth_gb_per_s"] = bandwidth / 1e9
     say(f"memory bandwidth: {bandwidth / 1e9:.1f} GB/s (copy of {gib:g} GiB, read + write)")
 
@@ -319,6 +327,8 @@ def main(preset: str = "7b", ckpt_dir: str = None, device: str = None, dtype: st
             kw = dict(max_seq_len=max_seq_len, max_batch_size=batch, device=device, dtype=dt)
             gen = (Llama.build(ckpt_dir, seed=seed, **kw) if ckpt_dir
                    else Llama.from_preset(preset, seed=seed, **kw))
+            if configure:
+                gen.configure(**configure)
             args = gen.model.params
             with torch.inference_mode():
                 if kind == "prefill":
@@ -327,19 +337,17 @@ def main(preset: str = "7b", ckpt_dir: str = None, device: str = None, dtype: st
                 steps, seconds, extra = timed_decodes(
                     lambda: ours_decode_once(gen, clock, prompts, new), clock,
                     1 if name.startswith("long") else decode_repeats, warmup)
-            return {**decode_figures(args, elem, batch, max(lens), steps, seconds, bandwidth),
-                    **extra}
+            return {**decode_figures(args, elem, batch, max(lens), steps, seconds, bandwidth,
+                                     WORLD), **extra}
 
         record(name, "ours", ours)
-        gc.collect()
 
     hf = None
     if peers and args is not None:
         try:
-            import transformers
-            results["env"]["transformers"] = transformers.__version__
             longest = max(max(lens) + new for _, _, _, lens, new in plan)
             hf = hf_build(args, longest, device, dt)
+            results["env"]["transformers"] = sys.modules["transformers"].__version__
         except Exception as e:
             for name in results["scenarios"]:
                 for peer in peers:
@@ -360,23 +368,23 @@ def main(preset: str = "7b", ckpt_dir: str = None, device: str = None, dtype: st
                     lambda: hf_decode_once(hf, clock, prompts, new, peer == "hf_static"),
                     clock, 1 if name.startswith("long") else decode_repeats, warmup)
                 return {**decode_figures(args, elem, batch, max(lens), steps, seconds,
-                                         bandwidth), **extra}
+                                         bandwidth, 1), **extra}
 
             record(name, peer, peer_decode)
-    del hf
+    hf = None
     if peers:
         torch._dynamo.reset()
     clock.reset_peak()
     if WORLD > 1 and peers:
-        results["config"]["note"] = f"HF peers run on 1 GPU; ours on {WORLD} (model parallel)"
+        results["config"]["note"] = f"HF peers run unsharded on 1 device; ours on {WORLD}"
 
     if RANK0:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(results, indent=2))
-        print_table(results)
         print(f"results written to {out}")
+        print_table(results)
     if failures:
-        say(f"FAILED: {failures}")
+        say(f"FAILED (ours): {failures}")
         sys.exit(1)
 
 
@@ -401,6 +409,8 @@ def print_table(results: dict) -> None:
         peer = f"{fmt(best[0], unit)} ({best[1]})" if best else "-"
         if "error" in ours:
             mine, ratio = None, "ours failed"
+        elif mine is None and best is None:
+            return
         rows.append((name, metric, fmt(mine, unit), peer, ratio, roof))
 
     for name, scen in results["scenarios"].items():

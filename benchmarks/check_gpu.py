@@ -38,20 +38,27 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run(device: str = "cuda", dtype: str = None, preset: str = "tiny", prompts: int = 6,
-        gen_len: int = 48, seed: int = 0, max_rel_err: float = None, **overrides) -> dict:
-    """The check as a dict: {"ok", "logits_rel_err", "prompts": [...]}."""
+        gen_len: int = 48, long_prompt: int = 250, seed: int = 0,
+        max_rel_err: float = None, **overrides) -> dict:
+    """The check as a dict: {"ok", "logits_rel_err", "prompts": [...]}. A divergence is a
+    near-tie when the test token is in the float32 top 2 and trails the float32 top-1 by
+    at most 10 x (logits relative error) x (RMS of the float32 logits there)."""
     device = torch.device(device)
     dt = DTYPES[dtype] if dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     exact = dt == torch.float32 and device.type == "cpu"  # the very same computation
     limit = max_rel_err or (1e-4 if dt == torch.float32 else 5e-2)
     shapes = {**SHAPES, **overrides} if preset == "tiny" else overrides
     g = torch.Generator().manual_seed(seed)
-    lens = [int(n) for n in torch.randint(3, 40, (prompts,), generator=g)]
-    max_seq_len = max(lens) + gen_len
-    kw = dict(max_seq_len=max_seq_len, max_batch_size=prompts, seed=seed)
+    # Short prompts of random lengths and a long one whose decode crosses 256 cached
+    # positions (where a bucketed CUDA-graph decode switches to a longer bucket).
+    lens = [int(n) for n in torch.randint(3, 40, (prompts - 1,), generator=g)] + [long_prompt]
+    kw = dict(max_seq_len=max(max(lens) + gen_len, 64), max_batch_size=prompts, seed=seed)
     ref = Llama.from_preset(preset, device="cpu", dtype=torch.float32, **kw, **shapes)
-    test = Llama.from_preset(preset, device=device, dtype=dt, **kw, **shapes)
-    load_into(test.model, ref.model.state_dict(), "float32 copy", device, dt)
+    # Load before wrapping in Llama, as Llama.build does: on CUDA the wrapper fuses the
+    # projections from the weights the model holds at that moment.
+    model = Llama.empty_model(ref.model.params, device, dt)
+    load_into(model, ref.model.state_dict(), "float32 copy", device, dt)
+    test = Llama(model, None)
     vocab = ref.model.vocab_size
     prompt_tokens = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
 
@@ -72,9 +79,11 @@ def run(device: str = "cuda", dtype: str = None, preset: str = "tiny", prompts: 
         elif agree < gen_len:  # first divergence: a near-tie in float32?
             logits = ref.model.forward(torch.tensor([prompt + a[:agree]]), 0)[0, -1]
             top2 = logits.topk(2)
+            allowed = 10 * max(logits_err, 1e-3) * logits.pow(2).mean().sqrt().item()
             row.update(float32_top2=top2.indices.tolist(), test_token=b[agree],
-                       float32_gap=(top2.values[0] - logits[b[agree]]).item())
-            if exact or b[agree] not in row["float32_top2"]:
+                       float32_gap=(top2.values[0] - logits[b[agree]]).item(),
+                       allowed_gap=allowed)
+            if exact or b[agree] not in row["float32_top2"] or row["float32_gap"] > allowed:
                 row["problem"] = "test token is not a float32 near-tie"
         ok &= "problem" not in row
         rows.append(row)
@@ -83,14 +92,18 @@ def run(device: str = "cuda", dtype: str = None, preset: str = "tiny", prompts: 
             "prompts": rows}
 
 
+def summary(report: dict) -> str:
+    agree = [r["agreeing_tokens"] for r in report["prompts"]]
+    return (f"{'OK' if report['ok'] else 'MISMATCH'}: {report['dtype']} on {report['device']} "
+            f"vs float32 CPU: logits rel. error {report['logits_rel_err']:.2e} (limit "
+            f"{report['max_rel_err']:.0e}); tokens agreeing before divergence {agree} of "
+            f"{report['gen_len']}")
+
+
 def main(device: str = "cuda", dtype: str = None, **kwargs):
     report = run(device, dtype, **kwargs)
     print(json.dumps(report, indent=2))
-    agree = [r["agreeing_tokens"] for r in report["prompts"]]
-    print(f"{'OK' if report['ok'] else 'MISMATCH'}: {report['dtype']} on {report['device']} vs "
-          f"float32 CPU: logits rel. error {report['logits_rel_err']:.2e} (limit "
-          f"{report['max_rel_err']:.0e}); tokens agreeing before divergence {agree} of "
-          f"{report['gen_len']}")
+    print(summary(report))
     if not report["ok"]:
         sys.exit(1)
 

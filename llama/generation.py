@@ -178,17 +178,24 @@ class Llama:
         checkpoint.load_into(model, state, f"random {name}", device, dtype)
         return Llama(model, tokenizer)
 
-    def __init__(self, model: Transformer, tokenizer: Optional[Tokenizer],
-                 cuda_graphs: bool = True):
+    def __init__(self, model: Transformer, tokenizer: Optional[Tokenizer]):
         """Wrap a loaded model. On CUDA its projections are fused and decode steps replay
-        CUDA graphs (pass cuda_graphs=False to run every step eagerly)."""
+        CUDA graphs (see `configure`)."""
         self.model = model
         self.tokenizer = tokenizer
         self.prefill_chunk = 8192  # prompt positions per forward pass; bounds activations
-        on_cuda = model.rope.device.type == "cuda"
-        if on_cuda:
+        self.graphed: Optional[GraphedDecoder] = None
+        if model.rope.device.type == "cuda":
             model.fuse()
-        self.graphed = GraphedDecoder(model) if on_cuda and cuda_graphs else None
+            self.configure()
+
+    def configure(self, cuda_graphs: bool = True, compile: bool = False) -> "Llama":
+        """Choose how decode steps run on CUDA: replayed from CUDA graphs (default), also
+        compiled with torch.compile first (fastest; costs compile time on first use of
+        each batch size and context bucket), or eagerly (cuda_graphs=False)."""
+        on_cuda = self.model.rope.device.type == "cuda"
+        self.graphed = GraphedDecoder(self.model, compile) if on_cuda and cuda_graphs else None
+        return self
 
     # ---- the generation core ----------------------------------------------------------
 

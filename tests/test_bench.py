@@ -1,0 +1,153 @@
+"""The speed benchmark and the GPU correctness check, run on CPU with the tiny preset."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+
+def run_script(*argv, timeout=120):
+    env = {**os.environ, "OMP_NUM_THREADS": "1",  # tiny models: threads only add overhead
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, *map(str, argv)], env=env, capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a busy machine: more threads only add overhead."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def positive(x):
+    return isinstance(x, (int, float)) and x > 0
+
+
+def test_bench_cpu_tiny(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "results.json"
+    proc = run_script(BENCH / "bench.py", "--device", "cpu", "--preset", "tiny",
+                      "--prefill_lens", "16", "--batch_sizes", "1,3", "--prompt_len", "6",
+                      "--gen_len", "8", "--ragged", "--long", "--long_len", "96",
+                      "--long_gen_len", "4", "--peers", "hf_eager,hf_static", "--repeats", "2",
+                      "--decode_repeats", "1", "--check", "--out", out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["config"]["device"] == "cpu" and res["config"]["dtype"] == "float32"
+    assert positive(res["bandwidth_gb_per_s"])
+    check = res["check"]  # float32 on CPU against itself: every token agrees
+    assert check["ok"] and check["logits_rel_err"] == 0
+    assert all(r["agreeing_tokens"] == check["gen_len"] for r in check["prompts"])
+    scen = res["scenarios"]
+    assert list(scen) == ["prefill L=16", "decode b=1", "decode b=3",
+                          "ragged b=3", "long prefill L=96", "long decode ctx=96"]
+    assert scen["ragged b=3"]["prompt_lens"] == [3, 7, 12]
+    for name, s in scen.items():
+        impls = {"ours": s["ours"], **s["peers"]}
+        assert set(impls) == ({"ours", "hf_eager"} if s["kind"] == "prefill"
+                              else {"ours", "hf_eager", "hf_static"}), name
+        for who, r in impls.items():
+            assert "error" not in r, (name, who, r)
+            if s["kind"] == "prefill":
+                assert positive(r["latency_ms"]) and positive(r["tokens_per_s"])
+                continue
+            assert r["steps"] == s["gen_len"] - 1, (name, who)  # first token to last
+            for key in ("tokens_per_s", "ms_per_step", "ttft_ms", "achieved_gb_per_s",
+                        "bytes_per_step_gb", "roofline_tokens_per_s", "roofline_pct"):
+                assert positive(r[key]), (name, who, key)
+            assert r["tokens_per_s"] == pytest.approx(
+                s["batch"] * r["steps"] / r["decode_s"])
+            assert r["roofline_pct"] == pytest.approx(
+                100 * r["tokens_per_s"] / r["roofline_tokens_per_s"])
+            assert r["peak_mem_gib"] is None  # CPU: not measured
+    table = proc.stdout[proc.stdout.index("scenario  "):]
+    assert "decode b=3" in table and "tok/s" in table and "% of" in table
+
+
+def test_bench_in_process_without_peers(tmp_path, capsys, one_thread):
+    import bench
+    out = tmp_path / "r.json"
+    bench.main(device="cpu", preset="tiny", prefill_lens="8", batch_sizes=2, prompt_len=4,
+               gen_len=3, peers="none", repeats=1, out=str(out))
+    scen = json.loads(out.read_text())["scenarios"]
+    assert set(scen) == {"prefill L=8", "decode b=2"}
+    assert scen["decode b=2"]["peers"] == {} and scen["decode b=2"]["ours"]["steps"] == 2
+    assert "results written to" in capsys.readouterr().out
+
+
+def test_a_failing_peer_is_reported_not_fatal(tmp_path, capsys, monkeypatch, one_thread):
+    import bench
+
+    class FakeHF:
+        device = "cpu"
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (pretend)")
+
+    monkeypatch.setattr(bench, "hf_build", lambda *a: FakeHF())
+    monkeypatch.setattr(bench, "hf_decode_once", fail)
+    monkeypatch.setattr(bench, "hf_prefill", fail)
+    monkeypatch.setitem(sys.modules, "transformers", type("M", (), {"__version__": "x"}))
+    out = tmp_path / "r.json"
+    bench.main(device="cpu", preset="tiny", prefill_lens=8, batch_sizes=1, prompt_len=4,
+               gen_len=3, peers="hf_eager,hf_static", repeats=1, out=str(out))
+    scen = json.loads(out.read_text())["scenarios"]
+    assert "out of memory" in scen["decode b=1"]["peers"]["hf_static"]["error"]
+    assert "out of memory" in scen["prefill L=8"]["peers"]["hf_eager"]["error"]
+    assert positive(scen["decode b=1"]["ours"]["tokens_per_s"])
+    assert "decode b=1 / hf_static failed: RuntimeError" in capsys.readouterr().out
+
+
+def test_roofline_bytes_of_7b():
+    """Bytes of one decode step: the weights less the input embedding, plus the KV read."""
+    from bench import decode_figures
+    from llama import ModelArgs
+    args = ModelArgs.from_name("7b")
+    fig = decode_figures(args, 2, batch=1, context=15, steps=1, seconds=0.01,
+                         bandwidth=4e12, world=1)  # the one step reads 16 positions
+    weights = (6_738_546_688 - 32016 * 4096) * 2
+    kv = 2 * 32 * 32 * 128 * 16 * 2
+    assert fig["bytes_per_step_gb"] * 1e9 == pytest.approx(weights + kv)
+    assert fig["roofline_tokens_per_s"] == pytest.approx(4e12 / (weights + kv))
+    half = decode_figures(args, 2, 1, 15, 1, 0.01, 4e12, world=2)
+    assert half["bytes_per_step_gb"] == pytest.approx(fig["bytes_per_step_gb"] / 2)
+
+
+def test_check_main_float32_agrees_exactly(capsys, one_thread):
+    import check_gpu
+    check_gpu.main(device="cpu", prompts=3, gen_len=16, long_prompt=60)
+    out = capsys.readouterr().out
+    assert "OK: float32 on cpu" in out and "[16, 16, 16] of 16" in out
+
+
+def test_check_bfloat16_near_ties_and_a_real_mismatch(monkeypatch, one_thread):
+    import check_gpu
+    report = check_gpu.run(device="cpu", dtype="bfloat16", prompts=3, gen_len=16,
+                           long_prompt=100)
+    assert report["ok"], report
+    assert 1e-4 < report["logits_rel_err"] < 5e-2  # bf16 rounding, not a bug
+    for row in report["prompts"]:
+        if row["agreeing_tokens"] < 16:
+            assert row["test_token"] in row["float32_top2"]
+
+    def broken_load(model, state, source, device, dtype):  # a bug in the fast path
+        state = dict(state)
+        key = "layers.0.attention.wq.weight"
+        state[key] = state[key].flip(0)
+        return load_into(model, state, source, device, dtype)
+
+    load_into = check_gpu.load_into
+    monkeypatch.setattr(check_gpu, "load_into", broken_load)
+    bad = check_gpu.run(device="cpu", dtype="bfloat16", prompts=2, gen_len=4, long_prompt=8)
+    assert not bad["ok"] and bad["logits_rel_err"] > 5e-2
