@@ -144,6 +144,22 @@ class MappedShards:
             shape[dim] *= len(parts)
         return tuple(shape)
 
+    def rank_shape(self, key: str, world: int) -> Tuple[int, ...]:
+        """The shape of one rank's part of `key`, checked to split evenly (and, for
+        Hugging Face q/k projections, to hold the heads config.json says)."""
+        shape, dim = list(self.full_shape(key)), split_dim(key)
+        heads = rope_heads(key, self.hf_args) if self.hf_args else None
+        if heads:
+            self._check_rope_rows(key, shape[0], heads)
+        if dim is not None:
+            start, stop = split_range(shape[dim], world, 0, key, dim)
+            shape[dim] = stop - start
+        return tuple(shape)
+
+    def rank_state(self, rank: int, world: int) -> Dict[str, "Deferred"]:
+        """One rank's state dict, each part to be read when load_into takes it."""
+        return {k: Deferred(self, k, rank, world) for k in self.keys() if k not in IGNORED_KEYS}
+
     def release(self, key: str) -> None:
         for part in self.parts[key]:
             release_pages(part, self.mapped)
@@ -158,7 +174,7 @@ class MappedShards:
         piece = self._slice(key, rank, world, copy)
         heads = rope_heads(key, self.hf_args) if self.hf_args else None
         if heads:
-            self._check_rope_rows(key, piece, heads, world)
+            self._check_rope_rows(key, piece.shape[0] * world, heads)
             piece = rope_permute(piece, heads // world, to_hf=False)
             self.release(key)  # the permuted copy is what is kept
         return piece
@@ -181,14 +197,33 @@ class MappedShards:
         self.release(key)
         return piece
 
-    def _check_rope_rows(self, key: str, piece: torch.Tensor, heads: int, world: int):
-        rows, want = piece.shape[0] * world, heads * self.hf_args.head_dim
+    def _check_rope_rows(self, key: str, rows: int, heads: int) -> None:
+        want = heads * self.hf_args.head_dim
         if rows != want:
             raise ValueError(
                 f"{self.names.get(key, key)} has {rows} rows but config.json's {heads} heads "
                 f"of {self.hf_args.head_dim} need {want}; this config.json does not belong "
                 f"to these weights"
             )
+
+
+class Deferred:
+    """One rank's part of a checkpoint tensor, read only when load_into takes it: the state
+    dict of a rank then costs no memory until the model's parameters are assigned one by
+    one, so host memory never holds a whole rank's copy next to the model. `shape` and
+    `dtype` are known before."""
+
+    def __init__(self, src: MappedShards, key: str, rank: int, world: int):
+        self.src, self.key, self.rank, self.world = src, key, rank, world
+        self.shape = torch.Size(src.rank_shape(key, world))
+        self.dtype = src.parts[key][0].dtype
+
+    def load(self) -> torch.Tensor:
+        return self.src.read(self.key, self.rank, self.world)
+
+    def release(self) -> None:
+        """Forget the file pages this part was read from (once it has been copied)."""
+        self.src.release(self.key)
 
 
 # ---- Meta's format ------------------------------------------------------------------------
@@ -238,12 +273,11 @@ def open_meta(ckpt_dir: Path) -> MappedShards:
 
 
 def load_rank_state(ckpt_dir: Path, rank: int, world: int) -> Dict[str, torch.Tensor]:
-    """The state dict of one model-parallel rank. Shards that are exactly this rank's part
-    stay views of the file; resharded parts are copies whose source pages are released, so
-    host memory holds about this rank's weights, not the checkpoint."""
-    src = open_meta(ckpt_dir)
-    keys = [k for k in src.keys() if k not in IGNORED_KEYS]
-    return {k: src.read(k, rank, world) for k in progress(keys, f"loading {ckpt_dir}", rank)}
+    """The state dict of one model-parallel rank, read now. Shards that are exactly this
+    rank's part stay views of the file; resharded parts are copies whose source pages are
+    released, so host memory holds about this rank's weights, not the checkpoint."""
+    state = open_meta(ckpt_dir).rank_state(rank, world)
+    return {k: part.load() for k, part in progress(state.items(), f"loading {ckpt_dir}", rank)}
 
 
 # ---- Hugging Face's format ----------------------------------------------------------------
@@ -360,6 +394,20 @@ def hf_config(args: ModelArgs) -> dict:
     return config
 
 
+def hf_rope(config: dict, key: str, default):
+    """A RoPE setting of config.json: transformers 4 writes rope_theta and rope_scaling at
+    the top level, transformers 5 writes both inside rope_parameters."""
+    for outer in ("rope_parameters", "rope_scaling"):
+        inner = config.get(outer) or {}
+        if key in inner:
+            return inner[key]
+    return config.get(key, default)
+
+
+def hf_rope_type(config: dict) -> str:
+    return hf_rope(config, "rope_type", hf_rope(config, "type", "default"))
+
+
 def read_hf_config(hf_dir: Path) -> dict:
     """config.json of a Hugging Face folder, checked to describe a model we can run."""
     path = Path(hf_dir) / "config.json"
@@ -373,21 +421,19 @@ def read_hf_config(hf_dir: Path) -> dict:
     missing = [k for k in HF_REQUIRED if k not in config]
     if missing:
         raise ValueError(f"{path} lacks the required key(s) {missing}")
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
     unsupported = [
-        ("rope_scaling", config.get("rope_scaling") is not None),
-        ("attention_bias", bool(config.get("attention_bias"))),
-        ("mlp_bias", bool(config.get("mlp_bias"))),
-        ("tie_word_embeddings", bool(config.get("tie_word_embeddings"))),
-        ("hidden_act", config.get("hidden_act", "silu") != "silu"),
-        ("head_dim", config.get("head_dim", config["hidden_size"] // config[
-            "num_attention_heads"]) != config["hidden_size"] // config["num_attention_heads"]),
+        (f"RoPE scaling {hf_rope_type(config)!r}", hf_rope_type(config) != "default"),
+        ("attention_bias=true", bool(config.get("attention_bias"))),
+        ("mlp_bias=true", bool(config.get("mlp_bias"))),
+        ("tie_word_embeddings=true", bool(config.get("tie_word_embeddings"))),
+        (f"hidden_act={config.get('hidden_act')!r}", config.get("hidden_act", "silu") != "silu"),
+        (f"head_dim={config.get('head_dim')}", config.get("head_dim", head_dim) != head_dim),
     ]
-    bad = [k for k, is_bad in unsupported if is_bad]
+    bad = [what for what, is_bad in unsupported if is_bad]
     if bad:
-        raise ValueError(
-            f"{path} sets {', '.join(f'{k}={config[k]!r}' for k in bad)}, which Code Llama's "
-            f"architecture does not have; this folder holds a different model"
-        )
+        raise ValueError(f"{path} asks for {', '.join(bad)}, which Code Llama's architecture "
+                         f"does not have; this folder holds a different model")
     return config
 
 
@@ -411,6 +457,7 @@ def hf_params(config: dict, source) -> dict:
     """params.json fields for a config.json (n_kv_heads only under grouped-query
     attention, as in Meta's files)."""
     values = {**HF_DEFAULTS, **config}
+    values["rope_theta"] = hf_rope(config, "rope_theta", HF_DEFAULTS["rope_theta"])
     params = {key: values[hf] for hf, key in HF_PARAMS.items() if hf in values}
     if params.get("n_kv_heads") in (None, params["n_heads"]):
         params.pop("n_kv_heads", None)
@@ -473,15 +520,6 @@ def open_hf(hf_dir: Path, args: ModelArgs) -> MappedShards:
     return MappedShards(parts, sorted(set(files.values())), hf_args=args, names=names)
 
 
-def load_hf_rank_state(hf_dir: Path, rank: int, world: int,
-                       params: dict) -> Dict[str, torch.Tensor]:
-    """One model-parallel rank's state dict, in Meta's key names and RoPE order, from a
-    Hugging Face folder; like load_rank_state, it reads only this rank's part."""
-    src = open_hf(hf_dir, ModelArgs(**params))
-    keys = src.keys()
-    return {k: src.read(k, rank, world) for k in progress(keys, f"loading {hf_dir}", rank)}
-
-
 # ---- either format ------------------------------------------------------------------------
 
 def is_hf_folder(ckpt_dir: Path) -> bool:
@@ -492,12 +530,14 @@ def is_hf_folder(ckpt_dir: Path) -> bool:
 
 def load_folder(ckpt_dir: Path, rank: int, world: int):
     """(params dict, this rank's state dict, default tokenizer path) of a model folder in
-    Meta's format or Hugging Face's."""
+    Meta's format or Hugging Face's. The state dict's values are Deferred parts (with
+    shape and dtype) that load_into reads one at a time."""
     ckpt_dir = Path(ckpt_dir)
     if is_hf_folder(ckpt_dir):
         params = hf_params(read_hf_config(ckpt_dir), ckpt_dir / "config.json")
-        check_heads_split(ModelArgs(**params), world, ckpt_dir / "config.json")
-        state = load_hf_rank_state(ckpt_dir, rank, world, params)
+        args = ModelArgs(**params)
+        check_heads_split(args, world, ckpt_dir / "config.json")
+        state = open_hf(ckpt_dir, args).rank_state(rank, world)
     else:
         if not (ckpt_dir / "params.json").is_file() and not any(ckpt_dir.glob("*.pth")):
             raise FileNotFoundError(
@@ -506,7 +546,7 @@ def load_folder(ckpt_dir: Path, rank: int, world: int):
             )
         params = read_params(ckpt_dir)
         check_heads_split(ModelArgs(**params), world, ckpt_dir / "params.json")
-        state = load_rank_state(ckpt_dir, rank, world)
+        state = open_meta(ckpt_dir).rank_state(rank, world)
     return params, state, ckpt_dir / "tokenizer.model"
 
 
@@ -548,13 +588,41 @@ def load_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: st
               device: torch.device, dtype: torch.dtype) -> None:
     """Check `state` strictly, then make it the model's parameters on device in dtype.
 
-    Tensors already on `device` in `dtype` are used as they are (memory-mapped ones stay
-    so: no copy at all). The others are converted one at a time and taken out of `state`
-    (which is empty afterwards), so a change of dtype or device never holds two copies of
-    all the weights in host memory.
+    Parameters are replaced one at a time and taken out of `state` (which is empty
+    afterwards): each placeholder of the model is freed as its real weight arrives, and
+    Deferred parts are read just then, so neither host nor device memory ever holds two
+    copies of the weights. A tensor already on `device` in `dtype` is used as it is (a
+    memory-mapped one stays so: no copy at all); when one is converted instead, the file
+    pages it was read from are released.
     """
     check_state(model, state, source)
-    moved = {}
-    for key in list(state):
-        moved[key] = state.pop(key).to(device=device, dtype=dtype)
-    model.load_state_dict(moved, strict=True, assign=True)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    for key in progress(list(state), f"loading {source}", rank):
+        part = state.pop(key)
+        tensor = part.load() if isinstance(part, Deferred) else part
+        moved = tensor.to(device=device, dtype=dtype)
+        if moved is not tensor and isinstance(part, Deferred):
+            part.release()
+        assign(model, key, moved)
+    trim_heap()
+
+
+def assign(model: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """model.load_state_dict({key: tensor}, assign=True) without walking every module."""
+    module_name, _, name = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = module._parameters.get(name)
+    if old is None:  # a persistent buffer
+        setattr(module, name, tensor)
+    else:
+        setattr(module, name, torch.nn.Parameter(tensor, requires_grad=old.requires_grad))
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the system. glibc keeps it otherwise, and the
+    placeholder weights the model was built with (fairscale materialises them when the
+    model-parallel size is above 1) would stay resident next to the real ones."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass

@@ -42,6 +42,8 @@ from .checkpoint import (
     read_params,
     rope_heads,
     rope_permute,
+    split_dim,
+    split_range,
 )
 from .model import ModelArgs, Transformer
 from .tokenizer import Tokenizer
@@ -83,13 +85,26 @@ def write_checklist(folder: Path) -> None:
     (folder / "checklist.chk").write_text("".join(f"{md5(folder / n)}  {n}\n" for n in names))
 
 
-def check_shapes(args: ModelArgs, shapes: Dict[str, Tuple[int, ...]], source: str) -> None:
+def check_shapes(args: ModelArgs, shapes: Dict[str, Tuple[int, ...]], source: str) -> List[str]:
     """The full (unsharded) shapes of a checkpoint against the model `args` describes,
-    built on the meta device (no memory), with load_into's strict checks and messages."""
+    built on the meta device (no memory), with load_into's strict checks and messages.
+    Returns the model's keys in order (embeddings, layer by layer, norm, output)."""
     distributed.initialize(1, torch.device("cpu"))  # fairscale layers ask for the MP size
     with torch.device("meta"):
         model = Transformer(dataclasses.replace(args, max_batch_size=1))
     check_state(model, {k: torch.empty(s, device="meta") for k, s in shapes.items()}, source)
+    return list(model.state_dict())
+
+
+def check_split(args: ModelArgs, shapes: Dict[str, Tuple[int, ...]], mp, source: Path) -> None:
+    """Refuse, before writing anything, an --mp that does not split every tensor evenly
+    (and attention by whole heads)."""
+    if not isinstance(mp, int) or mp < 1:
+        raise ValueError(f"--mp must be a positive whole number, got {mp!r}")
+    check_heads_split(args, mp, source)
+    for key, shape in shapes.items():
+        if split_dim(key) is not None:
+            split_range(shape[split_dim(key)], mp, 0, key, split_dim(key))
 
 
 def check_tokenizer(folder: Path, vocab_size: int, weights: str) -> Optional[Path]:
@@ -110,7 +125,7 @@ def check_tokenizer(folder: Path, vocab_size: int, weights: str) -> Optional[Pat
 def meta_args(ckpt_dir: Path, params: dict, shapes: Dict[str, Tuple[int, ...]],
               **overrides) -> ModelArgs:
     """ModelArgs of a Meta folder, the vocabulary size taken from the embedding (params.json
-    usually leaves it to the tokenizer) and checked against params.json and tokenizer.model."""
+    usually leaves it to the tokenizer), checked against params.json and the model."""
     if "tok_embeddings.weight" not in shapes:
         raise ValueError(f"the checkpoint in {ckpt_dir} has no tok_embeddings.weight; it is "
                          f"not a Code Llama checkpoint")
@@ -178,18 +193,22 @@ def to_hf(ckpt_dir: str, out_dir: str, max_shard_size="5GB",
         shutil.copy(tokenizer, out / "tokenizer.model")
 
 
+# What must agree for a kept params.json to describe the model of a config.json.
+SAME_MODEL = ("dim", "n_layers", "n_heads", "kv_heads", "ffn_hidden_dim", "norm_eps",
+              "rope_theta", "vocab_size")
+
+
 def original_params(config: dict, params: dict) -> dict:
-    """The params.json that to_hf kept in config.json if it still describes the model that
-    config.json does (else `params`, derived from config.json)."""
+    """The params.json that to_hf kept in config.json, if config.json still describes the
+    same model (it may have been edited since); else `params`, derived from config.json."""
     kept = config.get(PARAMS_KEY)
     if not isinstance(kept, dict) or set(kept) - ModelArgs.field_names():
         return params
-    a, b = ModelArgs(**{**kept, "vocab_size": params["vocab_size"]}), ModelArgs(**params)
-    same = ("dim", "n_layers", "n_heads", "kv_heads", "ffn_hidden_dim", "norm_eps",
-            "rope_theta", "vocab_size")
-    if kept.get("vocab_size", -1) > 0 and kept["vocab_size"] != params["vocab_size"]:
-        return params
-    return kept if all(getattr(a, f) == getattr(b, f) for f in same) else params
+    if kept.get("vocab_size", -1) <= 0:  # left to the tokenizer, as in Meta's 7B-34B files
+        kept = {**kept, "vocab_size": params["vocab_size"]}
+    a, b = ModelArgs(**kept), ModelArgs(**params)
+    same = all(getattr(a, f) == getattr(b, f) for f in SAME_MODEL)
+    return config[PARAMS_KEY] if same else params
 
 
 def from_hf(hf_dir: str, out_dir: str, mp: int = 1) -> None:
@@ -199,12 +218,12 @@ def from_hf(hf_dir: str, out_dir: str, mp: int = 1) -> None:
     config = read_hf_config(hf_dir)
     params = hf_params(config, hf_dir / "config.json")
     args = ModelArgs(**params)
-    check_world(args, mp, hf_dir / "config.json")
     src = open_hf(hf_dir, args)
-    check_shapes(args, {k: src.full_shape(k) for k in src.keys()}, str(hf_dir))
+    shapes = {k: src.full_shape(k) for k in src.keys()}
+    order = check_shapes(args, shapes, str(hf_dir))
+    check_split(args, shapes, mp, hf_dir / "config.json")
     tokenizer = check_tokenizer(hf_dir, args.vocab_size, str(hf_dir))
     out = new_out_dir(out_dir)
-    order = meta_order(src.keys(), args)
     for rank in range(mp):
         state = {k: src.read(k, rank, mp, copy=True)
                  for k in progress(order, f"writing {out} ({rank + 1}/{mp})")}
@@ -224,44 +243,24 @@ def reshard(ckpt_dir: str, out_dir: str, mp: int) -> None:
     src = open_meta(ckpt_dir)
     shapes = {k: src.full_shape(k) for k in src.keys() if k not in IGNORED_KEYS}
     args = meta_args(ckpt_dir, params, shapes)
-    check_world(args, mp, ckpt_dir / "params.json")
+    check_split(args, shapes, mp, ckpt_dir / "params.json")
+    tokenizer = check_tokenizer(ckpt_dir, args.vocab_size, str(ckpt_dir))
     out = new_out_dir(out_dir)
     for rank in range(mp):
         state = {k: src.read(k, rank, mp, copy=True)
                  for k in progress(src.keys(), f"writing {out} ({rank + 1}/{mp})")}
         torch.save(state, out / f"consolidated.{rank:02d}.pth")
         del state
-    for name in ("params.json", "tokenizer.model"):
-        if (ckpt_dir / name).is_file():
-            shutil.copy(ckpt_dir / name, out / name)
+    shutil.copy(ckpt_dir / "params.json", out / "params.json")
+    if tokenizer:
+        shutil.copy(tokenizer, out / "tokenizer.model")
     write_checklist(out)
 
 
-def check_world(args: ModelArgs, mp: int, source: Path) -> None:
-    if not isinstance(mp, int) or mp < 1:
-        raise ValueError(f"--mp must be a positive whole number, got {mp!r}")
-    check_heads_split(args, mp, source)
-    for name, size in (("dim", args.dim), ("vocab_size", args.vocab_size),
-                       ("FFN hidden size", args.ffn_hidden_dim)):
-        if size % mp:
-            raise ValueError(f"{source}: {name} = {size} does not split over {mp} "
-                             f"model-parallel processes; choose an --mp that divides it")
-
-
-def meta_order(keys, args: ModelArgs) -> List[str]:
-    """Keys in the order of Meta's files: embeddings, then layer by layer, norm, output."""
-    def rank(key):
-        match = re.match(r"layers\.(\d+)\.", key)
-        top = ["tok_embeddings.weight", "norm.weight", "output.weight"]
-        return (int(match.group(1)) + 1, key) if match else (
-            0 if key == top[0] else args.n_layers + 1 + top.index(key), key)
-    return sorted(keys, key=rank)
-
-
-def main():
+def main(argv: Optional[List[str]] = None) -> None:
     import fire
 
-    fire.Fire({"to_hf": to_hf, "from_hf": from_hf, "reshard": reshard})
+    fire.Fire({"to_hf": to_hf, "from_hf": from_hf, "reshard": reshard}, command=argv)
 
 
 if __name__ == "__main__":

@@ -89,18 +89,22 @@ class GraphedDecoder:
         return tuple(t.clone() for t in outputs)  # the next replay overwrites outputs
 
     def capture(self, tokens, positions, bucket, temperature, top_p):
-        static_tokens, static_positions = tokens.clone(), positions.clone()
-        step = lambda: self.step_fn(  # noqa: E731
-            self.model, static_tokens, static_positions, bucket, temperature, top_p)
-        # Warm up on a side stream (kernel selection, workspaces) before capturing. The
-        # warm-up writes the same cache entries the real step writes next.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.inference_mode():
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool), torch.inference_mode():
-            outputs = step()
+        # Traced and captured under no_grad rather than inference_mode, which inductor
+        # mishandles (pytorch/pytorch#180823); the model's parameters need no grad anyway.
+        with torch.inference_mode(False), torch.no_grad():
+            static_tokens = torch.empty_like(tokens).copy_(tokens)
+            static_positions = torch.empty_like(positions).copy_(positions)
+            step = lambda: self.step_fn(  # noqa: E731
+                self.model, static_tokens, static_positions, bucket, temperature, top_p)
+            # Warm up on a side stream (kernel selection, workspaces, compilation) before
+            # capturing. The warm-up writes the same cache entries the real step writes.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                outputs = step()
         return graph, (static_tokens, static_positions), outputs

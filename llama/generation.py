@@ -145,7 +145,7 @@ class Llama:
         placeholders until `checkpoint.load_into` assigns the real ones."""
         check_fits(args, device, dtype)
         with default_dtype(dtype), torch.device(device):
-            return Transformer(args)
+            return Transformer(args).requires_grad_(False)  # inference only
 
     @staticmethod
     def from_preset(

@@ -210,17 +210,16 @@ class Attention(nn.Module):
 
     def forward(self, x, cos_sin, positions, mask, kv_len):
         bsz, seqlen, _ = x.shape
+        n_q, n_kv, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
         if self.wqkv is None:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+            xqkv = torch.cat([self.wq(x), self.wk(x), self.wv(x)], dim=-1)
         else:
-            kv_size = self.n_local_kv_heads * self.head_dim
-            q, k, v = F.linear(x, self.wqkv).split(
-                [self.n_local_heads * self.head_dim, kv_size, kv_size], dim=-1)
-        q = q.view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        k = k.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        v = v.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
-        keys, values = self.cache.update(positions, k, v, kv_len)
+            xqkv = F.linear(x, self.wqkv)
+        # q and k sit side by side: rotate them in one pass.
+        qk, v = xqkv.split([(n_q + n_kv) * hd, n_kv * hd], dim=-1)
+        qk = apply_rope(qk.view(bsz, seqlen, n_q + n_kv, hd), cos_sin)
+        q, k = qk.split([n_q, n_kv], dim=2)
+        keys, values = self.cache.update(positions, k, v.view(bsz, seqlen, n_kv, hd), kv_len)
         out = attend(q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
@@ -319,7 +318,6 @@ class Transformer(nn.Module):
             return (start_pos + offsets).expand(bsz, seqlen)
         return start_pos.to(device)[:, None] + offsets
 
-    @torch.inference_mode()
     def forward_hidden(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor],
                        kv_len: Optional[int] = None) -> torch.Tensor:
         """Final normalised hidden states (bsz, seqlen, dim) for `tokens` placed at
@@ -327,6 +325,8 @@ class Transformer(nn.Module):
 
         kv_len: how many cache positions attention reads; at least the largest position
         plus one. Computed when not given (which costs a host sync for tensor starts).
+        Not wrapped in inference_mode itself, so that torch.compile can trace it (inductor
+        mishandles some views under inference_mode); callers disable autograd.
         """
         bsz, seqlen = tokens.shape
         positions = self.positions(start_pos, bsz, seqlen)
