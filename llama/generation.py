@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from . import checkpoint, distributed
 from .decode import GraphedDecoder, decode_step, pick
-from .model import ModelArgs, Transformer
+from .model import ModelArgs, Transformer, skip_fairscale_init
 from .prompts import (
     Dialog,
     Message,
@@ -144,7 +144,7 @@ class Llama:
         """A Transformer whose KV cache and RoPE table are on `device`; its parameters are
         placeholders until `checkpoint.load_into` assigns the real ones."""
         check_fits(args, device, dtype)
-        with default_dtype(dtype), torch.device(device):
+        with default_dtype(dtype), torch.device(device), skip_fairscale_init():
             return Transformer(args).requires_grad_(False)  # inference only
 
     @staticmethod

@@ -13,8 +13,12 @@ reference, so `consolidated.NN.pth` shards load as they are. Two things differ i
 from dataclasses import dataclass, fields
 from typing import Optional, Union
 
+import contextlib
+from unittest import mock
+
 import torch
 import torch.nn.functional as F
+from fairscale.nn.model_parallel import layers as fairscale_layers
 from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from fairscale.nn.model_parallel.layers import (
     ColumnParallelLinear,
@@ -94,6 +98,20 @@ PRESETS = {
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32,
                  ffn_dim_multiplier=1.0, norm_eps=1e-5, rope_theta=1e6, vocab_size=512),
 }
+
+
+@contextlib.contextmanager
+def skip_fairscale_init():
+    """Build parallel layers without fairscale's weight initialisation.
+
+    fairscale fills a full-size "master" matrix per layer and copies this rank's slice
+    out of it. Our weights always come from strict loading afterwards, so that work is
+    wasted; at MP>1 it allocates every whole matrix once, and when buffers are built on a
+    GPU it copies between devices and fails. Parameters stay uninitialised placeholders
+    (never touched, so they take no memory) until loading replaces them."""
+    with mock.patch.object(fairscale_layers, "_initialize_affine_weight",
+                           lambda *args, **kwargs: None):
+        yield
 
 
 class RMSNorm(nn.Module):

@@ -150,3 +150,35 @@ def hf_model(args: ModelArgs, state: dict):
     model = LlamaForCausalLM(config).eval()
     model.load_state_dict(meta_to_hf(state, args), strict=True)
     return model
+
+
+def run_torchrun(worker: Path, nproc: int, *args, timeout: int = 180):
+    """Run `worker` under torchrun (gloo on CPU) with `nproc` processes; fail the test with
+    the end of its output if it fails."""
+    import os
+    import subprocess
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--standalone", str(worker)] + [str(a) for a in args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def make_hf_model(tmp_path_factory, make_model):
+    """Factory: the Hugging Face copy (llama.convert.to_hf) of a make_model checkpoint;
+    returns (folder, ModelArgs, full Meta state)."""
+    from llama.convert import to_hf
+    cache = {}
+
+    def make(max_shard_size="5GB", **kw):
+        key = (max_shard_size, tuple(sorted(kw.items())))
+        if key not in cache:
+            meta, args, state = make_model(**kw)
+            folder = tmp_path_factory.mktemp("hf") / "model"
+            to_hf(meta, folder, max_shard_size=max_shard_size)
+            cache[key] = (folder, args, state)
+        return cache[key]
+
+    return make

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import build, write_checkpoint
+from conftest import build
 
 
 def test_builds_without_torchrun_and_twice_in_one_process(make_model):
