@@ -22,5 +22,7 @@ setup(
         # What the test suite needs beyond the runtime: the HF reference implementation
         # (numerical oracle and conversion), safetensors for HF folders, pytest.
         "test": ["pytest", "transformers", "safetensors", "protobuf"],
+        # Hugging Face folders as ckpt_dir, and python -m llama.convert to_hf/from_hf.
+        "hf": ["safetensors"],
     },
 )

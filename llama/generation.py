@@ -94,7 +94,8 @@ class Llama:
         device=None,
         dtype: Optional[torch.dtype] = None,
     ) -> "Llama":
-        """Load a model folder (`params.json`, `consolidated.NN.pth`) and its tokenizer.
+        """Load a model folder and its tokenizer: Meta's format (`params.json`,
+        `consolidated.NN.pth`) or a Hugging Face Llama folder (`config.json`, safetensors).
 
         Works in a plain Python process (a one-process group is made on the spot) and
         under `torchrun --nproc_per_node N`; the checkpoint's shards are re-split for N.
