@@ -2,8 +2,9 @@
 
 Every public method turns its inputs into prompt token lists (see prompts.py), then runs
 the one generation core, `Llama.decode_steps`, and shapes its output. The core prefills
-all prompts of a batch in one forward pass (rows of different lengths included), then
-decodes one token per row per step, each row at its own position in the KV cache.
+all prompts of a batch together (rows of different lengths included; long prompts in
+chunks), then decodes one token per row per step, each row at its own position in the
+KV cache. Text-level rules (stop strings, streamed deltas) live in text.TextRow.
 """
 
 import contextlib

@@ -10,12 +10,14 @@ from conftest import build
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def chat(folder, lines, *args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def chat(folder, lines, *args, nproc=0):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone",
+                                    "--nproc_per_node", str(nproc)] if nproc else [])
     proc = subprocess.run(
-        [sys.executable, "-m", "llama.chat", "--ckpt_dir", str(folder), "--temperature", "0",
-         *args], input="".join(line + "\n" for line in lines), env=env, capture_output=True,
-        text=True, timeout=120)
+        launcher + ["-m", "llama.chat", "--ckpt_dir", str(folder), "--temperature", "0", *args],
+        input="".join(line + "\n" for line in lines), env=env, capture_output=True,
+        text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -46,3 +48,12 @@ def test_chat_drops_oldest_turns_keeping_the_system_prompt(make_model):
     assert len(answers(out)) == 3
     out = chat(folder, ["word " * 200], "--max_seq_len", "64")
     assert "too long for max_seq_len=64" in out
+
+
+def test_chat_under_torchrun_reads_on_rank_0_only(make_model):
+    """Two processes: rank 0 reads each line and shares it; the answers are those of a
+    single process."""
+    folder = make_model(shards=2)[0]
+    lines = ["write a loop", "/reset", "write a loop", "/exit"]
+    args = ("--max_seq_len", "256", "--max_gen_len", "8")
+    assert answers(chat(folder, lines, *args, nproc=2)) == answers(chat(folder, lines, *args))

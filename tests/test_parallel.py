@@ -23,9 +23,16 @@ def run_torchrun(nproc, folder, out):
     return torch.load(out, weights_only=False)
 
 
-@pytest.mark.parametrize("shards, nproc", [(1, 2), (2, 2), (2, 4)])
-def test_model_parallel_equals_single_process(make_model, tmp_path, shards, nproc):
-    folder, args, _ = make_model(shards=shards, n_heads=4, n_kv_heads=4 if nproc == 4 else 2)
+# (shards, processes, shape): 34B-like is 4 shards with 4 query heads per KV head, so at
+# MP=4 each rank holds 4 query heads and 1 KV head, as 34B has 16 and 2 at MP=4.
+@pytest.mark.parametrize("shards, nproc, shape", [
+    (1, 2, dict(n_heads=4, n_kv_heads=2)),
+    (2, 2, dict(n_heads=4, n_kv_heads=2)),
+    (2, 4, dict(n_heads=4, n_kv_heads=4)),
+    (4, 4, dict(dim=128, n_heads=16, n_kv_heads=4)),
+])
+def test_model_parallel_equals_single_process(make_model, tmp_path, shards, nproc, shape):
+    folder, args, _ = make_model(shards=shards, **shape)
     got = run_torchrun(nproc, folder, tmp_path / "out.pt")
     assert got["local_heads"] == args.n_heads // nproc
     gen = build(folder)
