@@ -1,0 +1,90 @@
+"""Model parallelism gives the answers of one process: write a random checkpoint in Meta's
+original format, run it at MP=1 and under torchrun at MP=N, compare greedy tokens and
+logits.
+
+    python benchmarks/check_mp.py write --out_dir /tmp/ck13 --preset 13b --n_layers 8 --shards 2
+    python benchmarks/check_mp.py run --ckpt_dir /tmp/ck13 --out mp1.json
+    torchrun --nproc_per_node 2 benchmarks/check_mp.py run --ckpt_dir /tmp/ck13 --out mp2.json
+    python benchmarks/check_mp.py compare mp1.json mp2.json
+
+Real widths with fewer layers keep the files small. The tokenizer is Meta's Llama 2 one
+from tests/data (32,000 pieces), so the vocabulary is set to 32,000.
+"""
+
+import json
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import fire
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from llama import Llama  # noqa: E402
+from llama.checkpoint import split_dim  # noqa: E402
+
+TOKENIZER = ROOT / "tests" / "data" / "llama2-tokenizer.model"
+PROMPTS = ["def fibonacci(n):", "import numpy as np\n\nclass Matrix:\n",
+           "# Sort a list of dictionaries by key\n", "SELECT name FROM users WHERE"]
+PARAM_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_dim_multiplier",
+              "norm_eps", "rope_theta")
+
+
+def write(out_dir: str, preset: str = "13b", n_layers: int = 8, shards: int = 2,
+          seed: int = 0):
+    """Random bf16 weights of `preset`'s widths, saved as `shards` consolidated.NN.pth."""
+    gen = Llama.from_preset(preset, max_seq_len=64, max_batch_size=1, seed=seed,
+                            n_layers=n_layers, vocab_size=32000, dtype=torch.bfloat16)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.cpu() for k, v in gen.model.state_dict().items()}
+    for r in range(shards):
+        part = {k: (v if split_dim(k) is None else v.chunk(shards, split_dim(k))[r]).clone()
+                for k, v in state.items()}
+        torch.save(part, out / f"consolidated.{r:02d}.pth")
+    params = {k: v for k, v in asdict(gen.model.params).items() if k in PARAM_KEYS}
+    (out / "params.json").write_text(json.dumps(params, indent=4))
+    shutil.copy(TOKENIZER, out / "tokenizer.model")
+    print(f"wrote {shards} shards of {preset} widths, {n_layers} layers, to {out}")
+
+
+def run(ckpt_dir: str, out: str, gen_len: int = 32):
+    """Greedy tokens and last-position logits of PROMPTS at the launched world size."""
+    gen = Llama.build(ckpt_dir, max_seq_len=128, max_batch_size=len(PROMPTS))
+    results = gen.text_completion(PROMPTS, temperature=0, max_gen_len=gen_len, logprobs=True)
+    tokens = [gen.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+    width = max(map(len, tokens))
+    batch = torch.tensor([t + [0] * (width - len(t)) for t in tokens])
+    logits = gen.model.forward(batch.to(gen.model.rope.device), 0)
+    last = torch.stack([logits[i, len(t) - 1] for i, t in enumerate(tokens)]).cpu()
+    if torch.distributed.get_rank() == 0:
+        Path(out).write_text(json.dumps({
+            "world": torch.distributed.get_world_size(),
+            "tokens": [r["tokens"] for r in results],
+            "logits": last.tolist()}))
+        print(f"wrote {out}")
+
+
+def compare(a: str, b: str):
+    """Agreeing greedy tokens per prompt and the logits' relative difference."""
+    x, y = json.loads(Path(a).read_text()), json.loads(Path(b).read_text())
+    la, lb = torch.tensor(x["logits"]), torch.tensor(y["logits"])
+    rel = ((la - lb).norm() / la.norm()).item()
+    agree = []
+    for ta, tb in zip(x["tokens"], y["tokens"]):
+        n = next((i for i, (p, q) in enumerate(zip(ta, tb)) if p != q), min(len(ta), len(tb)))
+        agree.append(n)
+    same_top1 = (la.argmax(-1) == lb.argmax(-1)).all().item()
+    print(f"MP={x['world']} vs MP={y['world']}: logits rel. diff {rel:.2e}, same top-1 "
+          f"{same_top1}, greedy tokens agreeing before the first difference {agree} of "
+          f"{[len(t) for t in x['tokens']]}")
+    ok = rel < 5e-2 and same_top1
+    print("OK" if ok else "MISMATCH")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    fire.Fire({"write": write, "run": run, "compare": compare})
