@@ -3,9 +3,9 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 requirements = [
-    line.strip()
+    line.split("#")[0].strip()
     for line in Path(__file__).with_name("requirements.txt").read_text().splitlines()
-    if line.strip() and not line.startswith("#")
+    if line.split("#")[0].strip()
 ]
 
 setup(
