@@ -15,7 +15,7 @@ import fire
 import torch.distributed as dist
 
 from .generation import Llama
-from .prompts import Dialog, Message
+from .prompts import UNSAFE_ERROR, Dialog, Message
 
 
 def read_line(prompt: str) -> Optional[str]:
@@ -72,8 +72,11 @@ def main(
             continue
         if not line.strip():
             continue
-        dialog, dropped = fit_history(generator, system,
-                                      turns + [{"role": "user", "content": line}], answer_room)
+        message = {"role": "user", "content": line}
+        if generator.chat_prompt([message])[1]:  # refused; keep it out of the history
+            print(f"\nAssistant: {UNSAFE_ERROR}")
+            continue
+        dialog, dropped = fit_history(generator, system, turns + [message], answer_room)
         if dialog is None:
             print(f"(that message is too long for max_seq_len={max_seq_len}; "
                   f"shorten it or restart with a larger --max_seq_len)")

@@ -210,13 +210,12 @@ class MappedShards:
 class Deferred:
     """One rank's part of a checkpoint tensor, read only when load_into takes it: the state
     dict of a rank then costs no memory until the model's parameters are assigned one by
-    one, so host memory never holds a whole rank's copy next to the model. `shape` and
-    `dtype` are known before."""
+    one, so host memory never holds a whole rank's copy next to the model. `shape` is
+    known before."""
 
     def __init__(self, src: MappedShards, key: str, rank: int, world: int):
         self.src, self.key, self.rank, self.world = src, key, rank, world
         self.shape = torch.Size(src.rank_shape(key, world))
-        self.dtype = src.parts[key][0].dtype
 
     def load(self) -> torch.Tensor:
         return self.src.read(self.key, self.rank, self.world)

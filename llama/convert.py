@@ -10,9 +10,9 @@ so host memory holds about one output file: a safetensors shard of at most
 `--max_shard_size` for to_hf, one consolidated.NN.pth (the checkpoint divided by --mp)
 for from_hf and reshard.
 
-Round trips are exact: to_hf keeps the original params.json inside config.json (under
-"codellama_params") and from_hf writes it back when config.json still describes the
-same model. rope.freqs, an unused buffer of Meta's files, has no place in Hugging Face's
+Tensors round-trip bit for bit, and params.json keeps its keys and values: to_hf keeps
+the original params.json inside config.json (under "codellama_params") and from_hf writes
+it back (indented like Meta's files) when config.json still describes the same model. rope.freqs, an unused buffer of Meta's files, has no place in Hugging Face's
 layout and is not carried over.
 """
 
@@ -229,7 +229,7 @@ def from_hf(hf_dir: str, out_dir: str, mp: int = 1) -> None:
                  for k in progress(order, f"writing {out} ({rank + 1}/{mp})")}
         torch.save(state, out / f"consolidated.{rank:02d}.pth")
         del state  # before the next rank's part is read
-    (out / "params.json").write_text(json.dumps(original_params(config, params)))
+    (out / "params.json").write_text(json.dumps(original_params(config, params), indent=4))
     if tokenizer:
         shutil.copy(tokenizer, out / "tokenizer.model")
     write_checklist(out)

@@ -41,8 +41,8 @@ def local_rank() -> int:
 def initialize(model_parallel_size, device: torch.device) -> int:
     """Make sure a process group and fairscale's model-parallel groups exist; return the
     model-parallel size in force. Safe to call again (notebooks rebuild models)."""
-    if device.type == "cuda":
-        torch.cuda.set_device(local_rank())
+    if device.type == "cuda":  # an explicit index (cuda:1) wins over the torchrun rank
+        torch.cuda.set_device(device if device.index is not None else local_rank())
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if launched_by_torchrun():

@@ -164,7 +164,8 @@ class Llama:
     ) -> "Llama":
         """A model with the real shapes of a Code Llama size ("7b", "13b", "34b", "70b",
         "tiny") and random weights made on the device: for benchmarks, no download needed.
-        Without `tokenizer_path` only the token-level API (`generate`, `model`) works."""
+        Without `tokenizer_path` only the token-level API (`generate`, `model`) works, and
+        `generate` runs to max_gen_len unless given a stop_token."""
         device = torch.device(device) if device is not None else distributed.default_device()
         dtype = dtype or distributed.default_dtype(device)
         distributed.initialize(model_parallel_size, device)
@@ -208,9 +209,14 @@ class Llama:
                 f"{len(prompt_tokens)} prompts exceed max_batch_size={params.max_batch_size}; "
                 f"pass fewer prompts per call or build with a larger max_batch_size"
             )
+        vocab = self.model.vocab_size
         for i, p in enumerate(prompt_tokens):
             if not p:
                 raise ValueError(f"prompt {i} has no tokens")
+            if min(p) < 0 or max(p) >= vocab:
+                bad = next(t for t in p if not 0 <= t < vocab)
+                raise ValueError(f"prompt {i} holds token id {bad}, outside the vocabulary "
+                                 f"[0, {vocab}); encode text with this model's tokenizer")
             if len(p) > params.max_seq_len:
                 raise ValueError(
                     f"prompt {i} has {len(p)} tokens, more than max_seq_len="
@@ -273,9 +279,13 @@ class Llama:
         max_seq_len = self.model.params.max_seq_len
         lens = [len(p) for p in prompt_tokens]
         budgets = [max(0, min(max_gen_len, max_seq_len - n)) for n in lens]
+        if not any(budgets) and prompt_logprobs is None:
+            return  # nothing to generate and nothing to score
         tokens, logprobs = self.prefill(prompt_tokens, temperature, top_p, prompt_logprobs)
 
-        positions = list(lens)  # where each row's next token goes
+        # Where each row's next token goes. A prompt that fills the cache has no budget; its
+        # (discarded) steps rewrite the last slot instead of running past the cache.
+        positions = [min(n, max_seq_len - 1) for n in lens]
         produced = [0] * len(lens)
         active = [b > 0 for b in budgets]
         while any(active):
@@ -313,6 +323,8 @@ class Llama:
         """Run the generation core to the end; one TextRow (tokens, logprobs, text cut at
         the first stop string) per prompt."""
         rows = [TextRow(decode, check_stop(stop), p if echo else ()) for p in prompt_tokens]
+        if not prompt_tokens:
+            return rows
         for _ in self.decode_steps(prompt_tokens, self.default_gen_len(max_gen_len),
                                    temperature, top_p, stop_ids, prompt_logprobs,
                                    on_token=lambda i, tok, lp: rows[i].add(tok, lp)):
@@ -357,13 +369,25 @@ class Llama:
         `echo`) and, with `logprobs`, the log-probability of each returned token (0.0 for
         the first prompt token). Generation stops at `stop_token` (default: EOS), which is
         not returned."""
-        stop_ids = {self.tokenizer.eos_id if stop_token is None else stop_token}
-        prompt_lp = [] if logprobs and echo else None
-        rows = self.run(prompt_tokens, max_gen_len, temperature, top_p, stop_ids,
-                        decode=lambda t: "", prompt_logprobs=prompt_lp)
-        tokens = [list(p) * echo + r.tokens for p, r in zip(prompt_tokens, rows)]
-        lps = [(prompt_lp[i] if echo else []) + r.logprobs for i, r in enumerate(rows)]
+        if stop_token is not None:
+            stop_ids = {stop_token}
+        else:  # a model from from_preset without a tokenizer has no EOS: run to max_gen_len
+            stop_ids = {self.tokenizer.eos_id} if self.tokenizer is not None else set()
+        _, tokens, lps = self.echoed_run(prompt_tokens, max_gen_len, temperature, top_p,
+                                         stop_ids, lambda t: "", None, echo, logprobs)
         return tokens, (lps if logprobs else None)
+
+    def echoed_run(self, prompt_tokens, max_gen_len, temperature, top_p, stop_ids, decode,
+                   stop, echo: bool, logprobs: bool):
+        """run(), plus each row's returned tokens and logprobs: with `echo` the prompt's
+        come first (the prompt scored by the model, 0.0 for its first token)."""
+        prompt_lp = [] if logprobs and echo else None
+        rows = self.run(prompt_tokens, max_gen_len, temperature, top_p, stop_ids, decode,
+                        stop, echo, prompt_lp)
+        tokens = [(list(p) if echo else []) + r.tokens for p, r in zip(prompt_tokens, rows)]
+        lps = [(prompt_lp[i] if prompt_lp is not None else []) + r.logprobs
+               for i, r in enumerate(rows)]
+        return rows, tokens, lps
 
     def pieces(self, tokens: List[int]) -> List[str]:
         return [self.tokenizer.token_piece(t) for t in tokens]
@@ -383,17 +407,13 @@ class Llama:
         max_seq_len - 1, within max_seq_len), or at the first of the `stop` strings,
         which is left out; "tokens" then keeps the tokens wholly before it."""
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
-        prompt_lp = [] if logprobs and echo else None
-        rows = self.run(prompt_tokens, max_gen_len, temperature, top_p,
-                        {self.tokenizer.eos_id}, self.tokenizer.decode, stop, echo, prompt_lp)
-        results = []
-        for i, (p, row) in enumerate(zip(prompt_tokens, rows)):
-            result = {"generation": row.text}
-            if logprobs:
-                result["tokens"] = self.pieces(list(p) * echo + row.tokens)
-                result["logprobs"] = (prompt_lp[i] if echo else []) + row.logprobs
-            results.append(result)
-        return results
+        rows, tokens, lps = self.echoed_run(prompt_tokens, max_gen_len, temperature, top_p,
+                                            {self.tokenizer.eos_id}, self.tokenizer.decode,
+                                            stop, echo, logprobs)
+        if logprobs:
+            return [{"generation": row.text, "tokens": self.pieces(t), "logprobs": lp}
+                    for row, t, lp in zip(rows, tokens, lps)]
+        return [{"generation": row.text} for row in rows]
 
     def stream_completion(self, prompt: str, temperature: float = 0.6, top_p: float = 0.9,
                           max_gen_len: Optional[int] = None,
@@ -512,7 +532,7 @@ def check_stop(stop) -> List[str]:
     if stop is None:
         return []
     if isinstance(stop, str):
-        return [stop]
-    if not all(isinstance(s, str) for s in stop):
-        raise ValueError(f"stop must be a list of strings, got {stop!r}")
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+        raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
     return list(stop)

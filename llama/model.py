@@ -199,7 +199,6 @@ class Attention(nn.Module):
         world = get_model_parallel_world_size()
         self.n_local_heads = args.n_heads // world
         self.n_local_kv_heads = args.kv_heads // world
-        self.n_rep = self.n_local_heads // self.n_local_kv_heads
         self.head_dim = args.head_dim
         identity = lambda x: x  # weights come from the checkpoint; loading is strict
 
@@ -322,9 +321,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False,
                                            init_method=identity)
-        # Twice max_seq_len like the reference, so positions past the cache still rotate.
+        # One row per cache position (the reference made twice as many, never read).
         self.register_buffer(
-            "rope", rope_table(params.head_dim, params.max_seq_len * 2, params.rope_theta),
+            "rope", rope_table(params.head_dim, params.max_seq_len, params.rope_theta),
             persistent=False,
         )
 

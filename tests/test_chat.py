@@ -57,3 +57,13 @@ def test_chat_under_torchrun_reads_on_rank_0_only(make_model):
     lines = ["write a loop", "/reset", "write a loop", "/exit"]
     args = ("--max_seq_len", "256", "--max_gen_len", "8")
     assert answers(chat(folder, lines, *args, nproc=2)) == answers(chat(folder, lines, *args))
+
+
+def test_a_refused_message_does_not_poison_the_conversation(make_model):
+    folder = make_model()[0]
+    out = chat(folder, ["what is [INST]?", "write a loop"], "--max_seq_len", "256",
+               "--max_gen_len", "8")
+    replies = answers(out)
+    assert replies[0] == "Error: special tags are not allowed as part of the prompt."
+    fresh = answers(chat(folder, ["write a loop"], "--max_seq_len", "256", "--max_gen_len", "8"))
+    assert replies[1] == fresh[0]  # answered as if the refused message never happened

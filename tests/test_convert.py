@@ -57,10 +57,12 @@ def test_params_json_like_7b_survives(make_model, tmp_path):
     shutil.copytree(make_model(n_kv_heads=4)[0], folder)
     params = {"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 32,
               "ffn_dim_multiplier": 1.0, "norm_eps": 1e-05, "rope_theta": 1000000}
-    (folder / "params.json").write_text(json.dumps(params))
+    (folder / "params.json").write_text(json.dumps(params, indent=4))  # Meta's layout
     convert.to_hf(folder, tmp_path / "hf")
     convert.from_hf(tmp_path / "hf", tmp_path / "back")
-    assert (tmp_path / "back" / "params.json").read_text() == json.dumps(params)
+    back = (tmp_path / "back" / "params.json").read_text()
+    assert back == json.dumps(params, indent=4)
+    assert list(json.loads(back).items()) == list(params.items())  # same keys, order, values
 
 
 def test_hf_output_loads_in_transformers(make_model, tmp_path):

@@ -70,6 +70,26 @@ def test_budget_is_bounded_by_max_seq_len(tiny):
     assert len(tokens[0]) == 8 and len(tokens[1]) == 46
 
 
+def test_echo_without_logprobs_and_prompts_that_fill_the_cache(tiny):
+    gen, _, _ = tiny
+    tokens, logprobs = gen.generate([[1, 5, 9]], max_gen_len=4, temperature=0, echo=True,
+                                    stop_token=-100)
+    assert logprobs is None and tokens[0][:3] == [1, 5, 9] and len(tokens[0]) == 7
+    full = list(range(3, 51))  # exactly max_seq_len=48 tokens: nothing left to generate
+    tokens, _ = gen.generate([full, [1, 2]], max_gen_len=5, temperature=0, stop_token=-100)
+    assert tokens[0] == [] and len(tokens[1]) == 5
+    alone, _ = gen.generate([[1, 2]], max_gen_len=5, temperature=0, stop_token=-100)
+    assert tokens[1] == alone[0]
+
+
+def test_empty_batches(tiny):
+    gen, _, _ = tiny
+    assert gen.text_completion([]) == []
+    assert gen.text_infilling([], []) == []
+    assert gen.chat_completion([]) == []
+    assert gen.generate([], max_gen_len=4) == ([], None)
+
+
 def test_seeded_sampling_is_reproducible(make_model):
     folder, _, _ = make_model()
     prompts = ["def f(x):", "class A"]
@@ -164,6 +184,8 @@ def test_input_errors(tiny, make_model, plain_tokenizer_path):
         gen.chat_completion([[{"role": "system", "content": "only system"}]])
     with pytest.raises(ValueError, match="max_gen_len"):
         gen.text_completion(["a"], max_gen_len=-1)
+    with pytest.raises(ValueError, match="token id 512, outside the vocabulary"):
+        gen.generate([[1, 512]], max_gen_len=2)
     folder, _, _ = make_model(tokenizer=plain_tokenizer_path)
     with pytest.raises(ValueError, match="no infilling pieces"):
         build(folder).text_infilling(["a"], ["b"])

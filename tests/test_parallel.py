@@ -45,3 +45,6 @@ def test_model_parallel_equals_single_process(make_model, tmp_path, shards, npro
     for g, w in zip(got["greedy"], greedy):
         assert g["tokens"] == w["tokens"]
         assert g["logprobs"] == pytest.approx(w["logprobs"], abs=1e-4)
+    # Same seed, same logits: every rank samples the tokens one process samples.
+    assert got["sampled"] == gen.text_completion(["def fib(n):"], temperature=0.8,
+                                                 max_gen_len=16)

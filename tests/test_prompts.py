@@ -8,7 +8,6 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from llama import Tokenizer
 from llama.prompts import (
-    UNSAFE_ERROR,
     chat_prompt_tokens,
     dialog_prompt_tokens,
     infilling_prompt_tokens,
@@ -148,4 +147,3 @@ def test_unsafe_detection(code_tok):
     assert is_unsafe(code_tok, [{"role": "user", "content": "say <step> now"}])
     assert is_unsafe(code_tok, [{"role": "user", "content": "tag <EOT> here"}])
     assert not is_unsafe(code_tok, [{"role": "user", "content": "a normal <pre> question"}])
-    assert UNSAFE_ERROR.startswith("Error:")

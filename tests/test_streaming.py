@@ -104,6 +104,39 @@ def test_text_row_holds_back_partial_characters_and_stop_prefixes():
     assert row.delta() + row.delta(final=True) == "ab"
 
 
-def test_stop_must_be_strings(gen):
-    with pytest.raises(ValueError, match="stop must be a list of strings"):
-        gen.text_completion(["a"], stop=[1])
+@pytest.mark.parametrize("stop", [[1], 5, [""]])
+def test_stop_must_be_non_empty_strings(gen, stop):
+    with pytest.raises(ValueError, match="stop must be a list of non-empty strings"):
+        gen.text_completion(["a"], stop=stop)
+
+
+def llama2_tokenizer():
+    from pathlib import Path
+    from llama import Tokenizer
+    return Tokenizer(str(Path(__file__).parent / "data" / "llama2-tokenizer.model"))
+
+
+@pytest.mark.parametrize("infilling", [False, True])
+def test_text_row_equals_decoding_everything(infilling):
+    """The anchored, incremental decoding gives the full decode after every token, on
+    Meta's vocabulary with many byte-fallback pieces (ids 3..258)."""
+    tok = llama2_tokenizer()
+    decode = tok.decode_infilling if infilling else tok.decode
+    rng = random.Random(1)
+    for trial in range(20):
+        prefix = [1] + [rng.randrange(3, 32000) for _ in range(rng.randint(0, 3))]
+        row = TextRow(decode, prefix=prefix if trial % 2 else ())
+        for _ in range(40):
+            t = rng.randrange(3, 259) if rng.random() < 0.5 else rng.randrange(259, 32000)
+            row.add(t, 0.0)
+            assert row.text == decode(row.prefix + row.tokens)
+
+
+def test_stop_string_ending_in_a_split_character():
+    tok = llama2_tokenizer()
+    for text, stop, want in [("print('🙂')", ["🙂"], "print('"), ("say 🙂 ok", [" 🙂"], "say")]:
+        row = TextRow(tok.decode, stop=stop)
+        for t in tok.encode(text, False, False):
+            if row.add(t, 0.0):
+                break
+        assert row.stopped and row.text == want
