@@ -14,10 +14,11 @@ DEMO = ROOT / "models" / "CodeLlama-demo"
 SEPARATOR = "\n==================================\n"
 
 
-def run(args, torchrun=False):
+def run(args, torchrun=0):
+    """Run a script plainly, or under torchrun with that many processes."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 "--nproc_per_node", "1"] if torchrun else [sys.executable])
+                 "--nproc_per_node", str(torchrun)] if torchrun else [sys.executable])
     proc = subprocess.run(launcher + args, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -34,13 +35,17 @@ def test_demo_checkpoint_matches_its_checklist():
     assert size <= 30 * 2**20
 
 
-@pytest.mark.parametrize("torchrun", [False, True])
+@pytest.mark.parametrize("torchrun", [0, 1, 2])  # MP=2: the demo model re-split in two
 def test_completion_example(torchrun):
-    out = run(["example_completion.py", "--max_gen_len", "24"], torchrun)
+    out = run(["example_completion.py", "--max_gen_len", "24", "--temperature", "0"], torchrun)
     blocks = out.split(SEPARATOR)
     assert len(blocks) == 3 and blocks[-1].strip() == ""
     assert blocks[0].split("Loaded in")[1].split("\n", 1)[1].startswith("def is_palindrome")
     assert all("\n> " in b for b in blocks[:2])
+    if torchrun == 2:  # greedy output of two processes equals one process's
+        assert out.split("Loaded in")[1].split("\n", 1)[1] == run(
+            ["example_completion.py", "--max_gen_len", "24", "--temperature", "0"]
+        ).split("Loaded in")[1].split("\n", 1)[1]
 
 
 def test_infilling_example_plain_and_streamed():
