@@ -322,7 +322,8 @@ class Llama:
             stop=None, echo=False, prompt_logprobs=None) -> List[TextRow]:
         """Run the generation core to the end; one TextRow (tokens, logprobs, text cut at
         the first stop string) per prompt."""
-        rows = [TextRow(decode, check_stop(stop), p if echo else ()) for p in prompt_tokens]
+        stop = check_stop(stop)
+        rows = [TextRow(decode, stop, p if echo else ()) for p in prompt_tokens]
         if not prompt_tokens:
             return rows
         for _ in self.decode_steps(prompt_tokens, self.default_gen_len(max_gen_len),
