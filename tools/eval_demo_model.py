@@ -1,11 +1,14 @@
 """Measure the demo model on the held-out standard-library files, through the library only
 (llama.Llama.build, the model's forward pass, Llama.text_infilling).
 
-Held-out files: the "test" split of tools/train_demo_model.py (2% of the standard
-library's non-test .py files, chosen by the SHA-256 of the relative path), read from the
-Python running this script. The split is by path, so a held-out file stays unseen in
-training whatever the Python version; the texts, and so the numbers, change a little
-between Python versions (the JSON records the version).
+Held-out files: the "test" split of tools/train_demo_model.py (2% of the corpus files:
+the standard library's non-test .py files and, for the full model, those of the
+permissively licensed packages in site-packages, chosen by the SHA-256 of the file's
+key), read from the Python running this script. The split is by path, so a held-out file
+stays unseen in training whatever the machine; the texts, and so the numbers, change
+with the Python version and the installed packages (the JSON records the files and a
+fingerprint). The published numbers were measured right after training, on the training
+machine.
 
 (a) Perplexity: every held-out file is encoded as in training's plain documents,
     tokenizer.encode(text, bos=True, eos=True), files in path order are concatenated and
@@ -35,6 +38,9 @@ between Python versions (the JSON records the version).
                        one non-blank line does not match.
       first_line_match the first line of the generation, rstripped, equals L.rstrip().
       stopped          the model ended its middle with <EOT>/EOS within max_gen_len.
+
+(c) Copying: 32 random sequences of 64 ordinary pieces, each shown twice; the share of
+    greedy next-token predictions in the second copy that are right (copying() says more).
 
     PYTHONPATH=. python tools/eval_demo_model.py --model_dir models/CodeLlama-demo \
         --out out/eval_demo_model.json
@@ -93,6 +99,29 @@ def perplexity(llama: Llama, files, max_seq_len: int, batch_size: int) -> dict:
     return dict(perplexity=math.exp(mean), nll_per_token=mean, scored_tokens=scored,
                 tokens=len(stream), windows=len(windows), characters=chars,
                 bits_per_character=mean / math.log(2) * len(stream) / chars)
+
+
+# ---- (c) copying ---------------------------------------------------------------------
+@torch.inference_mode()
+def copying(llama: Llama, n: int, length: int, seed: int) -> dict:
+    """In-context copying, the skill infilling leans on (find where the prefix ends, carry
+    on from there): n random sequences of `length` ordinary pieces, each shown twice after
+    <s>; the score is how often the greedy next token in the second copy is the right one
+    (a model that cannot copy scores about 1/vocab)."""
+    tok, model = llama.tokenizer, llama.model
+    device = model.rope.device
+    sp = tok.sp_model
+    ordinary = [i for i in range(tok.n_words) if not (sp.is_control(i) or sp.is_unknown(i)
+                or sp.is_byte(i) or sp.is_unused(i) or i in tok.control_ids)]
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.tensor(ordinary)[torch.randint(len(ordinary), (n, length), generator=gen)]
+    x = torch.cat([torch.full((n, 1), tok.bos_id), picks, picks], dim=1).to(device)
+    batch = model.params.max_batch_size
+    pred = torch.cat([model.forward(x[i:i + batch], 0).argmax(-1) for i in range(0, n, batch)])
+    # Position length + k (k >= 1) holds the k-th token of the second copy and predicts
+    # the (k+1)-th, which is picks[:, k].
+    hits = (pred[:, length + 1:2 * length] == x[:, length + 2:]).float()
+    return dict(n=n, length=length, accuracy=hits.mean().item())
 
 
 # ---- (b) single-line infilling -------------------------------------------------------
@@ -268,6 +297,9 @@ def main(argv=None) -> int:
     ppl = perplexity(llama, files, max_seq_len, max(1, opts.batch_size // 2))
     log(f"perplexity {ppl['perplexity']:.3f} ({ppl['nll_per_token']:.4f} nats/token, "
         f"{ppl['bits_per_character']:.4f} bits/char) over {ppl['scored_tokens']} tokens")
+    copy = copying(llama, 32, min(64, (max_seq_len - 1) // 2), opts.seed)
+    log(f"copying: {copy['accuracy']:.1%} of next tokens right in the second copy of "
+        f"{copy['n']} random {copy['length']}-token sequences")
     fill = infilling(llama, files, n_infill, opts.seed, max_seq_len, opts.max_gen_len,
                      opts.batch_size, formats, opts.examples)
     result = dict(
@@ -278,7 +310,7 @@ def main(argv=None) -> int:
         held_out_files=[rel for rel, _ in files],
         held_out_fingerprint=hashlib.sha256(
             "".join(rel + "\0" + text for rel, text in files).encode()).hexdigest(),
-        perplexity=ppl,
+        perplexity=ppl, copying=copy,
         infilling=dict(fill, seed=opts.seed, max_gen_len=opts.max_gen_len,
                        definition="exact_match: greedy middle .rstrip() == masked line "
                                   ".rstrip() (indentation included); prefix ends with the "
@@ -292,6 +324,7 @@ def main(argv=None) -> int:
         log(f"wrote {out}")
     summary = {"perplexity": round(ppl["perplexity"], 4),
                "bits_per_character": round(ppl["bits_per_character"], 4),
+               "copying": round(copy["accuracy"], 4),
                **{f"infill_{f}_exact_match": round(fill[f]["exact_match"], 4) for f in formats},
                "infill_n": fill["n"], "seconds": result["seconds"]}
     print(json.dumps(summary))

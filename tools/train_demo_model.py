@@ -72,6 +72,7 @@ import multiprocessing
 import os
 import platform
 import random
+import re
 import shutil
 import sys
 import sysconfig
@@ -106,19 +107,20 @@ FULL = dict(
     # tokenizer
     vocab_size=4096, character_coverage=0.9999,
     # corpus and samples
+    site_packages=True, max_train_chars=500_000_000,
     max_file_bytes=200_000, test_permille=20, valid_permille=20, max_files=None,
     chunk_chars=3600, fim_rate=0.9, line_fim_rate=0.5, spm_rate=0.5,
     # optimisation
-    ctx=1024, batch_size=32, epochs=20, max_steps=None, lr=1.5e-3, min_lr_ratio=0.1,
-    warmup_steps=100, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, dropout=0.1,
-    eval_every=100, valid_rows=128, log_every=50, seed=20240824,
+    ctx=1024, batch_size=64, epochs=2, max_steps=None, lr=2e-3, min_lr_ratio=0.1,
+    warmup_steps=200, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, dropout=0.0,
+    eval_every=250, valid_rows=256, log_every=100, seed=20240824,
 )
 TINY = dict(
     FULL,
     dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, ffn_dim_multiplier=1.0,
-    vocab_size=1024, max_file_bytes=30_000, max_files=48, test_permille=100,
+    vocab_size=1024, site_packages=False, max_file_bytes=30_000, max_files=48, test_permille=100,
     valid_permille=100, chunk_chars=900, ctx=256, batch_size=8, epochs=2, max_steps=40,
-    lr=3e-3, warmup_steps=5, eval_every=10, valid_rows=16, log_every=5,
+    lr=3e-3, warmup_steps=5, eval_every=10, valid_rows=16, log_every=5, dropout=0.1,
 )
 PARAM_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_dim_multiplier",
               "norm_eps", "rope_theta")
@@ -162,24 +164,117 @@ def split_of(rel: str, cfg: dict) -> str:
     return "train"
 
 
+SITE_PREFIX = "site-packages/"
+# Licences whose code may be redistributed and learned from freely. A distribution is used
+# only if its licence metadata names one of these and none of the copyleft families
+# (conservative: "MIT OR GPL" is left out, and so is anything without licence metadata).
+PERMISSIVE = re.compile(r"\b(MIT|BSD|0BSD|APACHE|ASL|PSF|PYTHON SOFTWARE FOUNDATION|ISC|"
+                        r"UNLICENSE|ZLIB|BSL|CC0|PUBLIC DOMAIN)", re.I)
+COPYLEFT = re.compile(r"\b(A?GPL|LGPL|GNU|MPL|MOZILLA|EPL|ECLIPSE|EUPL|CDDL|CC-BY-SA|OSL)", re.I)
+
+
+def licence_of(dist) -> str:
+    """The licence metadata of an installed distribution as one string: License-Expression,
+    a short License field (long ones are whole licence texts) and the License classifiers."""
+    meta = dist.metadata
+    parts = [meta.get("License-Expression") or ""]
+    field = (meta.get("License") or "").strip()
+    if len(field) <= 200:
+        parts.append(field)
+    parts += [c for c in (meta.get_all("Classifier") or []) if c.startswith("License ::")]
+    return " | ".join(p for p in parts if p)
+
+
+def is_permissive(licence: str) -> bool:
+    return bool(PERMISSIVE.search(licence)) and not COPYLEFT.search(licence)
+
+
+def site_packages_files(cfg: dict):
+    """[(key, path)] for the .py files of the permissively licensed distributions installed
+    in this Python's own site-packages (not PYTHONPATH or user folders), key being
+    "site-packages/<path relative to site-packages>"; and {distribution: (version,
+    licence, files)} for the record."""
+    import importlib.metadata as metadata
+
+    roots = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")}
+    files, used = [], {}
+    for dist in sorted(metadata.distributions(), key=lambda d: (d.metadata["Name"] or "").lower()):
+        name = dist.metadata["Name"] or ""
+        if name.lower() in EXCLUDED_DISTRIBUTIONS or not dist.files:
+            continue
+        licence = licence_of(dist)
+        if not is_permissive(licence):
+            continue
+        count = 0
+        for f in dist.files:
+            if not str(f).endswith(".py") or str(f).endswith("_pb2.py"):
+                continue
+            path = Path(dist.locate_file(f)).resolve()
+            root = next((r for r in roots if path.is_relative_to(r)), None)
+            if root is None:
+                continue
+            files.append((SITE_PREFIX + path.relative_to(root).as_posix(), path))
+            count += 1
+        if count:
+            used[name] = (dist.version, licence, count)
+    return files, used
+
+
+# Our own package (when pip-installed) is not training data; pip and setuptools vendor
+# copies of other projects whose licences their metadata does not list.
+EXCLUDED_DISTRIBUTIONS = {"codellama", "pip", "setuptools"}
+
+
 def list_corpus(cfg: dict, root: Optional[Path] = None) -> Dict[str, List[Tuple[str, str]]]:
-    """{split: [(relative path, text), ...]} sorted by path. Files that are not UTF-8 are
-    skipped. With cfg["max_files"] (the --tiny mode) each split keeps only its first files
-    in hash order, max_files for train and max(3, max_files // 12) for the others."""
+    """{split: [(key, text), ...]} sorted by key. Keys are paths relative to the standard
+    library, or "site-packages/<path>" for the permissively licensed packages (cfg
+    "site_packages"). Files that are not UTF-8, or over max_file_bytes, or with a line over
+    1,000 characters (generated tables) are skipped; so is every file whose exact text was
+    already taken (vendored copies), and a held-out file's text is never trained on.
+    With cfg["max_files"] (the --tiny mode) each split keeps only its first files in hash
+    order, max_files for train and max(3, max_files // 12) for the others. The packages
+    used are listed in list_corpus.distributions (licence, version, file count)."""
     root = root or stdlib_root()
+    candidates = [(path.relative_to(root).as_posix(), path) for path in sorted(root.rglob("*.py"))
+                  if not is_excluded(path.relative_to(root))]
+    list_corpus.distributions = {}
+    if cfg.get("site_packages"):
+        site, list_corpus.distributions = site_packages_files(cfg)
+        candidates += site
     splits: Dict[str, List[Tuple[str, str]]] = {"train": [], "valid": [], "test": []}
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if is_excluded(rel) or not path.is_file() or path.stat().st_size > cfg["max_file_bytes"]:
+    seen = set()
+    for key, path in sorted(candidates):
+        if (is_excluded(Path(key.removeprefix(SITE_PREFIX))) or not path.is_file()
+                or path.stat().st_size > cfg["max_file_bytes"]):
             continue
         try:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
-        if text.strip():
-            splits[split_of(rel.as_posix(), cfg)].append((rel.as_posix(), text))
-    if not cfg.get("max_files") and len(splits["train"]) < 300:
-        raise SystemExit(f"only {len(splits['train'])} training files under {root}: this Python "
+        digest = hashlib.sha256(text.encode("utf-8")).digest()
+        if not text.strip() or digest in seen or max(map(len, text.splitlines())) > 1000:
+            continue
+        seen.add(digest)
+        splits[split_of(key, cfg)].append((key, text))
+    held = {hashlib.sha256(t.encode("utf-8")).digest() for s in ("valid", "test") for _, t in splits[s]}
+    splits["train"] = [(k, t) for k, t in splits["train"]
+                       if hashlib.sha256(t.encode("utf-8")).digest() not in held]
+    if cfg.get("max_train_chars"):
+        # Over the cap, the standard library is kept whole and site-packages files are
+        # taken in the order of their key's hash (a random but fixed sample).
+        budget = cfg["max_train_chars"] - sum(len(t) for k, t in splits["train"]
+                                              if not k.startswith(SITE_PREFIX))
+        kept = set()
+        for k, t in sorted((f for f in splits["train"] if f[0].startswith(SITE_PREFIX)),
+                           key=lambda f: hashlib.sha256(f[0].encode()).hexdigest()):
+            if len(t) <= budget:
+                kept.add(k)
+                budget -= len(t)
+        splits["train"] = [f for f in splits["train"]
+                           if not f[0].startswith(SITE_PREFIX) or f[0] in kept]
+    stdlib_train = sum(1 for k, _ in splits["train"] if not k.startswith(SITE_PREFIX))
+    if not cfg.get("max_files") and stdlib_train < 300:
+        raise SystemExit(f"only {stdlib_train} training files under {root}: this Python "
                          f"installation lacks most of its standard library's .py sources")
     if cfg.get("max_files"):
         def key(item):
@@ -374,19 +469,21 @@ def _init_worker(tokenizer_path: str, files: dict, cfg: dict) -> None:
     torch.set_num_threads(1)
 
 
-def _epoch_rows(tag: str):
-    """All packed rows of one epoch ('0', '1', ...) or of the validation set ('valid')."""
+def _shard_rows(task: Tuple[str, int, int]):
+    """Packed rows of one shard (files i with i % n_shards == shard) of one epoch
+    ('0', '1', ...) or of the validation set ('valid')."""
+    tag, shard, n_shards = task
     tok, cfg = _WORKER["tok"], _WORKER["cfg"]
-    files = _WORKER["files"]["valid" if tag == "valid" else "train"]
+    files = _WORKER["files"]["valid" if tag == "valid" else "train"][shard::n_shards]
     samples, kinds = [], {}
     for rel, text in files:
         rng = random.Random(f"{cfg['seed']}/{tag}/{rel}")
         for chunk in chunk_text(text, rng, cfg["chunk_chars"]):
             document_samples(tok, chunk, rng, cfg, samples, kinds)
-    random.Random(f"{cfg['seed']}/shuffle/{tag}").shuffle(samples)
+    random.Random(f"{cfg['seed']}/shuffle/{tag}/{shard}").shuffle(samples)
     tokens, has_target = pack(samples, cfg["ctx"], tok.eos_id)
     n_tokens = int(sum(len(s) for s in samples))
-    return tag, tokens, has_target, kinds, n_tokens
+    return task, tokens, has_target, kinds, n_tokens
 
 
 def prepare_data(cfg: dict, work_dir: Path, workers: int) -> dict:
@@ -397,7 +494,7 @@ def prepare_data(cfg: dict, work_dir: Path, workers: int) -> dict:
     data_cfg = {k: cfg[k] for k in ("vocab_size", "character_coverage", "chunk_chars",
                                     "fim_rate", "line_fim_rate", "spm_rate", "ctx", "epochs",
                                     "seed", "max_file_bytes", "test_permille",
-                                    "valid_permille", "max_files")}
+                                    "valid_permille", "max_files", "site_packages")}
     key = hashlib.sha256(json.dumps([fingerprint, data_cfg], sort_keys=True).encode()).hexdigest()
     data_dir = work_dir / f"data-{key[:12]}"
     meta_path = data_dir / "meta.json"
@@ -408,42 +505,61 @@ def prepare_data(cfg: dict, work_dir: Path, workers: int) -> dict:
         data_dir.mkdir(parents=True, exist_ok=True)
         counts = {k: len(v) for k, v in splits.items()}
         chars = {k: sum(len(t) for _, t in v) for k, v in splits.items()}
-        log(f"corpus: Python {platform.python_version()} stdlib {stdlib_root()}: files {counts}, "
-            f"characters {chars}")
+        log(f"corpus: Python {platform.python_version()} stdlib {stdlib_root()}"
+            f"{f' + {len(list_corpus.distributions)} site-packages distributions' if cfg.get('site_packages') else ''}"
+            f": files {counts}, characters {chars}")
         tok_path = data_dir / "tokenizer.model"
         t1 = time.time()
-        train_tokenizer(splits["train"], cfg, tok_path)
+        # The tokenizer is learnt from the standard library alone: the same pieces on
+        # every machine, whatever packages are installed.
+        train_tokenizer([f for f in splits["train"] if not f[0].startswith(SITE_PREFIX)],
+                        cfg, tok_path)
         tok = check_tokenizer(tok_path, cfg["vocab_size"])
         assert tok.n_words <= 65536, "token ids are stored as uint16"
         plain = sum(len(tok.encode(t, bos=False, eos=False)) for _, t in splits["valid"])
         log(f"tokenizer: {tok.n_words} pieces in {time.time() - t1:.1f}s; "
             f"{chars['valid'] / max(plain, 1):.2f} characters per token on the valid split")
         t1 = time.time()
-        tags = [str(e) for e in range(cfg["epochs"])] + ["valid"]
-        results = {}
+        # Each epoch is cut into shards of files, packed in parallel; the rows of an epoch
+        # are then shuffled across shards.
+        n_shards = max(1, workers)
+        tasks = [(str(e), i, n_shards) for e in range(cfg["epochs"]) for i in range(n_shards)]
+        tasks.append(("valid", 0, 1))
         ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
         files = {"train": splits["train"], "valid": splits["valid"]}
-        with ctx.Pool(min(workers, len(tags)), _init_worker, (str(tok_path), files, cfg)) as pool:
-            results.update({r[0]: r for r in pool.imap_unordered(_epoch_rows, tags)})
-        train_tok = np.concatenate([results[t][1] for t in tags[:-1]])
-        train_tgt = np.concatenate([results[t][2] for t in tags[:-1]])
+        with ctx.Pool(workers, _init_worker, (str(tok_path), files, cfg)) as pool:
+            results = {r[0]: r for r in pool.imap_unordered(_shard_rows, tasks)}
+        epochs_tok, epochs_tgt = [], []
+        for e in range(cfg["epochs"]):
+            parts = [results[(str(e), i, n_shards)] for i in range(n_shards)]
+            tok_e = np.concatenate([r[1] for r in parts])
+            order = np.random.default_rng([cfg["seed"], e]).permutation(len(tok_e))
+            epochs_tok.append(tok_e[order])
+            epochs_tgt.append(np.concatenate([r[2] for r in parts])[order])
+        train_tok, train_tgt = np.concatenate(epochs_tok), np.concatenate(epochs_tgt)
+        valid = results[("valid", 0, 1)]
         np.save(data_dir / "train_tokens.npy", train_tok)
         np.save(data_dir / "train_targets.npy", train_tgt)
-        np.save(data_dir / "valid_tokens.npy", results["valid"][1])
-        np.save(data_dir / "valid_targets.npy", results["valid"][2])
+        np.save(data_dir / "valid_tokens.npy", valid[1])
+        np.save(data_dir / "valid_targets.npy", valid[2])
+        train_parts = [r for task, r in results.items() if task[0] != "valid"]
         kinds: Dict[str, int] = {}
-        for t in tags[:-1]:
-            for k, v in results[t][3].items():
+        for r in train_parts:
+            for k, v in r[3].items():
                 kinds[k] = kinds.get(k, 0) + v
-        sample_tokens = sum(results[t][4] for t in tags[:-1])
+        sample_tokens = sum(r[4] for r in train_parts)
         meta = dict(
             key=key, corpus_fingerprint=fingerprint, python_version=platform.python_version(),
             python_implementation=platform.python_implementation(),
             stdlib=str(stdlib_root()), files=counts, characters=chars,
+            stdlib_files={k: sum(not rel.startswith(SITE_PREFIX) for rel, _ in v)
+                          for k, v in splits.items()},
+            distributions={name: dict(version=v, licence=lic, files=n)
+                           for name, (v, lic, n) in list_corpus.distributions.items()},
             test_files=[rel for rel, _ in splits["test"]],
             valid_files=[rel for rel, _ in splits["valid"]],
             characters_per_token_valid=chars["valid"] / max(plain, 1),
-            train_rows=int(len(train_tok)), valid_rows=int(len(results["valid"][1])),
+            train_rows=int(len(train_tok)), valid_rows=int(len(valid[1])),
             train_tokens_per_epoch=sample_tokens / cfg["epochs"],
             packing_efficiency=sample_tokens / train_tok.size,
             sample_kinds=kinds, seconds=None,
@@ -665,7 +781,8 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true",
                    help="tiny corpus subset, tiny model, few steps: a CPU smoke test")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on CUDA)")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
                    help="processes for data preparation")
     p.add_argument("--select", choices=["best", "last"], default="best",
@@ -763,7 +880,8 @@ def main(argv=None) -> int:
                     optimizer=opt.state_dict(), rng=rng_state(device), progress=st,
                     next_row=st["step"] * cfg["batch_size"])
 
-    step_model = torch.compile(model) if opts.compile else model
+    use_compile = opts.compile if opts.compile is not None else device.type == "cuda"
+    step_model = torch.compile(model) if use_compile else model
     steps_this_run, t_last_save = 0, time.time()
     t_mark, tokens_mark, loss_acc, loss_n = None, 0, 0.0, 0
     unfinished = False
@@ -798,12 +916,16 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             per_step = (time.time() - t_mark) / 30
-            evals = st["total_steps"] // cfg["eval_every"]
-            projected = per_step * st["total_steps"] * 1.05 + evals * per_step * 2
-            if projected > opts.plan_minutes * 60:
-                new_total = max(st["step"] + 1, int(opts.plan_minutes * 60 / (per_step * 1.1)))
-                log(f"plan: {per_step * 1000:.0f} ms/step; {st['total_steps']} steps would take "
-                    f"{projected / 60:.1f} min > {opts.plan_minutes} min, cutting to {new_total}")
+            left = st["total_steps"] - st["step"]
+            # 8% for validation passes and logging; the rest of this invocation's budget
+            # and of --plan_minutes bounds the steps, so training ends inside this run.
+            allowed = min(opts.plan_minutes * 60 - st["train_seconds"], deadline - time.time())
+            projected = per_step * left * 1.08
+            if projected > allowed:
+                new_total = st["step"] + max(1, int(allowed / (per_step * 1.08)))
+                log(f"plan: {per_step * 1000:.0f} ms/step, {x.numel() / per_step / 1e6:.2f}M "
+                    f"tokens/s; {st['total_steps']} steps would take {projected / 60:.1f} min "
+                    f"> {allowed / 60:.1f} min left, cutting to {new_total}")
                 st["total_steps"] = new_total
             else:
                 log(f"plan: {per_step * 1000:.0f} ms/step, {x.numel() / per_step / 1e6:.2f}M "
