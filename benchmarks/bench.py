@@ -244,10 +244,17 @@ def main(preset: str = "7b", ckpt_dir: str = None, device: str = None, dtype: st
          long_len: int = 100_000, long_gen_len: int = 32, peers="hf_eager,hf_static",
          repeats: int = 5, decode_repeats: int = 3, warmup: int = 1,
          bandwidth_gib: float = None, check: bool = False, seed: int = 1,
-         configure: dict = None, out: str = "results.json"):
+         configure: dict = None, inductor: dict = None, out: str = "results.json"):
     """Benchmark; see the module docstring. Lists are comma-separated; "none" skips one.
     configure: keyword arguments for `Llama.configure` (how decode steps run), e.g.
-    --configure '{"compile": True}' or '{"cuda_graphs": False}'."""
+    --configure '{"compile": True}' or '{"cuda_graphs": False}' or '{"prefill_chunk": 32768}'.
+    inductor: torch._inductor.config settings for compiled steps, e.g.
+    --inductor '{"coordinate_descent_tuning": True}'."""
+    for key, value in (inductor or {}).items():
+        import torch._inductor.config as inductor_config
+        if not hasattr(inductor_config, key):
+            raise ValueError(f"torch._inductor.config has no setting {key!r}")
+        setattr(inductor_config, key, value)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -265,7 +272,7 @@ def main(preset: str = "7b", ckpt_dir: str = None, device: str = None, dtype: st
                               device=str(device), dtype=str(dt).replace("torch.", ""),
                               world_size=WORLD, prompt_len=prompt_len, gen_len=gen_len,
                               repeats=repeats, decode_repeats=decode_repeats, peers=peers,
-                              configure=configure),
+                              configure=configure, inductor=inductor),
                "env": {"torch": torch.__version__, "python": sys.version.split()[0],
                        "gpu": torch.cuda.get_device_name() if clock.cuda else None},
                "scenarios": {}}

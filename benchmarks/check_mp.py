@@ -51,9 +51,13 @@ def write(out_dir: str, preset: str = "13b", n_layers: int = 8, shards: int = 2,
     print(f"wrote {shards} shards of {preset} widths, {n_layers} layers, to {out}")
 
 
-def run(ckpt_dir: str, out: str, gen_len: int = 32):
-    """Greedy tokens and last-position logits of PROMPTS at the launched world size."""
-    gen = Llama.build(ckpt_dir, max_seq_len=128, max_batch_size=len(PROMPTS))
+def run(ckpt_dir: str, out: str, gen_len: int = 32, dtype: str = None):
+    """Greedy tokens and last-position logits of PROMPTS at the launched world size.
+    dtype: e.g. float32 (default: the library's, bf16 on CUDA). Random weights give flat
+    next-token distributions full of near-ties, which bf16 rounding flips; in float32 the
+    only difference between world sizes is the order of the sums."""
+    gen = Llama.build(ckpt_dir, max_seq_len=128, max_batch_size=len(PROMPTS),
+                      dtype=getattr(torch, dtype) if dtype else None)
     results = gen.text_completion(PROMPTS, temperature=0, max_gen_len=gen_len, logprobs=True)
     tokens = [gen.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
     width = max(map(len, tokens))
@@ -62,7 +66,7 @@ def run(ckpt_dir: str, out: str, gen_len: int = 32):
     last = torch.stack([logits[i, len(t) - 1] for i, t in enumerate(tokens)]).cpu()
     if torch.distributed.get_rank() == 0:
         Path(out).write_text(json.dumps({
-            "world": torch.distributed.get_world_size(),
+            "world": torch.distributed.get_world_size(), "dtype": str(next(gen.model.parameters()).dtype),
             "tokens": [r["tokens"] for r in results],
             "logits": last.tolist()}))
         print(f"wrote {out}")
@@ -78,7 +82,8 @@ def compare(a: str, b: str):
         n = next((i for i, (p, q) in enumerate(zip(ta, tb)) if p != q), min(len(ta), len(tb)))
         agree.append(n)
     same_top1 = (la.argmax(-1) == lb.argmax(-1)).all().item()
-    print(f"MP={x['world']} vs MP={y['world']}: logits rel. diff {rel:.2e}, same top-1 "
+    print(f"MP={x['world']} vs MP={y['world']} ({x.get('dtype')}, {y.get('dtype')}): "
+          f"all greedy tokens equal {x['tokens'] == y['tokens']}; logits rel. diff {rel:.2e}, same top-1 "
           f"{same_top1}, greedy tokens agreeing before the first difference {agree} of "
           f"{[len(t) for t in x['tokens']]}")
     ok = rel < 5e-2 and same_top1

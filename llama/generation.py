@@ -192,10 +192,18 @@ class Llama:
             model.fuse()
             self.configure()
 
-    def configure(self, cuda_graphs: bool = True, compile: bool = False) -> "Llama":
+    def configure(self, cuda_graphs: bool = True, compile: bool = False,
+                  prefill_chunk: Optional[int] = None) -> "Llama":
         """Choose how decode steps run on CUDA: replayed from CUDA graphs (default), also
         compiled with torch.compile first (fastest; costs compile time on first use of
-        each batch size and context bucket), or eagerly (cuda_graphs=False)."""
+        each batch size and context bucket), or eagerly (cuda_graphs=False).
+        prefill_chunk: prompt positions per forward pass (default 8192); larger chunks
+        prefill long prompts faster and need more activation memory."""
+        if prefill_chunk is not None:
+            if prefill_chunk < 1:
+                raise ValueError(f"prefill_chunk must be a positive number of positions, "
+                                 f"got {prefill_chunk}")
+            self.prefill_chunk = prefill_chunk
         on_cuda = self.model.rope.device.type == "cuda"
         self.graphed = GraphedDecoder(self.model, compile) if on_cuda and cuda_graphs else None
         return self

@@ -181,13 +181,49 @@ def attend(q, k, v, mask) -> torch.Tensor:
     a prefill chunk after kv_len - seqlen cached tokens, run by flash kernels without a
     materialised mask), or a boolean (bsz, 1, seqlen, kv_len) tensor, True where visible.
     """
+    seqlen, kv_len = q.shape[2], k.shape[2]
+    if seqlen == 1 and kv_len >= SPLIT_KV_MIN_LEN:
+        # For one query, CAUSAL (aligned to the last key) shows every key.
+        return attend_one_query(q, k, v, None if mask is CAUSAL else mask)
     gqa = k.shape[1] != q.shape[1]
     if mask is CAUSAL:
-        seqlen, kv_len = q.shape[2], k.shape[2]
         if seqlen == kv_len:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         mask = causal_lower_right(seqlen, kv_len)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+# Decoding over at least this many cached positions uses attend_one_query. The fused SDPA
+# kernels give each (row, head) pair one thread block that walks all the keys, so at batch
+# 1 (32 heads) most of a 132-SM GPU idles while a 100k-token cache streams past.
+SPLIT_KV_MIN_LEN = 16384
+_BMM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)
+
+
+def attend_one_query(q, k, v, mask) -> torch.Tensor:
+    """attend() for one query position per row (decoding), as two batched matrix products
+    that cuBLAS spreads over the whole GPU along the keys. The scores and softmax are
+    float32 (only the probabilities are rounded to the model dtype for the product with
+    the values). Shapes as in attend(); mask None or (bsz, 1, 1, kv_len)."""
+    bsz, heads, _, hd = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    # Query heads that share a key/value head are adjacent (SDPA's enable_gqa layout),
+    # so each group is the rows of one product: keys are read once per group.
+    qg = q.reshape(bsz * kv_heads, group, hd)
+    kt = k.reshape(bsz * kv_heads, kv_len, hd).transpose(1, 2)
+    if q.dtype == torch.float32:
+        scores = torch.bmm(qg, kt)
+    elif q.is_cuda and _BMM_OUT_DTYPE:
+        scores = torch.bmm(qg, kt, out_dtype=torch.float32)
+    else:
+        scores = torch.bmm(qg.float(), kt.float())
+    scores = scores.view(bsz, kv_heads, group, kv_len) * hd ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask.view(bsz, 1, 1, kv_len), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(bsz * kv_heads, group, kv_len)
+    out = torch.bmm(probs, v.reshape(bsz * kv_heads, kv_len, hd))
+    return out.view(bsz, heads, 1, hd)
 
 
 CAUSAL = object()  # sentinel: causal attention aligned to the end of the keys

@@ -230,7 +230,9 @@ def test_fast_path_gives_the_plain_path_tokens(make_model):
     folder, _, _ = make_model()
     plain, fast = build(folder), build(folder)
     fast.model.fuse()
-    fast.prefill_chunk = 4
+    fast.configure(prefill_chunk=4)
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        fast.configure(prefill_chunk=0)
     fast.graphed = PaddedSteps(fast.model)
     prompts = ["def add(a, b):", "import os\nimport sys\n\nclass Config:\n    ", "x"]
     args = dict(temperature=0, max_gen_len=12, logprobs=True, echo=True)

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import llama.model as model_module
 from conftest import build, hf_model
 from llama import ModelArgs
 from llama.checkpoint import read_params
@@ -63,6 +64,40 @@ def test_rows_at_different_positions(make_model):
     both = model.forward(torch.cat([a[:, -1:], b[:, -1:]]), torch.tensor([8, 4]))
     assert rel_err(both[0, -1], alone[0][0]) < 1e-5
     assert rel_err(both[1, -1], alone[1][0]) < 1e-5
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_long_context_decode_attention(make_model, monkeypatch, kv_heads):
+    """Decoding over a long cache goes through attend_one_query (lowered threshold here),
+    with and without a per-row mask, and gives what the full forward gives."""
+    folder, args, _ = make_model(n_kv_heads=kv_heads)
+    model = build(folder).model
+    tokens = torch.randint(0, args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    full = model.forward(tokens, 0)
+    calls = []
+    real = model_module.attend_one_query
+    monkeypatch.setattr(model_module, "SPLIT_KV_MIN_LEN", 8)
+    monkeypatch.setattr(model_module, "attend_one_query",
+                        lambda q, k, v, mask: calls.append(mask is None) or real(q, k, v, mask))
+    model.forward(tokens[:, :10], 0)
+    same = [model.forward(tokens[:, i:i + 1], i) for i in range(10, 17)]
+    per_row = [model.forward(tokens[:, i:i + 1], torch.tensor([i, i])) for i in range(17, 24)]
+    assert rel_err(torch.cat(same + per_row, dim=1), full[:, 10:]) < 1e-5
+    # Positions 10..16: no mask; 17..23: the boolean per-row mask. One call per layer.
+    assert calls == [True] * 7 * args.n_layers + [False] * 7 * args.n_layers
+
+
+def test_one_query_attention_matches_sdpa():
+    g = torch.Generator().manual_seed(6)
+    for heads, kv_heads in [(8, 8), (8, 2), (6, 1)]:
+        q = torch.randn(3, heads, 1, 16, generator=g)
+        k, v = (torch.randn(3, kv_heads, 50, 16, generator=g) for _ in range(2))
+        mask = torch.rand(3, 1, 1, 50, generator=g) > 0.4
+        mask[..., 0] = True
+        for m in (None, mask):
+            want = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=m, enable_gqa=heads != kv_heads)
+            assert (model_module.attend_one_query(q, k, v, m) - want).abs().max() < 1e-5
 
 
 def test_cache_overflow_is_an_error(make_model):

@@ -111,7 +111,7 @@ FULL = dict(
     max_file_bytes=200_000, test_permille=20, valid_permille=20, max_files=None,
     chunk_chars=3600, fim_rate=0.9, line_fim_rate=0.5, spm_rate=0.5,
     # optimisation
-    ctx=1024, batch_size=64, epochs=2, max_steps=None, lr=2e-3, min_lr_ratio=0.1,
+    ctx=1024, batch_size=64, epochs=8, max_steps=None, lr=2e-3, min_lr_ratio=0.1,
     warmup_steps=200, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, dropout=0.0,
     eval_every=250, valid_rows=256, log_every=100, seed=20240824,
 )

@@ -1,0 +1,88 @@
+"""Attention of one decoding query over a long KV cache, kernel by kernel: PyTorch's SDPA
+(whatever backend it picks) against llama.model.attend_one_query (two batched products,
+float32 scores), and a variant of the latter that splits the value product into chunks
+by hand. Prints microseconds and the bandwidth reached on the cache (keys + values read
+once), and writes JSON. Used to choose SPLIT_KV_MIN_LEN.
+
+    python benchmarks/decode_attention.py --lens 4096,16384,32768,100000 --out attn.json
+"""
+
+import json
+
+import fire
+import torch
+import torch.nn.functional as F
+
+from llama.model import attend_one_query
+
+SHAPES = {"7b": (32, 32), "34b": (64, 8)}  # (query heads, key/value heads) at MP=1
+
+
+def time_us(fn, repeats: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return 1000 * start.elapsed_time(end) / repeats
+
+
+def chunked_values(q, k, v, chunk: int = 4096):
+    """attend_one_query with the probabilities x values product cut into chunk-long
+    pieces that run as one batch and are summed in float32 (split-K by hand)."""
+    bsz, heads, _, hd = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    scores = torch.bmm(q.reshape(bsz * kv_heads, group, hd),
+                       k.reshape(bsz * kv_heads, kv_len, hd).transpose(1, 2),
+                       out_dtype=torch.float32) * hd ** -0.5
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    n = kv_len // chunk
+    main = n * chunk
+    vv = v.reshape(bsz * kv_heads, kv_len, hd)
+    pieces = torch.bmm(probs[..., :main].reshape(-1, group, n, chunk).transpose(1, 2)
+                       .reshape(-1, group, chunk),
+                       vv[:, :main].reshape(-1, chunk, hd), out_dtype=torch.float32)
+    out = pieces.view(bsz * kv_heads, n, group, hd).sum(1)
+    if main < kv_len:
+        out = out + torch.bmm(probs[..., main:], vv[:, main:], out_dtype=torch.float32)
+    return out.to(v.dtype).view(bsz, heads, 1, hd)
+
+
+def main(lens="4096,16384,32768,100000", shapes="7b,34b", batch: int = 1, out: str = None):
+    lens = [int(x) for x in str(lens).split(",")]
+    results = []
+    for shape in str(shapes).split(","):
+        heads, kv_heads = SHAPES[shape]
+        for n in lens:
+            q = torch.randn(batch, heads, 1, 128, device="cuda", dtype=torch.bfloat16)
+            k, v = (torch.randn(batch, kv_heads, n, 128, device="cuda", dtype=torch.bfloat16)
+                    for _ in range(2))
+            gqa = heads != kv_heads
+            want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                  enable_gqa=gqa)
+            variants = {
+                "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa),
+                "one_query": lambda: attend_one_query(q, k, v, None),
+                "one_query_chunked": lambda: chunked_values(q, k, v),
+            }
+            gb = 2 * k.numel() * k.element_size() / 1e9
+            row = dict(shape=shape, heads=heads, kv_heads=kv_heads, batch=batch, kv_len=n,
+                       cache_gb=gb)
+            for name, fn in variants.items():
+                with torch.no_grad():
+                    err = (fn().float() - want).abs().max().item()
+                    us = time_us(fn)
+                row[name] = dict(us=us, gb_per_s=gb / (us / 1e6), max_abs_err=err)
+            print(json.dumps(row), flush=True)
+            results.append(row)
+    if out:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -1,0 +1,49 @@
+"""Where the GPU time of one prefill and one decode step goes, kernel by kernel (torch
+profiler), for a preset with random weights. Prints the kernels with the most CUDA time.
+
+    python benchmarks/profile_step.py --preset 7b --prefill_len 16384 --top 25
+"""
+
+import fire
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from llama import Llama
+
+
+def table(fn, top: int, label: str) -> str:
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    total = sum(e.device_time_total for e in events)
+    lines = [f"== {label}: {total / 1000:.2f} ms of kernels"]
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:top]:
+        lines.append(f"{e.device_time_total / 1000:9.3f} ms {100 * e.device_time_total / total:5.1f}% "
+                     f"x{e.count:<5d} {e.key[:110]}")
+    return "\n".join(lines)
+
+
+def main(preset: str = "7b", prefill_len: int = 16384, decode_ctx: int = 512, top: int = 25):
+    gen = Llama.from_preset(preset, max_seq_len=max(prefill_len, decode_ctx) + 1,
+                            max_batch_size=1, device="cuda")
+    model = gen.model
+    tokens = torch.randint(0, model.vocab_size, (1, prefill_len), device="cuda")
+    one = tokens[:, :1]
+    with torch.inference_mode():
+        def prefill():
+            hidden = model.forward_hidden(tokens, 0, kv_len=prefill_len)
+            return model.output(hidden[:, -1])
+
+        def decode():
+            hidden = model.forward_hidden(one, decode_ctx - 1, kv_len=decode_ctx)
+            return model.output(hidden[:, -1])
+
+        print(table(prefill, top, f"{preset} prefill of {prefill_len} tokens (eager)"))
+        print(table(decode, top, f"{preset} eager decode step at context {decode_ctx}"))
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
