@@ -10,6 +10,7 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from fairscale.nn.model_parallel import initialize as mp
 
 
@@ -82,3 +83,24 @@ def model_parallel_rank() -> int:
 
 def model_parallel_world_size() -> int:
     return mp.get_model_parallel_world_size()
+
+
+# The model's collectives. fairscale's versions run inside autograd.Functions, which
+# torch.compile cannot trace (a graph break at each of them, two per layer); functional
+# collectives compile into the graph and are captured by CUDA graphs. Inference only.
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum of x over the model-parallel ranks (x itself at MP=1)."""
+    if mp.get_model_parallel_world_size() == 1:
+        return x
+    return funcol.all_reduce(x, "sum", mp.get_model_parallel_group())
+
+
+def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """The ranks' x concatenated along the last dimension, in rank order."""
+    if mp.get_model_parallel_world_size() == 1:
+        return x
+    return _all_gather(x, x.dim() - 1, mp.get_model_parallel_group())
+
+
+# all_gather_tensor was renamed all_gather_single in newer PyTorch (the old name warns).
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor

@@ -18,15 +18,12 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel import layers as fairscale_layers
 from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
-from fairscale.nn.model_parallel.layers import (
-    ColumnParallelLinear,
-    ParallelEmbedding,
-    RowParallelLinear,
-)
+from fairscale.nn.model_parallel import layers as fairscale
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
+
+from .distributed import all_gather_last_dim, all_reduce
 
 
 @dataclass
@@ -109,9 +106,34 @@ def skip_fairscale_init():
     wasted; at MP>1 it allocates every whole matrix once, and when buffers are built on a
     GPU it copies between devices and fails. Parameters stay uninitialised placeholders
     (never touched, so they take no memory) until loading replaces them."""
-    with mock.patch.object(fairscale_layers, "_initialize_affine_weight",
+    with mock.patch.object(fairscale, "_initialize_affine_weight",
                            lambda *args, **kwargs: None):
         yield
+
+
+# fairscale's layers, for their sharded parameters (names and shapes of the reference's),
+# with forwards for inference: the local matmul, then the one collective each needs,
+# written so that torch.compile traces them (see distributed.all_reduce).
+class ColumnParallelLinear(fairscale.ColumnParallelLinear):
+    """Output features split over ranks; gathered only with gather_output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        return all_gather_last_dim(y) if self.gather_output else y
+
+
+class RowParallelLinear(fairscale.RowParallelLinear):
+    """Input features split over ranks (the input arrives split); partial sums all-reduced."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce(F.linear(x, self.weight))
+
+
+class ParallelEmbedding(fairscale.ParallelEmbedding):
+    """Embedding dimension split over ranks; gathered."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return all_gather_last_dim(F.embedding(tokens, self.weight))
 
 
 class RMSNorm(nn.Module):

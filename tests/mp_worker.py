@@ -1,15 +1,35 @@
 """Run under torchrun: build a checkpoint at the launched world size and save, on rank 0,
-its logits and greedy generations for the test that compares them with MP=1."""
+its logits and greedy generations for the test that compares them with MP=1; or, with
+the mode "compile", one decode step compiled with torch.compile next to the eager one."""
 
 import sys
 
 import torch
 
 from llama import Llama
+from llama.decode import decode_step
 
 
-def main(ckpt_dir: str, out_path: str):
+def compiled_step(gen: Llama, out_path: str):
+    import torch._dynamo
+    torch._dynamo.utils.counters.clear()
+    tokens = torch.randint(0, gen.model.vocab_size, (2, 9),
+                           generator=torch.Generator().manual_seed(12))
+    positions = torch.tensor([8, 8])
+    with torch.no_grad():  # as GraphedDecoder traces it
+        gen.model.forward_hidden(tokens[:, :8], 0)
+        eager = decode_step(gen.model, tokens[:, 8], positions, 9, 0.0, 0.9)
+        compiled = torch.compile(decode_step, dynamic=False)(
+            gen.model, tokens[:, 8], positions, 9, 0.0, 0.9)
+    if torch.distributed.get_rank() == 0:
+        breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+        torch.save({"eager": eager, "compiled": compiled, "graph_breaks": breaks}, out_path)
+
+
+def main(ckpt_dir: str, out_path: str, mode: str = "generate"):
     gen = Llama.build(ckpt_dir, max_seq_len=64, max_batch_size=4, device="cpu")
+    if mode == "compile":
+        return compiled_step(gen, out_path)
     tokens = torch.randint(0, gen.model.vocab_size, (2, 24),
                            generator=torch.Generator().manual_seed(11))
     logits = gen.model.forward(tokens, 0)
