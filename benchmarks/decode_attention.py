@@ -8,12 +8,15 @@ once), and writes JSON. Used to choose SPLIT_KV_MIN_LEN.
 """
 
 import json
+import sys
+from pathlib import Path
 
 import fire
 import torch
 import torch.nn.functional as F
 
-from llama.model import attend_one_query
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llama.model import attend_one_query  # noqa: E402
 
 SHAPES = {"7b": (32, 32), "34b": (64, 8)}  # (query heads, key/value heads) at MP=1
 
@@ -52,6 +55,56 @@ def chunked_values(q, k, v, chunk: int = 4096):
     return out.to(v.dtype).view(bsz, heads, 1, hd)
 
 
+def flash_with_lse(q, k, v):
+    """Attention output and float32 log-sum-exp per query (PyTorch's flash kernel)."""
+    if q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    return out, lse[..., :q.shape[2]]
+
+
+def split_flash(q, k, v, chunk: int = 4096):
+    """Flash-decoding with PyTorch's flash kernel: the cache of each key/value head is cut
+    into chunk-long pieces that become the "heads" of one call (strided views, no copy; the
+    group's query heads are its query rows), and the pieces are merged with their
+    log-sum-exps."""
+    bsz, heads, _, hd = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    bk = bsz * kv_heads
+    qg = q.reshape(bk, 1, group, hd)
+    kk, vv = k.reshape(bk, kv_len, hd), v.reshape(bk, kv_len, hd)
+    n = kv_len // chunk
+    main = n * chunk
+    outs, lses = [], []
+    if n:
+        o, lse = flash_with_lse(qg.expand(bk, n, group, hd).contiguous(),
+                                kk[:, :main].unflatten(1, (n, chunk)),
+                                vv[:, :main].unflatten(1, (n, chunk)))
+        outs.append(o)
+        lses.append(lse)
+    if main < kv_len:
+        o, lse = flash_with_lse(qg, kk[:, None, main:], vv[:, None, main:])
+        outs.append(o)
+        lses.append(lse)
+    weights = torch.softmax(torch.cat(lses, dim=1), dim=1)  # (bk, pieces, group)
+    out = (torch.cat(outs, dim=1).float() * weights[..., None]).sum(1)
+    return out.to(q.dtype).view(bsz, heads, 1, hd)
+
+
+def bf16_scores(q, k, v):
+    """attend_one_query with the scores rounded to the model dtype (as Meta's reference
+    computes them), to isolate the cost of float32 output from the product."""
+    bsz, heads, _, hd = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    scores = torch.bmm(q.reshape(bsz * kv_heads, group, hd),
+                       k.reshape(bsz * kv_heads, kv_len, hd).transpose(1, 2))
+    probs = torch.softmax(scores.float() * hd ** -0.5, dim=-1).to(v.dtype)
+    return torch.bmm(probs, v.reshape(bsz * kv_heads, kv_len, hd)).view(bsz, heads, 1, hd)
+
+
 def main(lens="4096,16384,32768,100000", shapes="7b,34b", batch: int = 1, out: str = None):
     lens = [int(x) for x in str(lens).split(",")]
     results = []
@@ -68,15 +121,22 @@ def main(lens="4096,16384,32768,100000", shapes="7b,34b", batch: int = 1, out: s
                 "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa),
                 "one_query": lambda: attend_one_query(q, k, v, None),
                 "one_query_chunked": lambda: chunked_values(q, k, v),
+                "bf16_scores": lambda: bf16_scores(q, k, v),
+                "split_flash_4096": lambda: split_flash(q, k, v, 4096),
+                "split_flash_8192": lambda: split_flash(q, k, v, 8192),
+                "split_flash_2048": lambda: split_flash(q, k, v, 2048),
             }
             gb = 2 * k.numel() * k.element_size() / 1e9
             row = dict(shape=shape, heads=heads, kv_heads=kv_heads, batch=batch, kv_len=n,
                        cache_gb=gb)
             for name, fn in variants.items():
-                with torch.no_grad():
-                    err = (fn().float() - want).abs().max().item()
-                    us = time_us(fn)
-                row[name] = dict(us=us, gb_per_s=gb / (us / 1e6), max_abs_err=err)
+                try:
+                    with torch.no_grad():
+                        err = (fn().float() - want).abs().max().item()
+                        us = time_us(fn)
+                    row[name] = dict(us=us, gb_per_s=gb / (us / 1e6), max_abs_err=err)
+                except Exception as e:  # one variant failing must not hide the others
+                    row[name] = dict(error=f"{type(e).__name__}: {e}"[:300])
             print(json.dumps(row), flush=True)
             results.append(row)
     if out:

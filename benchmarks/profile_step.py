@@ -4,11 +4,15 @@ profiler), for a preset with random weights. Prints the kernels with the most CU
     python benchmarks/profile_step.py --preset 7b --prefill_len 16384 --top 25
 """
 
+import sys
+from pathlib import Path
+
 import fire
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from llama import Llama
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llama import Llama  # noqa: E402
 
 
 def table(fn, top: int, label: str) -> str:

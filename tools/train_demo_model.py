@@ -3,21 +3,28 @@
 A 13.4M-parameter Code Llama-shaped model (dim 384, 8 layers, 6 query heads of 64,
 2 key/value heads, SwiGLU width 768, RMSNorm, RoPE theta 1e6, untied output, vocab 4096;
 26 MB in bf16; loads with 1 or 2 model-parallel ranks) with its own SentencePiece BPE
-tokenizer carrying the Code Llama infilling pieces, trained on the Python standard
-library's own source with the Code Llama fill-in-the-middle objective, and written in
-Meta's original checkpoint format (consolidated.00.pth in bf16, params.json,
-tokenizer.model, checklist.chk).
+tokenizer carrying the Code Llama infilling pieces, trained on Python source that may be
+redistributed (the standard library and the permissively licensed packages installed
+beside it) with the Code Llama fill-in-the-middle objective, and written in Meta's
+original checkpoint format (consolidated.00.pth in bf16, params.json, tokenizer.model,
+checklist.chk).
 
 Pipeline (everything is seeded; a second run with the same arguments on the same Python
-gives the same data, tokenizer and initial weights):
+with the same packages gives the same data, tokenizer and initial weights):
 
-1. Corpus: the .py files under sysconfig.get_paths()["stdlib"], without site-packages,
-   test suites (any folder named test, tests or idle_test, or starting with test_/tests_)
-   and files over 200 KB. Each file goes to a split by the SHA-256 of its relative path:
-   2% "test" (held out: only tools/eval_demo_model.py reads it), 2% "valid" (monitoring and
-   choice of the final weights), the rest "train". Splitting by path keeps a held-out file
-   held out whatever the Python version.
-2. Tokenizer: SentencePiece BPE trained on the lines of the train files (vocab 4096, exact,
+1. Corpus: the .py files under sysconfig.get_paths()["stdlib"] and, for the full model,
+   those of every distribution installed in this Python's own site-packages whose licence
+   metadata names a permissive licence (MIT, BSD, Apache, PSF, ISC, ...) and no copyleft
+   one (GPL, LGPL, MPL, ...; licence_of/is_permissive), keyed "site-packages/<path>".
+   Left out: test suites (any folder named test, tests or idle_test, or starting with
+   test_/tests_), protobuf-generated *_pb2.py, files over 200 KB or with a line over 1,000
+   characters (generated tables), and exact duplicates (vendored copies). Each file goes to
+   a split by the SHA-256 of its key: 2% "test" (held out: only tools/eval_demo_model.py
+   reads it), 2% "valid" (monitoring and choice of the final weights), the rest "train";
+   a text that is held out is never trained on, even under another path. At most
+   max_train_chars (500M) characters are trained on.
+2. Tokenizer: SentencePiece BPE trained on the lines of the standard library's train
+   files only, so it is the same whatever packages are installed (vocab 4096, exact,
    divisible by 8; identity normalisation, byte fallback, split digits, whitespace-only
    pieces, extra whitespace kept) with the user-defined pieces "☺" (the anchor of
    Tokenizer.encode_infilling) and ▁<PRE> ▁<SUF> ▁<MID> ▁<EOT>.
@@ -36,16 +43,17 @@ gives the same data, tokenizer and initial weights):
    best-fit into rows of 1024 tokens; the loss covers every token of a sample after its
    first, never across samples, never padding.
 4. Training: transformers.LlamaForCausalLM with the config from
-   llama.checkpoint.hf_config, AdamW (0.9, 0.95, weight decay 0.1 on matrices), peak lr
-   1.5e-3, 100 warmup steps, cosine decay to 10%, gradient clipping at 1.0, residual and
-   embedding dropout 0.1, bf16 autocast on CUDA, batch 32 x 1024 tokens.
-   Budget: 20 epochs of the train split, each epoch freshly FIM-transformed and packed
-   (about 2.5M tokens per epoch, ~50M in all on Python 3.12); the corpus is small, so the
-   run is bound by data, not compute: on one H200 the whole run took 84 s (2026-11-30). Should throughput be far lower than expected,
-   the step count is cut after the first 35 steps so that optimisation fits
-   --plan_minutes (11) over all runs; the cosine schedule follows the new count.
-   The validation loss is measured every 100 steps; the final weights are those with the
-   lowest one (--select best), which guards against overfitting the small corpus.
+   llama.checkpoint.hf_config, compiled with torch.compile on CUDA, AdamW (0.9, 0.95,
+   weight decay 0.1 on matrices), peak lr 2e-3, 200 warmup steps, cosine decay to 10%,
+   gradient clipping at 1.0, no dropout (the data is large for this model), bf16
+   autocast on CUDA, batch 64 x 1024 tokens. Eight epochs of samples are prepared (each
+   freshly FIM-transformed and packed; about 99M tokens per epoch with Python 3.12 and the
+   lent H200's packages), and training runs for as many of their steps as fit the time:
+   after the first 35 steps the step count is cut so that optimisation ends inside this
+   invocation's budget (--minutes less --reserve_s) and --plan_minutes; the cosine
+   schedule follows the new count. On one H200 this runs at ~2M tokens/s.
+   The validation loss is measured every 250 steps; the final weights are those with the
+   lowest one (--select best).
 5. Export: llama.checkpoint.hf_to_meta (undoes the RoPE permutation of wq/wk), bf16,
    written with params.json, tokenizer.model and checklist.chk; then the folder is loaded
    with llama.Llama.build and its float32 logits on a held-out sample are compared with the
@@ -962,6 +970,7 @@ def main(argv=None) -> int:
                     implementation=data["python_implementation"], stdlib=data["stdlib"],
                     files=data["files"], characters=data["characters"],
                     test_files=data["test_files"], valid_files=data["valid_files"],
+                    stdlib_files=data["stdlib_files"], distributions=data["distributions"],
                     fingerprint=data["corpus_fingerprint"]),
         data=dict(train_rows=data["train_rows"], valid_rows=data["valid_rows"],
                   train_tokens_per_epoch=data["train_tokens_per_epoch"],
