@@ -4,11 +4,16 @@ float32 scores), and a variant of the latter that splits the value product into 
 by hand. Prints microseconds and the bandwidth reached on the cache (keys + values read
 once), and writes JSON. Used to choose SPLIT_KV_MIN_LEN.
 
-    python benchmarks/decode_attention.py --lens 4096,16384,32768,100000 --out attn.json
+    python benchmarks/decode_attention.py kernels --lens 4096,16384,32768,100000 --out attn.json
+    python benchmarks/decode_attention.py steps --ctx 32768,100000 --out steps.json
+
+`steps` times whole batch-1 decode steps of a 7B-shaped model (random weights, cache filled
+with random values up to the context) with each variant in place of attend_one_query.
 """
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import fire
@@ -16,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import llama.model  # noqa: E402
+from llama import Llama  # noqa: E402
 from llama.model import attend_one_query  # noqa: E402
 
 SHAPES = {"7b": (32, 32), "34b": (64, 8)}  # (query heads, key/value heads) at MP=1
@@ -24,6 +31,11 @@ SHAPES = {"7b": (32, 32), "34b": (64, 8)}  # (query heads, key/value heads) at M
 def time_us(fn, repeats: int = 20) -> float:
     for _ in range(3):
         fn()
+    if not torch.cuda.is_available():  # a CPU smoke run of the script itself
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return 1e6 * (time.perf_counter() - t0) / repeats
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(repeats):
@@ -106,9 +118,9 @@ def bf16_scores(q, k, v):
 
 
 def main(lens="4096,16384,32768,100000", shapes="7b,34b", batch: int = 1, out: str = None):
-    lens = [int(x) for x in str(lens).split(",")]
+    lens = [int(x) for x in (lens if isinstance(lens, (tuple, list)) else str(lens).split(","))]
     results = []
-    for shape in str(shapes).split(","):
+    for shape in (shapes if isinstance(shapes, (tuple, list)) else str(shapes).split(",")):
         heads, kv_heads = SHAPES[shape]
         for n in lens:
             q = torch.randn(batch, heads, 1, 128, device="cuda", dtype=torch.bfloat16)
@@ -144,5 +156,47 @@ def main(lens="4096,16384,32768,100000", shapes="7b,34b", batch: int = 1, out: s
             json.dump(results, f, indent=2)
 
 
+def steps(ctx="32768,100000", preset: str = "7b", repeats: int = 20, out: str = None,
+          device: str = "cuda"):
+    """Batch-1 decode steps at each context: SDPA for every length, attend_one_query (the
+    library's choice from SPLIT_KV_MIN_LEN on) and the split-flash variants."""
+    contexts = [int(x) for x in (ctx if isinstance(ctx, (tuple, list)) else str(ctx).split(","))]
+    gen = Llama.from_preset(preset, max_seq_len=max(contexts) + 1, max_batch_size=1,
+                            device=device)
+    model = gen.model
+    for layer in model.layers:
+        layer.attention.cache.k.normal_()
+        layer.attention.cache.v.normal_()
+    token = torch.randint(0, model.vocab_size, (1, 1), device=device)
+    variants = {
+        "sdpa": (10**9, attend_one_query),
+        "one_query": (1, attend_one_query),
+        "split_flash_4096": (1, lambda q, k, v, m: split_flash(q, k, v, 4096)),
+        "split_flash_8192": (1, lambda q, k, v, m: split_flash(q, k, v, 8192)),
+    }
+    results = []
+    for n in contexts:
+        row = dict(preset=preset, ctx=n)
+        want = None
+        for name, (threshold, fn) in variants.items():
+            llama.model.SPLIT_KV_MIN_LEN, llama.model.attend_one_query = threshold, fn
+            try:
+                with torch.inference_mode():
+                    def step():
+                        return model.output(model.forward_hidden(token, n - 1, kv_len=n))
+                    logits = step().float()
+                    want = logits if want is None else want
+                    us = time_us(step, repeats)
+                row[name] = dict(ms=us / 1000, tokens_per_s=1e6 / us,
+                                 max_abs_logit_diff=(logits - want).abs().max().item())
+            except Exception as e:
+                row[name] = dict(error=f"{type(e).__name__}: {e}"[:300])
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    if out:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire.Fire({"kernels": main, "steps": steps})

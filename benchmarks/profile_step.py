@@ -1,8 +1,14 @@
 """Where the GPU time of one prefill and one decode step goes, kernel by kernel (torch
 profiler), for a preset with random weights. Prints the kernels with the most CUDA time.
 
-    python benchmarks/profile_step.py --preset 7b --prefill_len 16384 --top 25
+    python benchmarks/profile_step.py kernels --preset 7b --prefill_len 16384 --top 25
+    python benchmarks/profile_step.py prefill_compiled --lens 16384
+
+`prefill_compiled` times a prefill forward pass eagerly and compiled with torch.compile
+(dynamic shapes, so one compilation serves every prompt length).
 """
+
+import time
 
 import sys
 from pathlib import Path
@@ -49,5 +55,36 @@ def main(preset: str = "7b", prefill_len: int = 16384, decode_ctx: int = 512, to
         print(table(decode, top, f"{preset} eager decode step at context {decode_ctx}"))
 
 
+def prefill_compiled(preset: str = "7b", lens="16384", repeats: int = 3):
+    lens = [int(x) for x in (lens if isinstance(lens, (tuple, list)) else str(lens).split(","))]
+    gen = Llama.from_preset(preset, max_seq_len=max(lens) + 1, max_batch_size=1, device="cuda")
+    model = gen.model
+    compiled = torch.compile(model.forward_hidden, dynamic=True)
+
+    def ms(fn):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+        return 1000 * (time.perf_counter() - t0) / repeats
+
+    # no_grad rather than inference_mode for the compiled function (pytorch#180823).
+    with torch.no_grad():
+        for n in lens:
+            tokens = torch.randint(0, model.vocab_size, (1, n), device="cuda")
+            eager = ms(lambda: model.forward_hidden(tokens, 0, kv_len=n))
+            t0 = time.perf_counter()
+            compiled(tokens, 0, kv_len=n)
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            fast = ms(lambda: compiled(tokens, 0, kv_len=n))
+            diff = (compiled(tokens, 0, kv_len=n).float()
+                    - model.forward_hidden(tokens, 0, kv_len=n).float()).abs().max().item()
+            print(f"{preset} prefill {n}: eager {eager:.1f} ms, compiled {fast:.1f} ms "
+                  f"(first call {first:.1f} s), max |hidden diff| {diff:.3g}", flush=True)
+
+
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire.Fire({"kernels": main, "prefill_compiled": prefill_compiled})
