@@ -139,13 +139,10 @@ def ragged_lens(batch: int, prompt_len: int):
 # ---- ours -------------------------------------------------------------------------------
 
 def ours_prefill(gen: Llama, clock: Clock, length: int, repeats: int, warmup: int) -> dict:
-    model = gen.model
-    tokens = torch.tensor(random_prompts([length], model.vocab_size, length),
-                          device=model.rope.device)
+    prompt = random_prompts([length], gen.model.vocab_size, length)
 
-    def once():  # what generation does: hidden states of all positions, logits of the last
-        hidden = model.forward_hidden(tokens, 0, kv_len=length)
-        return model.output(hidden[:, -1])
+    def once():  # what generation does before its first token (chunks, compiled or not)
+        return gen.prefill(prompt, 0.0, 1.0, None)
 
     clock.reset_peak()
     seconds = clock.median(once, repeats, warmup)

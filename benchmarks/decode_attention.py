@@ -2,7 +2,7 @@
 (whatever backend it picks) against llama.model.attend_one_query (two batched products,
 float32 scores), and a variant of the latter that splits the value product into chunks
 by hand. Prints microseconds and the bandwidth reached on the cache (keys + values read
-once), and writes JSON. Used to choose SPLIT_KV_MIN_LEN.
+once), and writes JSON. Used to choose MASKED_SDPA_MAX_LEN.
 
     python benchmarks/decode_attention.py kernels --lens 4096,16384,32768,100000 --out attn.json
     python benchmarks/decode_attention.py steps --ctx 32768,100000 --out steps.json
@@ -158,8 +158,8 @@ def main(lens="4096,16384,32768,100000", shapes="7b,34b", batch: int = 1, out: s
 
 def steps(ctx="32768,100000", preset: str = "7b", repeats: int = 20, out: str = None,
           device: str = "cuda"):
-    """Batch-1 decode steps at each context: SDPA for every length, attend_one_query (the
-    library's choice from SPLIT_KV_MIN_LEN on) and the split-flash variants."""
+    """Batch-1 eager decode steps (no mask) at each context, attention by SDPA (the
+    library's choice), attend_one_query or the split-flash variants."""
     contexts = [int(x) for x in (ctx if isinstance(ctx, (tuple, list)) else str(ctx).split(","))]
     gen = Llama.from_preset(preset, max_seq_len=max(contexts) + 1, max_batch_size=1,
                             device=device)
@@ -168,18 +168,24 @@ def steps(ctx="32768,100000", preset: str = "7b", repeats: int = 20, out: str = 
         layer.attention.cache.k.normal_()
         layer.attention.cache.v.normal_()
     token = torch.randint(0, model.vocab_size, (1, 1), device=device)
+    sdpa_attend = llama.model.attend
+
+    def one_query_steps(fn):  # fn for one-query steps, the library's attend otherwise
+        return lambda q, k, v, mask: fn(q, k, v, mask) if q.shape[2] == 1 else sdpa_attend(
+            q, k, v, mask)
+
     variants = {
-        "sdpa": (10**9, attend_one_query),
-        "one_query": (1, attend_one_query),
-        "split_flash_4096": (1, lambda q, k, v, m: split_flash(q, k, v, 4096)),
-        "split_flash_8192": (1, lambda q, k, v, m: split_flash(q, k, v, 8192)),
+        "sdpa": sdpa_attend,
+        "one_query": one_query_steps(lambda q, k, v, m: attend_one_query(q, k, v, None)),
+        "split_flash_4096": one_query_steps(lambda q, k, v, m: split_flash(q, k, v, 4096)),
+        "split_flash_8192": one_query_steps(lambda q, k, v, m: split_flash(q, k, v, 8192)),
     }
     results = []
     for n in contexts:
         row = dict(preset=preset, ctx=n)
         want = None
-        for name, (threshold, fn) in variants.items():
-            llama.model.SPLIT_KV_MIN_LEN, llama.model.attend_one_query = threshold, fn
+        for name, fn in variants.items():
+            llama.model.attend = fn
             try:
                 with torch.inference_mode():
                     def step():

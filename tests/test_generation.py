@@ -224,9 +224,28 @@ class PaddedSteps:
         return decode_step(self.model, tokens, positions, bucket, temperature, top_p)
 
 
-def test_fast_path_gives_the_plain_path_tokens(make_model):
+def test_kv_buckets():
+    from llama.decode import kv_bucket
+    assert [kv_bucket(n, 200_000) for n in (1, 512, 513, 5000, 16384)] == [
+        512, 512, 1024, 8192, 16384]
+    # Past 16k, steps of 8k: at most 8k padded positions instead of up to twice the context.
+    assert [kv_bucket(n, 200_000) for n in (16385, 24576, 24577, 100_000)] == [
+        24576, 24576, 32768, 106496]
+    assert kv_bucket(100_000, 100_032) == 100_032 and kv_bucket(300, 256) == 256
+
+
+@pytest.mark.parametrize("long_buckets", [False, True])
+def test_fast_path_gives_the_plain_path_tokens(make_model, monkeypatch, long_buckets):
     """Fused projections, chunked prefill and padded, masked decode steps (the GPU fast
-    path) produce the plain path's greedy tokens and logprobs."""
+    path) produce the plain path's greedy tokens and logprobs. long_buckets shrinks the
+    limits so that the steps use the long-context buckets and attend_one_query."""
+    if long_buckets:
+        import llama.decode
+        import llama.model
+        monkeypatch.setattr(llama.decode, "MIN_BUCKET", 4)
+        monkeypatch.setattr(llama.decode, "MAX_COMPILED_BUCKET", 8)
+        monkeypatch.setattr(llama.decode, "LONG_BUCKET_STEP", 4)
+        monkeypatch.setattr(llama.model, "MASKED_SDPA_MAX_LEN", 8)
     folder, _, _ = make_model()
     plain, fast = build(folder), build(folder)
     fast.model.fuse()
@@ -242,3 +261,23 @@ def test_fast_path_gives_the_plain_path_tokens(make_model):
         assert g["logprobs"] == pytest.approx(w["logprobs"], abs=1e-4)
     assert fast.model.layers[0].attention.wq.weight.data_ptr() == (
         fast.model.layers[0].attention.wqkv.data_ptr())  # views, not copies
+
+
+def test_compiled_prefill(make_model):
+    """configure(compile=True) compiles each prompt's first prefill chunk (dynamic shapes:
+    one graph for every length, no graph break); answers equal the eager ones."""
+    import torch._dynamo
+    folder, _, _ = make_model()
+    plain, fast = build(folder), build(folder)
+    fast.configure(compile=True, prefill_chunk=8)
+    torch._dynamo.utils.counters.clear()
+    args = dict(temperature=0, max_gen_len=6, logprobs=True, echo=True)
+    # Batches whose longest prompts differ in length; the first takes two chunks.
+    for prompts in (["def add(a, b):\n    return a + b", "x = 1"], ["import os\n", "y"]):
+        want = plain.text_completion(prompts, **args)
+        got = fast.text_completion(prompts, **args)
+        for w, g in zip(want, got):
+            assert g["tokens"] == w["tokens"]
+            assert g["logprobs"] == pytest.approx(w["logprobs"], abs=1e-4)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

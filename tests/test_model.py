@@ -68,23 +68,25 @@ def test_rows_at_different_positions(make_model):
 
 @pytest.mark.parametrize("kv_heads", [2, 4])
 def test_long_context_decode_attention(make_model, monkeypatch, kv_heads):
-    """Decoding over a long cache goes through attend_one_query (lowered threshold here),
-    with and without a per-row mask, and gives what the full forward gives."""
+    """A masked decoding step over a long cache (lowered threshold here) goes through
+    attend_one_query, an unmasked one through SDPA, and both give the full forward's
+    logits."""
     folder, args, _ = make_model(n_kv_heads=kv_heads)
     model = build(folder).model
     tokens = torch.randint(0, args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
     full = model.forward(tokens, 0)
     calls = []
     real = model_module.attend_one_query
-    monkeypatch.setattr(model_module, "SPLIT_KV_MIN_LEN", 8)
+    monkeypatch.setattr(model_module, "MASKED_SDPA_MAX_LEN", 8)
     monkeypatch.setattr(model_module, "attend_one_query",
-                        lambda q, k, v, mask: calls.append(mask is None) or real(q, k, v, mask))
+                        lambda q, k, v, mask: calls.append(k.shape[2]) or real(q, k, v, mask))
     model.forward(tokens[:, :10], 0)
     same = [model.forward(tokens[:, i:i + 1], i) for i in range(10, 17)]
     per_row = [model.forward(tokens[:, i:i + 1], torch.tensor([i, i])) for i in range(17, 24)]
     assert rel_err(torch.cat(same + per_row, dim=1), full[:, 10:]) < 1e-5
-    # Positions 10..16: no mask; 17..23: the boolean per-row mask. One call per layer.
-    assert calls == [True] * 7 * args.n_layers + [False] * 7 * args.n_layers
+    # Positions 10..16 (one start for all rows): no mask, SDPA. 17..23 (a start per row):
+    # the boolean mask over 18..24 > 8 positions, one call per layer.
+    assert calls == [n for n in range(18, 25) for _ in range(args.n_layers)]
 
 
 def test_one_query_attention_matches_sdpa():
