@@ -28,6 +28,22 @@ from llama.model import attend_one_query  # noqa: E402
 SHAPES = {"7b": (32, 32), "34b": (64, 8)}  # (query heads, key/value heads) at MP=1
 
 
+def as_list(value, cast=int) -> list:
+    """fire gives "a,b" as a tuple or a string."""
+    items = value if isinstance(value, (tuple, list)) else str(value).split(",")
+    return [cast(x) for x in items]
+
+
+def failure(e: Exception) -> dict:  # one variant failing must not hide the others
+    return dict(error=f"{type(e).__name__}: {e}"[:300])
+
+
+def save(results: list, out: str) -> None:
+    if out:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
 def time_us(fn, repeats: int = 20) -> float:
     for _ in range(3):
         fn()
@@ -118,9 +134,9 @@ def bf16_scores(q, k, v):
 
 
 def main(lens="4096,16384,32768,100000", shapes="7b,34b", batch: int = 1, out: str = None):
-    lens = [int(x) for x in (lens if isinstance(lens, (tuple, list)) else str(lens).split(","))]
+    lens = as_list(lens)
     results = []
-    for shape in (shapes if isinstance(shapes, (tuple, list)) else str(shapes).split(",")):
+    for shape in as_list(shapes, str):
         heads, kv_heads = SHAPES[shape]
         for n in lens:
             q = torch.randn(batch, heads, 1, 128, device="cuda", dtype=torch.bfloat16)
@@ -147,20 +163,18 @@ def main(lens="4096,16384,32768,100000", shapes="7b,34b", batch: int = 1, out: s
                         err = (fn().float() - want).abs().max().item()
                         us = time_us(fn)
                     row[name] = dict(us=us, gb_per_s=gb / (us / 1e6), max_abs_err=err)
-                except Exception as e:  # one variant failing must not hide the others
-                    row[name] = dict(error=f"{type(e).__name__}: {e}"[:300])
+                except Exception as e:
+                    row[name] = failure(e)
             print(json.dumps(row), flush=True)
             results.append(row)
-    if out:
-        with open(out, "w") as f:
-            json.dump(results, f, indent=2)
+    save(results, out)
 
 
 def steps(ctx="32768,100000", preset: str = "7b", repeats: int = 20, out: str = None,
           device: str = "cuda"):
     """Batch-1 eager decode steps (no mask) at each context, attention by SDPA (the
     library's choice), attend_one_query or the split-flash variants."""
-    contexts = [int(x) for x in (ctx if isinstance(ctx, (tuple, list)) else str(ctx).split(","))]
+    contexts = as_list(ctx)
     gen = Llama.from_preset(preset, max_seq_len=max(contexts) + 1, max_batch_size=1,
                             device=device)
     model = gen.model
@@ -196,12 +210,10 @@ def steps(ctx="32768,100000", preset: str = "7b", repeats: int = 20, out: str = 
                 row[name] = dict(ms=us / 1000, tokens_per_s=1e6 / us,
                                  max_abs_logit_diff=(logits - want).abs().max().item())
             except Exception as e:
-                row[name] = dict(error=f"{type(e).__name__}: {e}"[:300])
+                row[name] = failure(e)
         print(json.dumps(row), flush=True)
         results.append(row)
-    if out:
-        with open(out, "w") as f:
-            json.dump(results, f, indent=2)
+    save(results, out)
 
 
 if __name__ == "__main__":
