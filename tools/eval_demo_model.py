@@ -283,7 +283,7 @@ def main(argv=None) -> int:
     formats = [f.strip().lower() for f in opts.formats.split(",") if f.strip()]
     if not set(formats) <= {"psm", "spm"}:
         raise SystemExit(f"--formats takes psm and/or spm, got {opts.formats!r}")
-    files = list_corpus(cfg)["test"]
+    files = list_corpus(cfg)[0]["test"]
     if opts.tiny:
         files = files[:3]
     dtype = getattr(torch, opts.dtype) if opts.dtype else None

@@ -197,7 +197,7 @@ def is_permissive(licence: str) -> bool:
     return bool(PERMISSIVE.search(licence)) and not COPYLEFT.search(licence)
 
 
-def site_packages_files(cfg: dict):
+def site_packages_files():
     """[(key, path)] for the .py files of the permissively licensed distributions installed
     in this Python's own site-packages (not PYTHONPATH or user folders), key being
     "site-packages/<path relative to site-packages>"; and {distribution: (version,
@@ -233,24 +233,24 @@ def site_packages_files(cfg: dict):
 EXCLUDED_DISTRIBUTIONS = {"codellama", "pip", "setuptools"}
 
 
-def list_corpus(cfg: dict, root: Optional[Path] = None) -> Dict[str, List[Tuple[str, str]]]:
-    """{split: [(key, text), ...]} sorted by key. Keys are paths relative to the standard
+def list_corpus(cfg: dict, root: Optional[Path] = None):
+    """({split: [(key, text), ...]} sorted by key, {distribution: (version, licence, .py
+    files)} of the site-packages used). Keys are paths relative to the standard
     library, or "site-packages/<path>" for the permissively licensed packages (cfg
     "site_packages"). Files that are not UTF-8, or over max_file_bytes, or with a line over
     1,000 characters (generated tables) are skipped; so is every file whose exact text was
-    already taken (vendored copies), and a held-out file's text is never trained on.
+    already taken (vendored copies), so a held-out text is never trained on.
     With cfg["max_files"] (the --tiny mode) each split keeps only its first files in hash
-    order, max_files for train and max(3, max_files // 12) for the others. The packages
-    used are listed in list_corpus.distributions (licence, version, file count)."""
+    order, max_files for train and max(3, max_files // 12) for the others."""
     root = root or stdlib_root()
     candidates = [(path.relative_to(root).as_posix(), path) for path in sorted(root.rglob("*.py"))
                   if not is_excluded(path.relative_to(root))]
-    list_corpus.distributions = {}
+    distributions = {}
     if cfg.get("site_packages"):
-        site, list_corpus.distributions = site_packages_files(cfg)
+        site, distributions = site_packages_files()
         candidates += site
     splits: Dict[str, List[Tuple[str, str]]] = {"train": [], "valid": [], "test": []}
-    seen = set()
+    taken = set()  # SHA-256 of every text taken: each text once, in one split only
     for key, path in sorted(candidates):
         if (is_excluded(Path(key.removeprefix(SITE_PREFIX))) or not path.is_file()
                 or path.stat().st_size > cfg["max_file_bytes"]):
@@ -260,13 +260,10 @@ def list_corpus(cfg: dict, root: Optional[Path] = None) -> Dict[str, List[Tuple[
         except (UnicodeDecodeError, OSError):
             continue
         digest = hashlib.sha256(text.encode("utf-8")).digest()
-        if not text.strip() or digest in seen or max(map(len, text.splitlines())) > 1000:
+        if not text.strip() or digest in taken or max(map(len, text.splitlines())) > 1000:
             continue
-        seen.add(digest)
+        taken.add(digest)
         splits[split_of(key, cfg)].append((key, text))
-    held = {hashlib.sha256(t.encode("utf-8")).digest() for s in ("valid", "test") for _, t in splits[s]}
-    splits["train"] = [(k, t) for k, t in splits["train"]
-                       if hashlib.sha256(t.encode("utf-8")).digest() not in held]
     if cfg.get("max_train_chars"):
         # Over the cap, the standard library is kept whole and site-packages files are
         # taken in the order of their key's hash (a random but fixed sample).
@@ -291,7 +288,7 @@ def list_corpus(cfg: dict, root: Optional[Path] = None) -> Dict[str, List[Tuple[
                             ("valid", max(3, cfg["max_files"] // 12)),
                             ("test", max(3, cfg["max_files"] // 12))):
             splits[name] = sorted(sorted(splits[name], key=key)[:limit])
-    return splits
+    return splits, distributions
 
 
 def corpus_fingerprint(splits) -> str:
@@ -497,7 +494,7 @@ def _shard_rows(task: Tuple[str, int, int]):
 def prepare_data(cfg: dict, work_dir: Path, workers: int) -> dict:
     """Corpus, tokenizer and packed rows for all epochs, cached in work_dir/data-<key>."""
     t0 = time.time()
-    splits = list_corpus(cfg)
+    splits, distributions = list_corpus(cfg)
     fingerprint = corpus_fingerprint(splits)
     data_cfg = {k: cfg[k] for k in ("vocab_size", "character_coverage", "chunk_chars",
                                     "fim_rate", "line_fim_rate", "spm_rate", "ctx", "epochs",
@@ -514,7 +511,7 @@ def prepare_data(cfg: dict, work_dir: Path, workers: int) -> dict:
         counts = {k: len(v) for k, v in splits.items()}
         chars = {k: sum(len(t) for _, t in v) for k, v in splits.items()}
         log(f"corpus: Python {platform.python_version()} stdlib {stdlib_root()}"
-            f"{f' + {len(list_corpus.distributions)} site-packages distributions' if cfg.get('site_packages') else ''}"
+            f"{f' + {len(distributions)} site-packages distributions' if distributions else ''}"
             f": files {counts}, characters {chars}")
         tok_path = data_dir / "tokenizer.model"
         t1 = time.time()
@@ -563,7 +560,7 @@ def prepare_data(cfg: dict, work_dir: Path, workers: int) -> dict:
             stdlib_files={k: sum(not rel.startswith(SITE_PREFIX) for rel, _ in v)
                           for k, v in splits.items()},
             distributions={name: dict(version=v, licence=lic, files=n)
-                           for name, (v, lic, n) in list_corpus.distributions.items()},
+                           for name, (v, lic, n) in distributions.items()},
             test_files=[rel for rel, _ in splits["test"]],
             valid_files=[rel for rel, _ in splits["valid"]],
             characters_per_token_valid=chars["valid"] / max(plain, 1),
