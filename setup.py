@@ -20,8 +20,10 @@ setup(
     install_requires=requirements,
     extras_require={
         # What the test suite needs beyond the runtime: the HF reference implementation
-        # (numerical oracle and conversion), safetensors for HF folders, pytest.
-        "test": ["pytest", "transformers", "safetensors", "protobuf"],
+        # (numerical oracle and conversion), safetensors for HF folders, pytest, and Triton,
+        # whose interpreter runs the GPU decode-attention kernel on the CPU (PyTorch's CUDA
+        # wheels for Linux already bring Triton at run time).
+        "test": ["pytest", "transformers", "safetensors", "protobuf", "triton"],
         # Hugging Face folders as ckpt_dir, and python -m llama.convert to_hf/from_hf.
         "hf": ["safetensors"],
     },

@@ -15,6 +15,7 @@ HF's from its first to its last streamed token, so both cover the same interval.
 """
 
 import gc
+import hashlib
 import json
 import os
 import statistics
@@ -151,28 +152,35 @@ def ours_prefill(gen: Llama, clock: Clock, length: int, repeats: int, warmup: in
 
 
 def ours_decode_once(gen: Llama, clock: Clock, prompts, gen_len: int):
+    """One greedy generation: (steps after the first token, their seconds, seconds to the
+    first token, a fingerprint of the tokens made, to compare variants' outputs)."""
     call = clock.mark()
     first = None
-    yields = 0
-    for _ in gen.decode_steps(prompts, gen_len, temperature=0.0, top_p=0.9, stop_ids=set()):
+    made = []
+    for step in gen.decode_steps(prompts, gen_len, temperature=0.0, top_p=0.9, stop_ids=set()):
         if first is None:
             first = clock.mark()
-        yields += 1
+        made.append([None if s is None else s[0] for s in step])
     end = clock.mark()
-    return yields - 1, clock.seconds(first, end), clock.seconds(call, first)
+    fingerprint = hashlib.sha1(json.dumps(made).encode()).hexdigest()[:12]
+    return len(made) - 1, clock.seconds(first, end), clock.seconds(call, first), fingerprint
 
 
 def timed_decodes(run_once, clock: Clock, repeats: int, warmup: int):
-    """Median run of `run_once() -> (steps, decode seconds, ttft seconds)` and peak memory."""
+    """Median run of `run_once() -> (steps, decode seconds, ttft seconds[, fingerprint])`
+    and peak memory."""
     clock.reset_peak()
     for _ in range(warmup):
         run_once()
     runs = sorted((run_once() for _ in range(max(1, repeats))), key=lambda r: r[1] / r[0])
-    steps, seconds, ttft = runs[len(runs) // 2]
+    steps, seconds, ttft = runs[len(runs) // 2][:3]
     if steps < 1:
         raise RuntimeError("fewer than two tokens were generated; raise gen_len")
-    return steps, seconds, {"ttft_ms": 1000 * ttft, "peak_mem_gib": clock.peak_gib(),
-                            "runs_ms_per_step": [1000 * r[1] / r[0] for r in runs]}
+    extra = {"ttft_ms": 1000 * ttft, "peak_mem_gib": clock.peak_gib(),
+             "runs_ms_per_step": [1000 * r[1] / r[0] for r in runs]}
+    if len(runs[0]) > 3:
+        extra["tokens_fingerprint"] = sorted({r[3] for r in runs})
+    return steps, seconds, extra
 
 
 # ---- Hugging Face peers -------------------------------------------------------------------

@@ -51,13 +51,17 @@ def write(out_dir: str, preset: str = "13b", n_layers: int = 8, shards: int = 2,
     print(f"wrote {shards} shards of {preset} widths, {n_layers} layers, to {out}")
 
 
-def run(ckpt_dir: str, out: str, gen_len: int = 32, dtype: str = None):
+def run(ckpt_dir: str, out: str, gen_len: int = 32, dtype: str = None,
+        configure: dict = None):
     """Greedy tokens and last-position logits of PROMPTS at the launched world size.
     dtype: e.g. float32 (default: the library's, bf16 on CUDA). Random weights give flat
     next-token distributions full of near-ties, which bf16 rounding flips; in float32 the
-    only difference between world sizes is the order of the sums."""
+    only difference between world sizes is the order of the sums.
+    configure: keyword arguments for `Llama.configure`, e.g. '{"compile": True}'."""
     gen = Llama.build(ckpt_dir, max_seq_len=128, max_batch_size=len(PROMPTS),
                       dtype=getattr(torch, dtype) if dtype else None)
+    if configure:
+        gen.configure(**configure)
     results = gen.text_completion(PROMPTS, temperature=0, max_gen_len=gen_len, logprobs=True)
     tokens = [gen.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
     width = max(map(len, tokens))

@@ -4,9 +4,11 @@ graph.
 
 At batch 1 a 7B decode step is ~400 small kernels whose launch cost alone exceeds the
 time the GPU needs to read the weights. A CUDA graph launches them all at once. Graphs
-need fixed shapes, so each graph attends over a fixed number of cache positions (a
-power-of-two bucket at least as large as the longest row) and masks the positions a row
-has not reached; one graph is captured per (batch size, bucket, sampling settings).
+need fixed shapes. With the Triton decode attention (kernels.py), which reads each row's
+length from the device, one graph spans the whole cache and serves every context length:
+one graph (and one compilation) per (batch size, sampling settings). Without it, each
+graph attends over a fixed number of cache positions (a bucket at least as large as the
+longest row, see kv_bucket) and masks the positions a row has not reached.
 """
 
 from typing import Dict, Tuple
@@ -14,6 +16,9 @@ from typing import Dict, Tuple
 import torch
 import torch._inductor.config as inductor_config
 import torch.nn.functional as F
+
+from . import kernels
+from .distributed import enable_symmetric_memory
 
 MIN_BUCKET = 512  # one bucket covers short chats: fewer graphs and compilations
 # Buckets double up to this length, then grow in steps of LONG_BUCKET_STEP, so that a
@@ -74,10 +79,23 @@ class GraphedDecoder:
     With `compile`, steps over up to MAX_COMPILED_BUCKET positions are first compiled by
     torch.compile (inductor fuses the ~50 small kernels per layer of RMSNorm, RoPE and
     the cache update into a few), and the compiled kernels are what the graph captures.
-    Compiling costs tens of seconds per (batch size, bucket) the first time."""
+    Compiling costs tens of seconds per (batch size, bucket) the first time.
 
-    def __init__(self, model, compile: bool = False):
+    With `symmetric_memory` (compiled steps at MP>1 only), the compiled step sums the
+    partial results of the parallel layers through symmetric memory rather than NCCL
+    (see distributed.enable_symmetric_memory)."""
+
+    def __init__(self, model, compile: bool = False, symmetric_memory: bool = True):
         self.model = model
+        # Attention reads each row's length from the device: graphs span the whole cache.
+        self.whole_cache = kernels.available(model.rope.device, model.params.head_dim)
+        symmetric = compile and symmetric_memory and enable_symmetric_memory()
+        self.compile_settings = {
+            # Coordinate-descent tuning of the generated kernels' launch settings (done
+            # while compiling, in the first warm-up step): +6% tokens/s for 7B at batch 1.
+            "coordinate_descent_tuning": True,
+            "_collective.auto_select": symmetric,
+        }
         self.graphs: Dict[tuple, Tuple[torch.cuda.CUDAGraph, tuple, tuple]] = {}
         self.pool = torch.cuda.graph_pool_handle()  # one memory pool shared by all graphs
         self.compiled = torch.compile(decode_step, dynamic=False) if compile else None
@@ -86,7 +104,8 @@ class GraphedDecoder:
         return kv_len <= self.model.params.max_seq_len
 
     def __call__(self, tokens, positions, kv_len: int, temperature: float, top_p: float):
-        bucket = kv_bucket(kv_len, self.model.params.max_seq_len)
+        max_seq_len = self.model.params.max_seq_len
+        bucket = max_seq_len if self.whole_cache else kv_bucket(kv_len, max_seq_len)
         key = (tokens.shape[0], bucket, temperature, top_p)
         if key not in self.graphs:
             self.graphs[key] = self.capture(tokens, positions, bucket, temperature, top_p)
@@ -103,7 +122,7 @@ class GraphedDecoder:
             static_tokens = torch.empty_like(tokens).copy_(tokens)
             static_positions = torch.empty_like(positions).copy_(positions)
             fn = decode_step
-            if self.compiled is not None and bucket <= MAX_COMPILED_BUCKET:
+            if self.compiled is not None and (self.whole_cache or bucket <= MAX_COMPILED_BUCKET):
                 fn = self.compiled
             step = lambda: fn(  # noqa: E731
                 self.model, static_tokens, static_positions, bucket, temperature, top_p)
@@ -111,9 +130,7 @@ class GraphedDecoder:
             # capturing. The warm-up writes the same cache entries the real step writes.
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            # Coordinate-descent tuning of the generated kernels' launch settings (done
-            # while compiling, in the first warm-up step): +6% tokens/s for 7B at batch 1.
-            with torch.cuda.stream(side), inductor_config.patch(coordinate_descent_tuning=True):
+            with torch.cuda.stream(side), inductor_config.patch(self.compile_settings):
                 for _ in range(2):
                     step()
             torch.cuda.current_stream().wait_stream(side)

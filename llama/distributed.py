@@ -6,7 +6,9 @@ torchrun for a single device.
 """
 
 import atexit
+import contextlib
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -74,6 +76,9 @@ def initialize(model_parallel_size, device: torch.device) -> int:
 
 def _destroy_group() -> None:
     if dist.is_initialized():
+        if _symmetric_memory_on:  # no rank may unmap its buffers while a peer still reads them
+            torch.cuda.synchronize()
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -100,6 +105,37 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     if mp.get_model_parallel_world_size() == 1:
         return x
     return _all_gather(x, x.dim() - 1, mp.get_model_parallel_group())
+
+
+def enable_symmetric_memory() -> bool:
+    """Register the model-parallel group for symmetric memory, so that compiled code
+    (inductor with `_collective.auto_select`) can sum small tensors with a one-shot
+    kernel that reads each peer GPU's buffer directly, instead of an NCCL all-reduce.
+    A decode step's all-reduces (two per layer, a few KB each) cost latency, not
+    bandwidth, and the one-shot kernel has much less of it. No NVLink multicast is used.
+    Returns whether it is on: never at MP=1 or off CUDA, or where PyTorch lacks it."""
+    if mp.get_model_parallel_world_size() == 1 or not torch.cuda.is_available():
+        return False
+    try:
+        from torch.distributed import _symmetric_memory as symm_mem
+    except ImportError:
+        return False
+    global _symmetric_memory_on
+    if not _symmetric_memory_on and hasattr(symm_mem, "set_backend"):
+        # Plain CUDA peer mappings where this PyTorch has them: each process frees its
+        # own. With NVSHMEM, buffers are freed collectively, and ranks exiting at
+        # different moments can deadlock.
+        with contextlib.suppress(RuntimeError):  # "does not find allocation backend"
+            symm_mem.set_backend("CUDA")
+    with warnings.catch_warnings():
+        # Newer PyTorch deprecates the call, but its inductor still checks the registration.
+        warnings.simplefilter("ignore", FutureWarning)
+        symm_mem.enable_symm_mem_for_group(mp.get_model_parallel_group().group_name)
+    _symmetric_memory_on = True
+    return True
+
+
+_symmetric_memory_on = False
 
 
 # all_gather_tensor was renamed all_gather_single in newer PyTorch (the old name warns).

@@ -196,7 +196,7 @@ class Llama:
             self.configure()
 
     def configure(self, cuda_graphs: bool = True, compile: bool = False,
-                  prefill_chunk: Optional[int] = None) -> "Llama":
+                  prefill_chunk: Optional[int] = None, symmetric_memory: bool = True) -> "Llama":
         """Choose how decode steps run on CUDA: replayed from CUDA graphs (default), also
         compiled with torch.compile first (fastest; costs compile time on first use of
         each batch size and context bucket), or eagerly (cuda_graphs=False).
@@ -212,7 +212,7 @@ class Llama:
                                  f"got {prefill_chunk}")
             self.prefill_chunk = prefill_chunk
         on_cuda = self.model.rope.device.type == "cuda"
-        self.graphed = GraphedDecoder(self.model, compile) if on_cuda and cuda_graphs else None
+        self.graphed = GraphedDecoder(self.model, compile, symmetric_memory) if on_cuda and cuda_graphs else None
         self.compiled_prefill = (torch.compile(self.model.forward_hidden, dynamic=True)
                                  if compile else None)
         return self

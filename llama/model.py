@@ -23,6 +23,7 @@ from fairscale.nn.model_parallel import layers as fairscale
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
+from . import kernels
 from .distributed import all_gather_last_dim, all_reduce
 
 
@@ -201,9 +202,15 @@ def attend(q, k, v, mask) -> torch.Tensor:
     q: (bsz, heads, seqlen, head_dim); k, v: (bsz, kv_heads, kv_len, head_dim).
     mask: None (every key visible), CAUSAL (query i sees keys up to kv_len - seqlen + i:
     a prefill chunk after kv_len - seqlen cached tokens, run by flash kernels without a
-    materialised mask), or a boolean (bsz, 1, seqlen, kv_len) tensor, True where visible.
+    materialised mask), key counts (an integer (bsz,) tensor: one query per row, which
+    sees its row's first counts[b] keys), or a boolean (bsz, 1, seqlen, kv_len) tensor,
+    True where visible.
     """
     seqlen, kv_len = q.shape[2], k.shape[2]
+    if isinstance(mask, torch.Tensor) and mask.dtype in (torch.int32, torch.int64):
+        if kernels.available(q.device, q.shape[-1]):
+            return kernels.decode_attention(q, k, v, mask)
+        mask = (torch.arange(kv_len, device=mask.device) < mask[:, None])[:, None, None]
     if seqlen == 1 and kv_len > MASKED_SDPA_MAX_LEN and isinstance(mask, torch.Tensor):
         return attend_one_query(q, k, v, mask)
     gqa = k.shape[1] != q.shape[1]
@@ -353,6 +360,8 @@ def attention_mask(start_pos, positions: torch.Tensor, seqlen: int, kv_len: int)
     if isinstance(start_pos, int) and kv_len == start_pos + seqlen:
         # Every row holds exactly the keys before and in this chunk.
         return None if seqlen == 1 else CAUSAL
+    if seqlen == 1:  # decoding: each row sees the keys up to its own position
+        return positions[:, 0] + 1
     key_pos = torch.arange(kv_len, device=positions.device)
     return (key_pos <= positions[..., None])[:, None]
 

@@ -1,0 +1,166 @@
+"""Decoding attention as Triton kernels: one query per row, over a KV cache whose rows
+each have their own length, read from a tensor on the device.
+
+Why not SDPA: a decode step replayed from a CUDA graph has fixed shapes, so with SDPA it
+must attend over a fixed span of the cache and mask the positions a row has not reached,
+and SDPA's masked kernels give each (row, head) pair one thread block: at batch 1 most of
+the GPU idles while a long cache is read. Here every row's keys are cut into blocks of
+`split` positions, one program each (split-KV, "flash decoding"), and programs past a
+row's length stop at once. So one graph serves every context length and reads only the
+keys that exist. A second kernel merges the blocks' partial softmax results.
+
+Used on CUDA when Triton is installed (it ships with PyTorch's Linux CUDA wheels);
+`model.attend` falls back to SDPA with a mask otherwise.
+"""
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs; attention then goes through SDPA
+    triton = None
+
+# Keys per program. Measured on an H200 (benchmarks/decode_attention.py): see RESULTS.md.
+SPLIT = 512
+BLOCK_N = 64  # keys per loop iteration inside a program
+MERGE_CHUNK = 64  # partial results a merge program reads per iteration
+
+
+def available(device: torch.device, head_dim: int) -> bool:
+    """Whether decode_attention runs here: CUDA, Triton, and a head size that Triton's
+    block shapes allow (a power of two, at least 16: Code Llama's is 128)."""
+    return (triton is not None and device.type == "cuda" and head_dim >= 16
+            and head_dim & (head_dim - 1) == 0)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     lengths: torch.Tensor, split: int = SPLIT, block_n: int = BLOCK_N,
+                     num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """Softmax attention of one query per row over each row's first lengths[b] keys.
+
+    q: (bsz, heads, 1, head_dim); k, v: (bsz, kv_heads, kv_len, head_dim), views into a
+    larger cache are fine (only the last dimension must be contiguous); lengths: (bsz,)
+    integers in [1, kv_len]. Query heads that share a key/value head are adjacent (grouped-
+    query attention as in SDPA's enable_gqa). Scores and softmax are float32; in bf16/fp16
+    the probabilities are rounded to the value dtype for their product with the values,
+    as flash attention does. Returns (bsz, heads, 1, head_dim) in q's dtype.
+    """
+    bsz, heads, _, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    group_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs 16 rows
+    n_splits = triton.cdiv(kv_len, split)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"decode_attention needs {name} contiguous in its last dimension")
+    partial_shape = (bsz, kv_heads, n_splits, group_pad)
+    acc = torch.empty(*partial_shape, head_dim, dtype=torch.float32, device=q.device)
+    maxes = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
+    sums = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
+    _split_attention[(bsz * kv_heads, n_splits)](
+        q, k, v, lengths, acc, maxes, sums, head_dim ** -0.5, kv_heads, n_splits,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, SPLIT=split, BLOCK_N=block_n,
+        IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
+    )
+    out = torch.empty(bsz, heads, 1, head_dim, dtype=q.dtype, device=q.device)
+    _merge_splits[(bsz * heads,)](
+        acc, maxes, sums, lengths, out, heads, n_splits, out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, SPLIT=split,
+        CHUNK=MERGE_CHUNK, num_warps=4,
+    )
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _split_attention(q_ptr, k_ptr, v_ptr, lengths_ptr, acc_ptr, max_ptr, sum_ptr,
+                         scale, kv_heads, n_splits,
+                         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
+                         stride_vb, stride_vh, stride_vn,
+                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+                         IEEE: tl.constexpr):
+        """One (row, key/value head, block of SPLIT keys): the unnormalised output, running
+        maximum and sum of exponentials of that block, for the GROUP query heads at once."""
+        row_head = tl.program_id(0)
+        split = tl.program_id(1)
+        b = row_head // kv_heads
+        h = row_head % kv_heads
+        length = tl.load(lengths_ptr + b)
+        start = split * SPLIT
+        if start < length:  # blocks past the row's length have nothing to read
+            end = tl.minimum(start + SPLIT, length)
+            g = tl.arange(0, GROUP_PAD)
+            d = tl.arange(0, HEAD_DIM)
+            q = tl.load(q_ptr + b * stride_qb + (h * GROUP + g)[:, None] * stride_qh
+                        + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
+            k_row = k_ptr + b * stride_kb + h * stride_kh
+            v_row = v_ptr + b * stride_vb + h * stride_vh
+            running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+            running_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)
+            acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+            for n0 in range(start, end, BLOCK_N):
+                n = n0 + tl.arange(0, BLOCK_N)
+                valid = n < end
+                k = tl.load(k_row + n[:, None] * stride_kn + d[None, :], mask=valid[:, None],
+                            other=0.0)
+                if IEEE:  # float32 models: no TF32 rounding of the scores
+                    scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+                else:
+                    scores = tl.dot(q, tl.trans(k))
+                scores = tl.where(valid[None, :], scores * scale, float("-inf"))
+                new_max = tl.maximum(running_max, tl.max(scores, 1))
+                rescale = tl.exp(running_max - new_max)
+                p = tl.exp(scores - new_max[:, None])
+                running_sum = running_sum * rescale + tl.sum(p, 1)
+                v = tl.load(v_row + n[:, None] * stride_vn + d[None, :], mask=valid[:, None],
+                            other=0.0)
+                if IEEE:
+                    pv = tl.dot(p, v, input_precision="ieee")
+                else:
+                    pv = tl.dot(p.to(v.dtype), v)
+                acc = acc * rescale[:, None] + pv
+                running_max = new_max
+            out = (row_head * n_splits + split) * GROUP_PAD + g
+            tl.store(acc_ptr + out[:, None] * HEAD_DIM + d[None, :], acc)
+            tl.store(max_ptr + out, running_max)
+            tl.store(sum_ptr + out, running_sum)
+
+    @triton.jit
+    def _merge_splits(acc_ptr, max_ptr, sum_ptr, lengths_ptr, out_ptr, heads, n_splits,
+                      stride_ob, stride_oh, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, CHUNK: tl.constexpr):
+        """One (row, query head): combine the blocks the row used, each weighted by
+        exp(its maximum - the overall maximum), and normalise."""
+        pid = tl.program_id(0)
+        b = pid // heads
+        head = pid % heads
+        length = tl.load(lengths_ptr + b)
+        used = tl.cdiv(length, SPLIT)
+        first = ((b * (heads // GROUP) + head // GROUP) * n_splits) * GROUP_PAD + head % GROUP
+        c = tl.arange(0, CHUNK)
+        d = tl.arange(0, HEAD_DIM)
+        maxes = tl.full([CHUNK], float("-inf"), tl.float32)
+        for s0 in range(0, used, CHUNK):
+            s = s0 + c
+            maxes = tl.maximum(maxes, tl.load(max_ptr + first + s * GROUP_PAD, mask=s < used,
+                                              other=float("-inf")))
+        overall = tl.max(maxes, 0)
+        sums = tl.zeros([CHUNK], dtype=tl.float32)
+        acc = tl.zeros([CHUNK, HEAD_DIM], dtype=tl.float32)
+        for s0 in range(0, used, CHUNK):
+            s = s0 + c
+            in_use = s < used
+            weight = tl.exp(tl.load(max_ptr + first + s * GROUP_PAD, mask=in_use,
+                                    other=float("-inf")) - overall)
+            sums += weight * tl.load(sum_ptr + first + s * GROUP_PAD, mask=in_use, other=0.0)
+            part = tl.load(acc_ptr + (first + s * GROUP_PAD)[:, None] * HEAD_DIM + d[None, :],
+                           mask=in_use[:, None], other=0.0)
+            acc += weight[:, None] * part
+        out = tl.sum(acc, 0) / tl.sum(sums, 0)
+        tl.store(out_ptr + b * stride_ob + head * stride_oh + d,
+                 out.to(out_ptr.dtype.element_ty))
