@@ -76,16 +76,16 @@ def kv_bucket(kv_len: int, max_seq_len: int) -> int:
 class GraphedDecoder:
     """decode_step replayed from CUDA graphs captured on first use.
 
-    With `compile`, steps over up to MAX_COMPILED_BUCKET positions are first compiled by
-    torch.compile (inductor fuses the ~50 small kernels per layer of RMSNorm, RoPE and
-    the cache update into a few), and the compiled kernels are what the graph captures.
-    Compiling costs tens of seconds per (batch size, bucket) the first time.
+    With `compile`, steps are first compiled by torch.compile (inductor fuses the ~50
+    small kernels per layer of RMSNorm, RoPE and the cache update into a few), and the
+    compiled kernels are what the graph captures. Compiling costs tens of seconds per
+    batch size the first time (per bucket up to MAX_COMPILED_BUCKET without Triton).
 
     With `symmetric_memory` (compiled steps at MP>1 only), the compiled step sums the
     partial results of the parallel layers through symmetric memory rather than NCCL
     (see distributed.enable_symmetric_memory)."""
 
-    def __init__(self, model, compile: bool = False, symmetric_memory: bool = True):
+    def __init__(self, model, compile: bool = False, symmetric_memory: bool = False):
         self.model = model
         # Attention reads each row's length from the device: graphs span the whole cache.
         self.whole_cache = kernels.available(model.rope.device, model.params.head_dim)

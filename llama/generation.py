@@ -196,23 +196,30 @@ class Llama:
             self.configure()
 
     def configure(self, cuda_graphs: bool = True, compile: bool = False,
-                  prefill_chunk: Optional[int] = None, symmetric_memory: bool = True) -> "Llama":
+                  prefill_chunk: Optional[int] = None,
+                  symmetric_memory: bool = False) -> "Llama":
         """Choose how decode steps run on CUDA: replayed from CUDA graphs (default), also
-        compiled with torch.compile first (fastest; costs compile time on first use of
-        each batch size and context bucket), or eagerly (cuda_graphs=False).
+        compiled with torch.compile first (fastest; tens of seconds of compilation on
+        first use of each batch size), or eagerly (cuda_graphs=False).
         compile also compiles the prefill forward pass of each prompt's first chunk, on any
         device, with dynamic shapes (one compilation, tens of seconds, serves every prompt
         length; a 16k-token 7B prefill takes 470 ms instead of 610 on an H200).
         prefill_chunk: prompt positions per forward pass (default 16384); larger chunks
         prefill long prompts faster and need more activation memory (a 100k-token prompt
-        on 7B: 7.4 s in one pass, 10.8 s in 8k chunks, on an H200)."""
+        on 7B: 7.4 s in one pass, 10.8 s in 8k chunks, on an H200).
+        symmetric_memory: with compile at MP>1, sum the parallel layers' partial results
+        with a one-shot kernel over symmetric memory instead of NCCL: 13B at MP=2 on two
+        H200s decoded 178.7 instead of 155.1 tokens/s. Opt-in: in that run the processes
+        did not exit after finishing (benchmarks/RESULTS.md), and it needs GPUs that can
+        read each other's memory (NVLink or PCIe peer access)."""
         if prefill_chunk is not None:
             if prefill_chunk < 1:
                 raise ValueError(f"prefill_chunk must be a positive number of positions, "
                                  f"got {prefill_chunk}")
             self.prefill_chunk = prefill_chunk
         on_cuda = self.model.rope.device.type == "cuda"
-        self.graphed = GraphedDecoder(self.model, compile, symmetric_memory) if on_cuda and cuda_graphs else None
+        self.graphed = (GraphedDecoder(self.model, compile, symmetric_memory)
+                        if on_cuda and cuda_graphs else None)
         self.compiled_prefill = (torch.compile(self.model.forward_hidden, dynamic=True)
                                  if compile else None)
         return self

@@ -21,9 +21,13 @@ try:
 except ImportError:  # CPU-only installs; attention then goes through SDPA
     triton = None
 
-# Keys per program. Measured on an H200 (benchmarks/decode_attention.py): see RESULTS.md.
-SPLIT = 512
-BLOCK_N = 64  # keys per loop iteration inside a program
+# Launch settings, chosen by benchmarks/decode_attention.py on an H200 (RESULTS.md).
+SPLIT = 1024  # keys per block: each block leaves one partial result
+BLOCK_N = 64  # keys per loop iteration inside a block
+# Programs per launch, about 8 per SM of a large GPU: each program takes every
+# PROGRAMS-th block of its (row, head), so a cache far longer than the context does not
+# launch thousands of programs with nothing to do.
+PROGRAMS = 1024
 MERGE_CHUNK = 64  # partial results a merge program reads per iteration
 
 
@@ -36,7 +40,8 @@ def available(device: torch.device, head_dim: int) -> bool:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      lengths: torch.Tensor, split: int = SPLIT, block_n: int = BLOCK_N,
-                     num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                     num_warps: int = 4, num_stages: int = 3,
+                     programs: int = PROGRAMS) -> torch.Tensor:
     """Softmax attention of one query per row over each row's first lengths[b] keys.
 
     q: (bsz, heads, 1, head_dim); k, v: (bsz, kv_heads, kv_len, head_dim), views into a
@@ -58,12 +63,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     acc = torch.empty(*partial_shape, head_dim, dtype=torch.float32, device=q.device)
     maxes = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
     sums = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
-    _split_attention[(bsz * kv_heads, n_splits)](
-        q, k, v, lengths, acc, maxes, sums, head_dim ** -0.5, kv_heads, n_splits,
+    per_row_head = max(1, min(n_splits, triton.cdiv(programs, bsz * kv_heads)))
+    _split_attention[(bsz * kv_heads, per_row_head)](
+        q, k, v, lengths, acc, maxes, sums, kv_heads, n_splits,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, SPLIT=split, BLOCK_N=block_n,
-        IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
+        # The scale is a compile-time constant: as a Python float argument, torch.compile
+        # passes it as float64 and the scores would silently turn float64.
+        SCALE=head_dim ** -0.5, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
+        SPLIT=split, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages,
     )
     out = torch.empty(bsz, heads, 1, head_dim, dtype=q.dtype, device=q.device)
     _merge_splits[(bsz * heads,)](
@@ -78,32 +87,31 @@ if triton is not None:
 
     @triton.jit
     def _split_attention(q_ptr, k_ptr, v_ptr, lengths_ptr, acc_ptr, max_ptr, sum_ptr,
-                         scale, kv_heads, n_splits,
+                         kv_heads, n_splits,
                          stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
-                         stride_vb, stride_vh, stride_vn,
+                         stride_vb, stride_vh, stride_vn, SCALE: tl.constexpr,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                          HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
                          IEEE: tl.constexpr):
-        """One (row, key/value head, block of SPLIT keys): the unnormalised output, running
-        maximum and sum of exponentials of that block, for the GROUP query heads at once."""
+        """For one (row, key/value head), the blocks of SPLIT keys numbered program_id(1)
+        + i * num_programs(1) that hold keys of the row: each block's unnormalised output,
+        maximum score and sum of exponentials, for the GROUP query heads at once."""
         row_head = tl.program_id(0)
-        split = tl.program_id(1)
         b = row_head // kv_heads
         h = row_head % kv_heads
         length = tl.load(lengths_ptr + b)
-        start = split * SPLIT
-        if start < length:  # blocks past the row's length have nothing to read
-            end = tl.minimum(start + SPLIT, length)
-            g = tl.arange(0, GROUP_PAD)
-            d = tl.arange(0, HEAD_DIM)
-            q = tl.load(q_ptr + b * stride_qb + (h * GROUP + g)[:, None] * stride_qh
-                        + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
-            k_row = k_ptr + b * stride_kb + h * stride_kh
-            v_row = v_ptr + b * stride_vb + h * stride_vh
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_ptr + b * stride_qb + (h * GROUP + g)[:, None] * stride_qh + d[None, :],
+                    mask=(g < GROUP)[:, None], other=0.0)
+        k_row = k_ptr + b * stride_kb + h * stride_kh
+        v_row = v_ptr + b * stride_vb + h * stride_vh
+        for split in range(tl.program_id(1), tl.cdiv(length, SPLIT), tl.num_programs(1)):
+            end = tl.minimum(split * SPLIT + SPLIT, length)
             running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
             running_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)
             acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-            for n0 in range(start, end, BLOCK_N):
+            for n0 in range(split * SPLIT, end, BLOCK_N):
                 n = n0 + tl.arange(0, BLOCK_N)
                 valid = n < end
                 k = tl.load(k_row + n[:, None] * stride_kn + d[None, :], mask=valid[:, None],
@@ -112,7 +120,7 @@ if triton is not None:
                     scores = tl.dot(q, tl.trans(k), input_precision="ieee")
                 else:
                     scores = tl.dot(q, tl.trans(k))
-                scores = tl.where(valid[None, :], scores * scale, float("-inf"))
+                scores = tl.where(valid[None, :], scores * SCALE, float("-inf"))
                 new_max = tl.maximum(running_max, tl.max(scores, 1))
                 rescale = tl.exp(running_max - new_max)
                 p = tl.exp(scores - new_max[:, None])

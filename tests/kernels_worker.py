@@ -22,10 +22,10 @@ def kernel_errors():
     torch.manual_seed(0)
     errors = {}
     for dtype in (torch.float32, torch.float16):
-        for heads, kv_heads, head_dim, lengths, split, block_n in [
-            (4, 4, 32, [130, 5], 32, 16),           # no grouping; lengths off the blocks
-            (8, 2, 16, [1, 64, 200], 64, 16),       # groups of 4; one key; a whole split
-            (16, 2, 16, [300, 299], 128, 32),       # groups of 8 (34B/70B's ratio)
+        for heads, kv_heads, head_dim, lengths, split, block_n, programs in [
+            (4, 4, 32, [130, 5], 32, 16, 16),       # no grouping; 2-3 blocks per program
+            (8, 2, 16, [1, 64, 200], 64, 16, 1024),  # groups of 4; one key; a whole block
+            (16, 2, 16, [300, 299], 128, 32, 1024),  # groups of 8 (34B/70B's ratio)
         ]:
             bsz, max_len = len(lengths), 320
             # Views into a bigger cache (an extra row, more positions), as the model passes.
@@ -35,8 +35,10 @@ def kernel_errors():
             k, v = cache_k[:bsz, :, :kv_len], cache_v[:bsz, :, :kv_len]
             q = torch.randn(bsz, 1, heads, head_dim, dtype=dtype).transpose(1, 2)
             n = torch.tensor(lengths)
-            out = kernels.decode_attention(q, k, v, n, split=split, block_n=block_n)
-            key = f"{str(dtype)[6:]} heads={heads}/{kv_heads} lengths={lengths} split={split}"
+            out = kernels.decode_attention(q, k, v, n, split=split, block_n=block_n,
+                                            programs=programs)
+            key = (f"{str(dtype)[6:]} heads={heads}/{kv_heads} lengths={lengths} split={split} "
+                   f"programs={programs}")
             errors[key] = (out.float() - masked_reference(q, k, v, n)).abs().max().item()
             assert out.dtype == dtype and out.shape == q.shape
     return errors
