@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from . import kernels
 from .distributed import enable_symmetric_memory
 
+# Buckets, for CUDA without Triton (with it, a graph spans the whole cache; see above).
 MIN_BUCKET = 512  # one bucket covers short chats: fewer graphs and compilations
 # Buckets double up to this length, then grow in steps of LONG_BUCKET_STEP, so that a
 # long context reads at most that many padded positions (8k of 100k, not 28k). Compiled

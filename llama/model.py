@@ -7,7 +7,8 @@ reference, so `consolidated.NN.pth` shards load as they are. Two things differ i
   batch is prefilled in one pass and decoded without teacher forcing;
 - attention goes through `torch.nn.functional.scaled_dot_product_attention`, which never
   materialises the (seqlen x cache length) score matrix on GPU backends and takes a mask
-  that is correct for any `start_pos` (chunked prefill works).
+  that is correct for any `start_pos` (chunked prefill works); decoding steps on CUDA use
+  the Triton kernel of kernels.py, which reads each row's length from the device.
 """
 
 from dataclasses import dataclass, fields
@@ -221,7 +222,8 @@ def attend(q, k, v, mask) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
-# A masked decoding step over more cache positions than this uses attend_one_query. Without
+# Without Triton (so without kernels.decode_attention), a masked decoding step over more
+# cache positions than this uses attend_one_query. Without
 # a mask, SDPA's flash kernels read a 100k-token cache near the copy bandwidth (4.5 TB/s on
 # an H200); with one, it falls back to kernels that give each (row, head) pair one thread
 # block, so at batch 1 most of the GPU idles (benchmarks/decode_attention.py measures both).
