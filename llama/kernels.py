@@ -5,9 +5,10 @@ Why not SDPA: a decode step replayed from a CUDA graph has fixed shapes, so with
 must attend over a fixed span of the cache and mask the positions a row has not reached,
 and SDPA's masked kernels give each (row, head) pair one thread block: at batch 1 most of
 the GPU idles while a long cache is read. Here every row's keys are cut into blocks of
-`split` positions, one program each (split-KV, "flash decoding"), and programs past a
-row's length stop at once. So one graph serves every context length and reads only the
-keys that exist. A second kernel merges the blocks' partial softmax results.
+`split` positions (split-KV, "flash decoding"), which a fixed number of programs per
+(row, head) share out, up to the row's length only. So one graph serves every context
+length and reads only the keys that exist. A second kernel merges the blocks' partial
+softmax results.
 
 Used on CUDA when Triton is installed (it ships with PyTorch's Linux CUDA wheels);
 `model.attend` falls back to SDPA with a mask otherwise.

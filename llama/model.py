@@ -203,15 +203,13 @@ def attend(q, k, v, mask) -> torch.Tensor:
     q: (bsz, heads, seqlen, head_dim); k, v: (bsz, kv_heads, kv_len, head_dim).
     mask: None (every key visible), CAUSAL (query i sees keys up to kv_len - seqlen + i:
     a prefill chunk after kv_len - seqlen cached tokens, run by flash kernels without a
-    materialised mask), key counts (an integer (bsz,) tensor: one query per row, which
-    sees its row's first counts[b] keys), or a boolean (bsz, 1, seqlen, kv_len) tensor,
-    True where visible.
+    materialised mask), key counts (an integer (bsz,) tensor, where kernels.available:
+    one query per row, which sees its row's first counts[b] keys), or a boolean
+    (bsz, 1, seqlen, kv_len) tensor, True where visible.
     """
     seqlen, kv_len = q.shape[2], k.shape[2]
     if isinstance(mask, torch.Tensor) and mask.dtype in (torch.int32, torch.int64):
-        if kernels.available(q.device, q.shape[-1]):
-            return kernels.decode_attention(q, k, v, mask)
-        mask = (torch.arange(kv_len, device=mask.device) < mask[:, None])[:, None, None]
+        return kernels.decode_attention(q, k, v, mask)
     if seqlen == 1 and kv_len > MASKED_SDPA_MAX_LEN and isinstance(mask, torch.Tensor):
         return attend_one_query(q, k, v, mask)
     gqa = k.shape[1] != q.shape[1]
@@ -357,13 +355,14 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-def attention_mask(start_pos, positions: torch.Tensor, seqlen: int, kv_len: int):
+def attention_mask(start_pos, positions: torch.Tensor, seqlen: int, kv_len: int,
+                   head_dim: int):
     """The cheapest mask that is right for this call (see `attend`)."""
     if isinstance(start_pos, int) and kv_len == start_pos + seqlen:
         # Every row holds exactly the keys before and in this chunk.
         return None if seqlen == 1 else CAUSAL
-    if seqlen == 1:  # decoding: each row sees the keys up to its own position
-        return positions[:, 0] + 1
+    if seqlen == 1 and kernels.available(positions.device, head_dim):
+        return positions[:, 0] + 1  # decoding: each row sees the keys up to its position
     key_pos = torch.arange(kv_len, device=positions.device)
     return (key_pos <= positions[..., None])[:, None]
 
@@ -424,7 +423,7 @@ class Transformer(nn.Module):
                 f"{bsz} rows up to position {kv_len} do not fit the KV cache of "
                 f"{max_batch} rows x {max_seq_len} positions; raise max_batch_size/max_seq_len"
             )
-        mask = attention_mask(start_pos, positions, seqlen, kv_len)
+        mask = attention_mask(start_pos, positions, seqlen, kv_len, self.params.head_dim)
         cos_sin = self.rope[positions].float()  # float32 even after a model-wide .to(dtype)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
