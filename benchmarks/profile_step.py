@@ -2,10 +2,13 @@
 profiler), for a preset with random weights. Prints the kernels with the most CUDA time.
 
     python benchmarks/profile_step.py kernels --preset 7b --prefill_len 16384 --top 25
-    python benchmarks/profile_step.py prefill_compiled --lens 16384
+    python benchmarks/profile_step.py prefill_compiled --lens 16384 --profile
+    python benchmarks/profile_step.py decode_graph --preset 7b --context 512
 
 `prefill_compiled` times a prefill forward pass eagerly and compiled with torch.compile
-(dynamic shapes, so one compilation serves every prompt length).
+(dynamic shapes, so one compilation serves every prompt length); with --profile it also
+lists the compiled pass's kernels. `decode_graph` profiles replays of the decode step as
+generation runs it (a CUDA graph, compiled unless --compile False).
 """
 
 import time
@@ -55,7 +58,8 @@ def main(preset: str = "7b", prefill_len: int = 16384, decode_ctx: int = 512, to
         print(table(decode, top, f"{preset} eager decode step at context {decode_ctx}"))
 
 
-def prefill_compiled(preset: str = "7b", lens="16384", repeats: int = 3):
+def prefill_compiled(preset: str = "7b", lens="16384", repeats: int = 3, profile: bool = False,
+                     top: int = 25):
     lens = [int(x) for x in (lens if isinstance(lens, (tuple, list)) else str(lens).split(","))]
     gen = Llama.from_preset(preset, max_seq_len=max(lens) + 1, max_batch_size=1, device="cuda")
     model = gen.model
@@ -84,7 +88,26 @@ def prefill_compiled(preset: str = "7b", lens="16384", repeats: int = 3):
                     - model.forward_hidden(tokens, 0, kv_len=n).float()).abs().max().item()
             print(f"{preset} prefill {n}: eager {eager:.1f} ms, compiled {fast:.1f} ms "
                   f"(first call {first:.1f} s), max |hidden diff| {diff:.3g}", flush=True)
+            if profile:
+                print(table(lambda: compiled(tokens, 0, kv_len=n), top,
+                            f"{preset} compiled prefill of {n} tokens"), flush=True)
+
+
+def decode_graph(preset: str = "7b", context: int = 512, compile: bool = True,
+                 replays: int = 10, top: int = 30):
+    gen = Llama.from_preset(preset, max_seq_len=context + 1, max_batch_size=1, device="cuda")
+    gen.configure(compile=compile)
+    tokens = torch.zeros(1, dtype=torch.long, device="cuda")
+    positions = torch.full((1,), context - 1, dtype=torch.long, device="cuda")
+
+    def steps():
+        for _ in range(replays):
+            gen.graphed(tokens, positions, context, 0.0, 1.0)
+
+    print(table(steps, top, f"{preset} decode step at context {context} ({replays} replays, "
+                            f"{'compiled' if compile else 'eager'} graph)"), flush=True)
 
 
 if __name__ == "__main__":
-    fire.Fire({"kernels": main, "prefill_compiled": prefill_compiled})
+    fire.Fire({"kernels": main, "prefill_compiled": prefill_compiled,
+               "decode_graph": decode_graph})
