@@ -249,18 +249,12 @@ def main(preset: str = "7b", ckpt_dir: str = None, device: str = None, dtype: st
          long_len: int = 100_000, long_gen_len: int = 32, peers="hf_eager,hf_static",
          repeats: int = 5, decode_repeats: int = 3, warmup: int = 1,
          bandwidth_gib: float = None, check: bool = False, seed: int = 1,
-         configure: dict = None, inductor: dict = None, matvec_rows: int = None,
-         out: str = "results.json"):
+         configure: dict = None, inductor: dict = None, out: str = "results.json"):
     """Benchmark; see the module docstring. Lists are comma-separated; "none" skips one.
     configure: keyword arguments for `Llama.configure` (how decode steps run), e.g.
     --configure '{"compile": True}' or '{"cuda_graphs": False}' or '{"prefill_chunk": 32768}'.
     inductor: torch._inductor.config settings for compiled steps, e.g.
-    --inductor '{"coordinate_descent_tuning": True}'.
-    matvec_rows: decode steps of up to this many rows use the matvec kernels of
-    llama/matvec.py (default its MAX_ROWS; 0 sends every product to cuBLAS, to compare)."""
-    if matvec_rows is not None:
-        import llama.matvec
-        llama.matvec.MAX_ROWS = matvec_rows
+    --inductor '{"coordinate_descent_tuning": True}'."""
     for key, value in (inductor or {}).items():
         import torch._inductor.config as inductor_config
         if not hasattr(inductor_config, key):
@@ -283,8 +277,7 @@ def main(preset: str = "7b", ckpt_dir: str = None, device: str = None, dtype: st
                               device=str(device), dtype=str(dt).replace("torch.", ""),
                               world_size=WORLD, prompt_len=prompt_len, gen_len=gen_len,
                               repeats=repeats, decode_repeats=decode_repeats, peers=peers,
-                              configure=configure, inductor=inductor,
-                              matvec_rows=matvec_rows),
+                              configure=configure, inductor=inductor),
                "env": {"torch": torch.__version__, "python": sys.version.split()[0],
                        "gpu": torch.cuda.get_device_name() if clock.cuda else None},
                "scenarios": {}}

@@ -209,9 +209,9 @@ class Llama:
         on 7B: 7.4 s in one pass, 10.8 s in 8k chunks, on an H200).
         symmetric_memory: with compile at MP>1, sum the parallel layers' partial results
         with a one-shot kernel over symmetric memory instead of NCCL: 13B at MP=2 on two
-        H200s decoded 178.7 instead of 155.1 tokens/s. Opt-in: in that run the processes
-        did not exit after finishing (benchmarks/RESULTS.md), and it needs GPUs that can
-        read each other's memory (NVLink or PCIe peer access)."""
+        H200s decoded 178.7 instead of 155.1 tokens/s (one side-by-side run). It needs GPUs
+        that can read each other's memory (NVLink or PCIe peer access), so it is opt-in;
+        float32 greedy tokens equal MP=1's with it (benchmarks/RESULTS.md)."""
         if prefill_chunk is not None:
             if prefill_chunk < 1:
                 raise ValueError(f"prefill_chunk must be a positive number of positions, "

@@ -24,7 +24,7 @@ from fairscale.nn.model_parallel import layers as fairscale
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
-from . import kernels, matvec
+from . import kernels
 from .distributed import all_gather_last_dim, all_reduce
 
 
@@ -120,7 +120,7 @@ class ColumnParallelLinear(fairscale.ColumnParallelLinear):
     """Output features split over ranks; gathered only with gather_output."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight)
+        y = F.linear(x, self.weight)
         return all_gather_last_dim(y) if self.gather_output else y
 
 
@@ -128,14 +128,7 @@ class RowParallelLinear(fairscale.RowParallelLinear):
     """Input features split over ranks (the input arrives split); partial sums all-reduced."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(linear(x, self.weight))
-
-    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """residual + self(x); decoding at MP=1, the add happens inside the matvec kernel
-        (at MP>1 it must wait for the all-reduce)."""
-        if matvec.usable(x) and get_model_parallel_world_size() == 1:
-            return matvec.matvec(x, self.weight, residual=residual)
-        return residual + self(x)
+        return all_reduce(F.linear(x, self.weight))
 
 
 class ParallelEmbedding(fairscale.ParallelEmbedding):
@@ -143,24 +136,6 @@ class ParallelEmbedding(fairscale.ParallelEmbedding):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return all_gather_last_dim(F.embedding(tokens, self.weight))
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear without bias; decoding steps of a few rows on CUDA use the matvec kernel."""
-    return matvec.matvec(x, weight) if matvec.usable(x) else F.linear(x, weight)
-
-
-def normed_linear(x: torch.Tensor, norm: "RMSNorm", weight: torch.Tensor,
-                  swiglu: bool = False) -> torch.Tensor:
-    """linear(norm(x), weight) (with swiglu, silu(gate) * up of the result's two halves),
-    in one kernel when decoding a few rows on CUDA (see matvec.py)."""
-    if matvec.usable(x):
-        return matvec.matvec(x, weight, norm.weight, norm.eps, swiglu=swiglu)
-    y = F.linear(norm(x), weight)
-    if swiglu:
-        gate, up = y.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    return y
 
 
 class RMSNorm(nn.Module):
@@ -315,22 +290,20 @@ class Attention(nn.Module):
         become views into it, so the state dict is unchanged."""
         self.wqkv = fuse_weights(self.wq, self.wk, self.wv)
 
-    def forward(self, x, norm, cos_sin, positions, mask, kv_len):
-        """x plus attention over norm(x): the block's first residual branch."""
+    def forward(self, x, cos_sin, positions, mask, kv_len):
         bsz, seqlen, _ = x.shape
         n_q, n_kv, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
         if self.wqkv is None:
-            normed = norm(x)
-            xqkv = torch.cat([self.wq(normed), self.wk(normed), self.wv(normed)], dim=-1)
+            xqkv = torch.cat([self.wq(x), self.wk(x), self.wv(x)], dim=-1)
         else:
-            xqkv = normed_linear(x, norm, self.wqkv)
+            xqkv = F.linear(x, self.wqkv)
         # q and k sit side by side: rotate them in one pass.
         qk, v = xqkv.split([(n_q + n_kv) * hd, n_kv * hd], dim=-1)
         qk = apply_rope(qk.view(bsz, seqlen, n_q + n_kv, hd), cos_sin)
         q, k = qk.split([n_q, n_kv], dim=2)
         keys, values = self.cache.update(positions, k, v.view(bsz, seqlen, n_kv, hd), kv_len)
         out = attend(q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), mask)
-        return self.wo.add_to(x, out.transpose(1, 2).reshape(bsz, seqlen, -1))
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
 def fuse_weights(*layers: nn.Module) -> torch.Tensor:
@@ -361,12 +334,11 @@ class FeedForward(nn.Module):
     def fuse(self) -> None:
         self.w13 = fuse_weights(self.w1, self.w3)
 
-    def forward(self, x, norm):
-        """x plus the SwiGLU feed-forward of norm(x): the block's second residual branch."""
+    def forward(self, x):
         if self.w13 is None:
-            normed = norm(x)
-            return self.w2.add_to(x, F.silu(self.w1(normed)) * self.w3(normed))
-        return self.w2.add_to(x, normed_linear(x, norm, self.w13, swiglu=True))
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -379,8 +351,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
     def forward(self, x, cos_sin, positions, mask, kv_len):
-        h = self.attention(x, self.attention_norm, cos_sin, positions, mask, kv_len)
-        return self.feed_forward(h, self.ffn_norm)
+        h = x + self.attention(self.attention_norm(x), cos_sin, positions, mask, kv_len)
+        return h + self.feed_forward(self.ffn_norm(h))
 
 
 def attention_mask(start_pos, positions: torch.Tensor, seqlen: int, kv_len: int,
