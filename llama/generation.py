@@ -18,12 +18,18 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, distributed
-from .decode import GraphedDecoder, decode_step, pick
+from .decode import GraphedDecoder, decode_step, pick, sample_top_p
 from .model import ModelArgs, Transformer, skip_fairscale_init
 from .prompts import (
+    B_INST,
+    B_SYS,
+    E_INST,
+    E_SYS,
+    SPECIAL_TAGS,
+    UNSAFE_ERROR,
     Dialog,
     Message,
-    UNSAFE_ERROR,
+    Role,
     chat_prompt_tokens,
     dialog_prompt_tokens,
     infilling_prompt_tokens,
@@ -32,6 +38,14 @@ from .prompts import (
 )
 from .text import TextRow
 from .tokenizer import Tokenizer
+
+# What Meta's `llama/generation.py` defines, so that code importing these names from
+# `llama.generation` (rather than from `llama`) runs unchanged.
+__all__ = [
+    "B_INST", "B_SYS", "E_INST", "E_SYS", "SPECIAL_TAGS", "ChatPrediction",
+    "CompletionPrediction", "Dialog", "InfillingPrediction", "Llama", "Message", "Role",
+    "dialog_prompt_tokens", "infilling_prompt_tokens", "sample_top_p",
+]
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -189,21 +203,23 @@ class Llama:
         # Prompt positions per forward pass: bounds activation memory (~2 GB for 7B at
         # 16k), while prompts up to 16k run in one pass (later chunks use slower kernels).
         self.prefill_chunk = 16384
-        self.graphed: Optional[GraphedDecoder] = None
-        self.compiled_prefill = None  # set by configure(compile=True)
+        self.settings = dict(cuda_graphs=True, compile=False, symmetric_memory=False)
         if model.rope.device.type == "cuda":
             model.fuse()
-            self.configure()
+        self._make_runners()
 
-    def configure(self, cuda_graphs: bool = True, compile: bool = False,
+    def configure(self, cuda_graphs: Optional[bool] = None, compile: Optional[bool] = None,
                   prefill_chunk: Optional[int] = None,
-                  symmetric_memory: bool = False) -> "Llama":
-        """Choose how decode steps run on CUDA: replayed from CUDA graphs (default), also
-        compiled with torch.compile first (fastest; tens of seconds of compilation on
-        first use of each batch size), or eagerly (cuda_graphs=False).
-        compile also compiles the prefill forward pass of each prompt's first chunk, on any
-        device, with dynamic shapes (one compilation, tens of seconds, serves every prompt
-        length; a 16k-token 7B prefill takes 470 ms instead of 610 on an H200).
+                  symmetric_memory: Optional[bool] = None) -> "Llama":
+        """Choose how prompts and decode steps run. Options left out keep their current
+        values (at first: CUDA graphs on, no compilation, 16384-position prefill chunks, no
+        symmetric memory); `generator.settings` shows them.
+        cuda_graphs: on CUDA, replay decode steps from CUDA graphs (else run them eagerly).
+        compile: compile decode steps with torch.compile before capturing them (fastest;
+        compilation on first use of each batch size takes about a minute for 7B and three
+        for 13B on an H200 machine), and compile the prefill forward pass of each prompt's
+        first chunk, on any device, with dynamic shapes (one compilation serves every
+        prompt length; a 16k-token 7B prefill takes 470 ms instead of 610 on an H200).
         prefill_chunk: prompt positions per forward pass (default 16384); larger chunks
         prefill long prompts faster and need more activation memory (a 100k-token prompt
         on 7B: 7.4 s in one pass, 10.8 s in 8k chunks, on an H200).
@@ -217,12 +233,25 @@ class Llama:
                 raise ValueError(f"prefill_chunk must be a positive number of positions, "
                                  f"got {prefill_chunk}")
             self.prefill_chunk = prefill_chunk
+        changes = {name: value for name, value in (("cuda_graphs", cuda_graphs),
+                                                   ("compile", compile),
+                                                   ("symmetric_memory", symmetric_memory))
+                   if value is not None and value != self.settings[name]}
+        if changes:  # otherwise graphs captured and code compiled so far stay valid
+            self.settings.update(changes)
+            self._make_runners()
+        return self
+
+    def _make_runners(self) -> None:
+        """The decode-step runner and compiled prefill that self.settings ask for."""
         on_cuda = self.model.rope.device.type == "cuda"
-        self.graphed = (GraphedDecoder(self.model, compile, symmetric_memory)
-                        if on_cuda and cuda_graphs else None)
+        compile = self.settings["compile"]
+        symmetric = self.settings["symmetric_memory"]
+        self.graphed: Optional[GraphedDecoder] = (
+            GraphedDecoder(self.model, compile, symmetric)
+            if on_cuda and self.settings["cuda_graphs"] else None)
         self.compiled_prefill = (torch.compile(self.model.forward_hidden, dynamic=True)
                                  if compile else None)
-        return self
 
     def prefill_forward(self, tokens: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Hidden states of prompt positions [start, end) (tokens: those columns), through

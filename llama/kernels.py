@@ -5,13 +5,15 @@ Why not SDPA: a decode step replayed from a CUDA graph has fixed shapes, so with
 must attend over a fixed span of the cache and mask the positions a row has not reached,
 and SDPA's masked kernels give each (row, head) pair one thread block: at batch 1 most of
 the GPU idles while a long cache is read. Here every row's keys are cut into blocks of
-`split` positions (split-KV, "flash decoding"), which a fixed number of programs per
-(row, head) share out, up to the row's length only. So one graph serves every context
+`split` positions (split-KV, "flash decoding"), which about PROGRAMS programs per launch,
+spread over the (row, key/value head) pairs, share out, up to the row's length only. So one graph serves every context
 length and reads only the keys that exist. A second kernel merges the blocks' partial
 softmax results.
 
-Used on CUDA when Triton is installed (it ships with PyTorch's Linux CUDA wheels);
-`model.attend` falls back to SDPA with a mask otherwise.
+Used on CUDA when Triton is installed (it ships with PyTorch's Linux CUDA wheels) and the
+head size is a power of two of at least 16 (`available`). Otherwise `model.attend` runs a
+decoding step through SDPA with a mask, or, over more than MASKED_SDPA_MAX_LEN cached
+positions, through `model.attend_one_query` (two batched matrix products).
 """
 
 import torch

@@ -1,0 +1,74 @@
+"""The public names and signatures of Meta's reference, where code written for it looks
+for them, and how `Llama.configure` treats options it is not given."""
+
+import inspect
+
+import torch
+
+import llama
+import llama.generation
+from llama import Llama
+
+REFERENCE_CONSTANTS = {
+    "B_INST": "[INST]",
+    "E_INST": "[/INST]",
+    "B_SYS": "<<SYS>>\n",
+    "E_SYS": "\n<</SYS>>\n\n",
+    "SPECIAL_TAGS": ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<step>"],
+    "UNSAFE_ERROR": "Error: special tags are not allowed as part of the prompt.",
+}
+
+# Leading parameters and defaults of the reference's methods. Ours may add parameters after
+# them, and defaults where the reference has none (REQUIRED).
+REQUIRED = inspect.Parameter.empty
+REFERENCE_SIGNATURES = {
+    "build": [("ckpt_dir", REQUIRED), ("tokenizer_path", REQUIRED), ("max_seq_len", REQUIRED),
+              ("max_batch_size", REQUIRED), ("model_parallel_size", None)],
+    "generate": [("prompt_tokens", REQUIRED), ("max_gen_len", REQUIRED), ("temperature", 0.6),
+                 ("top_p", 0.9), ("logprobs", False), ("echo", False), ("stop_token", None)],
+    "text_completion": [("prompts", REQUIRED), ("temperature", 0.6), ("top_p", 0.9),
+                        ("max_gen_len", None), ("logprobs", False), ("echo", False)],
+    "text_infilling": [("prefixes", REQUIRED), ("suffixes", REQUIRED), ("temperature", 0.6),
+                       ("top_p", 0.9), ("max_gen_len", None), ("logprobs", False),
+                       ("suffix_first", False)],
+    "chat_completion": [("dialogs", REQUIRED), ("temperature", 0.6), ("top_p", 0.9),
+                        ("max_gen_len", None), ("logprobs", False)],
+}
+
+
+def test_reference_names_import_from_llama_generation():
+    for name, value in REFERENCE_CONSTANTS.items():
+        assert getattr(llama.generation, name) == value, name
+    for name in ("Llama", "sample_top_p", "Role", "Message", "Dialog", "CompletionPrediction",
+                 "InfillingPrediction", "ChatPrediction", "dialog_prompt_tokens",
+                 "infilling_prompt_tokens"):
+        assert hasattr(llama.generation, name), name
+    assert llama.generation.sample_top_p is llama.sample_top_p
+    probs = torch.tensor([[0.1, 0.7, 0.2]])
+    assert llama.generation.sample_top_p(probs, 0.5).tolist() == [[1]]  # only the top token
+
+
+def test_reference_signatures():
+    for method, expected in REFERENCE_SIGNATURES.items():
+        params = list(inspect.signature(getattr(Llama, method)).parameters.values())
+        if params[0].name == "self":
+            params = params[1:]
+        assert [p.name for p in params[:len(expected)]] == [name for name, _ in expected], method
+        for param, (name, default) in zip(params, expected):
+            if default is not REQUIRED:
+                assert param.default == default, (method, name)
+
+
+def test_configure_keeps_options_it_is_not_given():
+    gen = Llama.from_preset("tiny", max_seq_len=32, max_batch_size=2, device="cpu",
+                            dtype=torch.float32)
+    assert gen.settings == dict(cuda_graphs=True, compile=False, symmetric_memory=False)
+    assert gen.compiled_prefill is None and gen.graphed is None  # no graphs off CUDA
+    gen.configure(compile=True)
+    compiled = gen.compiled_prefill
+    assert compiled is not None
+    gen.configure(prefill_chunk=8)  # changes the chunk only
+    assert gen.prefill_chunk == 8 and gen.settings["compile"]
+    assert gen.compiled_prefill is compiled  # not rebuilt: nothing to compile again
+    gen.configure(compile=False)
+    assert gen.compiled_prefill is None and gen.prefill_chunk == 8
