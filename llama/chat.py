@@ -15,7 +15,8 @@ import fire
 import torch.distributed as dist
 
 from .generation import Llama
-from .prompts import UNSAFE_ERROR, Dialog, Message
+from .prompts import SPECIAL_TAGS, UNSAFE_ERROR, Dialog, Message
+from .tokenizer import Tokenizer
 
 
 def read_line(prompt: str) -> Optional[str]:
@@ -48,6 +49,19 @@ def fit_history(generator: Llama, system: Optional[str], turns: List[Message],
     return None, len(turns)
 
 
+def storable(tokenizer: Tokenizer, reply: str) -> str:
+    """The reply as kept in the history: without chat tags or the text of control tokens
+    (a model can write "[/INST]" or "<PRE>"), which would get every later dialog refused
+    as unsafe. Removal repeats until none is left (taking one out can join another)."""
+    tags = SPECIAL_TAGS + [tokenizer.token_piece(i).lstrip("▁") for i in tokenizer.control_ids]
+    cleaned = None
+    while cleaned != reply:
+        cleaned = reply
+        for tag in tags:
+            reply = reply.replace(tag, "")
+    return reply
+
+
 def main(
     ckpt_dir: str,
     tokenizer_path: Optional[str] = None,
@@ -57,6 +71,9 @@ def main(
     top_p: float = 0.95,
     max_gen_len: Optional[int] = None,
 ):
+    if max_gen_len is not None and not 0 < max_gen_len < max_seq_len:
+        raise ValueError(f"--max_gen_len {max_gen_len} leaves no room for a message within "
+                         f"--max_seq_len {max_seq_len}; lower it or raise --max_seq_len")
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len,
                             max_batch_size=1)
     answer_room = max_gen_len or max(1, max_seq_len // 4)
@@ -78,8 +95,9 @@ def main(
             continue
         dialog, dropped = fit_history(generator, system, turns + [message], answer_room)
         if dialog is None:
-            print(f"(that message is too long for max_seq_len={max_seq_len}; "
-                  f"shorten it or restart with a larger --max_seq_len)")
+            print(f"(that message is too long for max_seq_len={max_seq_len} with "
+                  f"{answer_room} tokens kept for the answer; shorten it, or restart with a "
+                  f"larger --max_seq_len or a smaller --max_gen_len)")
             continue
         if dropped:
             print(f"(dropped the {dropped} oldest messages to stay within "
@@ -91,7 +109,10 @@ def main(
             print(piece, end="", flush=True)
             reply += piece
         print()
-        turns.append({"role": "assistant", "content": reply})
+        kept = storable(generator.tokenizer, reply)
+        if kept != reply:
+            print("(chat tags in that answer are left out of the conversation history)")
+        turns.append({"role": "assistant", "content": kept})
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import json
 import mmap
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -231,7 +232,10 @@ def read_params(ckpt_dir: Path) -> dict:
     path = Path(ckpt_dir) / "params.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a Code Llama model folder needs params.json")
-    params = json.loads(path.read_text())
+    try:
+        params = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); download the model again") from None
     unknown = set(params) - ModelArgs.field_names()
     if unknown:
         raise ValueError(
@@ -241,7 +245,14 @@ def read_params(ckpt_dir: Path) -> dict:
     missing = [k for k in REQUIRED_PARAMS if k not in params]
     if missing:
         raise ValueError(f"{path} lacks the required key(s) {missing}")
+    for key in CACHE_SIZE_KEYS.intersection(params):
+        # The cache is sized when a model is built (Llama.build's arguments), not stored.
+        warnings.warn(f"{path} sets {key}={params.pop(key)}, which is ignored: the KV cache "
+                      f"size comes from Llama.build's {key} argument")
     return params
+
+
+CACHE_SIZE_KEYS = {"max_seq_len", "max_batch_size"}
 
 
 def shard_files(ckpt_dir: Path) -> List[Path]:
@@ -258,7 +269,14 @@ def open_meta(ckpt_dir: Path) -> MappedShards:
     """The consolidated.NN.pth files of a folder, memory-mapped, checked to be shards of
     one model (same keys, same shapes)."""
     files = shard_files(ckpt_dir)
-    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
+    shards = []
+    for f in files:
+        try:
+            shards.append(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
+        except (RuntimeError, EOFError) as e:  # truncated or damaged zip archive
+            raise ValueError(f"{f} cannot be read ({str(e).splitlines()[0]}); the file is "
+                             f"incomplete or damaged: download it again (download.sh "
+                             f"resumes and checks it against checklist.chk)") from None
     keys = list(shards[0])
     for f, s in zip(files[1:], shards[1:]):
         if set(s) != set(keys):
@@ -575,11 +593,17 @@ def check_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: 
             f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
     for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
+        got, want = tuple(tensor.shape), tuple(expected[key].shape)
+        if got != want:
+            # One dimension a whole number of times too small: shards may be missing.
+            differ = [(g, w) for g, w in zip(got, want) if g != w]
+            short = (len(got) == len(want) and len(differ) == 1 and 0 < differ[0][0]
+                     and differ[0][1] % differ[0][0] == 0)
+            hint = (f", or the folder lacks shards (it holds 1/{differ[0][1] // differ[0][0]} "
+                    f"of this weight)" if short else "")
             raise ValueError(
-                f"checkpoint {source}: {key} has shape {tuple(tensor.shape)} per rank, the "
-                f"model expects {tuple(expected[key].shape)}; params.json or the tokenizer "
-                f"does not belong to these weights"
+                f"checkpoint {source}: {key} has shape {got} per rank, the model expects "
+                f"{want}; params.json or the tokenizer does not belong to these weights{hint}"
             )
 
 

@@ -3,12 +3,13 @@ decode step of the model followed by that choice, either plainly or replayed fro
 graph.
 
 At batch 1 an eager 7B decode step is ~1,600 small kernels (about 50 per layer) whose
-launch cost alone exceeds the time the GPU needs to read the weights. A CUDA graph launches them all at once. Graphs
-need fixed shapes. With the Triton decode attention (kernels.py), which reads each row's
-length from the device, one graph spans the whole cache and serves every context length:
-one graph (and one compilation) per (batch size, sampling settings). Without it, each
-graph attends over a fixed number of cache positions (a bucket at least as large as the
-longest row, see kv_bucket) and masks the positions a row has not reached.
+launch cost alone exceeds the time the GPU needs to read the weights. A CUDA graph
+launches them all at once. Graphs need fixed shapes. With the Triton decode attention
+(kernels.py), which reads each row's length from the device, one graph spans the whole
+cache and serves every context length: one graph (and one compilation) per (batch size,
+sampling settings). Without it, each graph attends over a fixed number of cache positions
+(a bucket at least as large as the longest row, see kv_bucket) and masks the positions a
+row has not reached.
 """
 
 from typing import Dict, Tuple

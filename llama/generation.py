@@ -8,6 +8,8 @@ KV cache. Text-level rules (stop strings, streamed deltas) live in text.TextRow.
 """
 
 import contextlib
+import math
+import numbers
 import os
 import sys
 import time
@@ -30,10 +32,9 @@ from .prompts import (
     Dialog,
     Message,
     Role,
-    chat_prompt_tokens,
+    chat_prompt,
     dialog_prompt_tokens,
     infilling_prompt_tokens,
-    is_unsafe,
     require_infilling,
 )
 from .text import TextRow
@@ -203,6 +204,7 @@ class Llama:
         # Prompt positions per forward pass: bounds activation memory (~2 GB for 7B at
         # 16k), while prompts up to 16k run in one pass (later chunks use slower kernels).
         self.prefill_chunk = 16384
+        self.generating = False  # decode_steps running (or a stream paused inside it)
         self.settings = dict(cuda_graphs=True, compile=False, symmetric_memory=False)
         if model.rope.device.type == "cuda":
             model.fuse()
@@ -275,6 +277,11 @@ class Llama:
             )
         vocab = self.model.vocab_size
         for i, p in enumerate(prompt_tokens):
+            if not isinstance(p, (list, tuple)) or not all(
+                    isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in p):
+                raise ValueError(f"prompt_tokens must be a list of token-id lists (one list of "
+                                 f"ints per prompt), but item {i} is {p!r}; wrap a single "
+                                 f"prompt in a list")
             if not p:
                 raise ValueError(f"prompt {i} has no tokens")
             if min(p) < 0 or max(p) >= vocab:
@@ -339,12 +346,31 @@ class Llama:
         (0.0 for the first token, which nothing predicts). `on_token(row, token, logprob)`
         is called for each new token; returning True finishes that row (stop strings).
         """
+        check_list(prompt_tokens, "prompt_tokens", "wrap a single prompt's tokens in a list")
         self.check_batch(prompt_tokens)
+        check_sampling(temperature, top_p)
         max_seq_len = self.model.params.max_seq_len
         lens = [len(p) for p in prompt_tokens]
         budgets = [max(0, min(max_gen_len, max_seq_len - n)) for n in lens]
         if not any(budgets) and prompt_logprobs is None:
             return  # nothing to generate and nothing to score
+        if self.generating:
+            raise RuntimeError(
+                "this Llama is still in the middle of another generation (an unfinished "
+                "stream_* iterator, whose rows live in the same KV cache); read that stream "
+                "to the end or call its close() first, or build a second Llama")
+        self.generating = True
+        try:
+            yield from self.decode_loop(prompt_tokens, budgets, temperature, top_p, stop_ids,
+                                        prompt_logprobs, on_token)
+        finally:
+            self.generating = False
+
+    def decode_loop(self, prompt_tokens, budgets, temperature, top_p, stop_ids,
+                    prompt_logprobs, on_token):
+        """decode_steps after its checks: prefill, then one decode step per yield."""
+        max_seq_len = self.model.params.max_seq_len
+        lens = [len(p) for p in prompt_tokens]
         tokens, logprobs = self.prefill(prompt_tokens, temperature, top_p, prompt_logprobs)
 
         # Where each row's next token goes. A prompt that fills the cache has no budget; its
@@ -414,9 +440,12 @@ class Llama:
     def default_gen_len(self, max_gen_len: Optional[int]) -> int:
         if max_gen_len is None:
             return self.model.params.max_seq_len - 1
+        if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, numbers.Integral):
+            raise ValueError(f"max_gen_len must be a whole number of tokens (or None for "
+                             f"max_seq_len - 1), got {max_gen_len!r}")
         if max_gen_len < 0:
             raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
-        return max_gen_len
+        return int(max_gen_len)
 
     # ---- public API ---------------------------------------------------------------------
 
@@ -471,6 +500,7 @@ class Llama:
         "tokens"/"logprobs"). Each row ends at EOS, after `max_gen_len` tokens (default
         max_seq_len - 1, within max_seq_len), or at the first of the `stop` strings,
         which is left out; "tokens" then keeps the tokens wholly before it."""
+        check_list(prompts, "prompts", "wrap a single prompt in a list, or use stream_completion")
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
         rows, tokens, lps = self.echoed_run(prompt_tokens, max_gen_len, temperature, top_p,
                                             {self.tokenizer.eos_id}, self.tokenizer.decode,
@@ -490,6 +520,9 @@ class Llama:
 
     def infilling_prompts(self, prefixes: List[str], suffixes: List[str], suffix_first: bool):
         require_infilling(self.tokenizer)
+        for name, value in (("prefixes", prefixes), ("suffixes", suffixes)):
+            check_list(value, name, "wrap a single prefix and suffix in lists, or use "
+                                    "stream_infilling")
         if len(prefixes) != len(suffixes):
             raise ValueError(f"got {len(prefixes)} prefixes but {len(suffixes)} suffixes; "
                              f"pass one suffix per prefix")
@@ -537,8 +570,7 @@ class Llama:
     def chat_prompt(self, dialog: Dialog) -> Tuple[List[int], bool]:
         """(prompt tokens, unsafe) of a dialog in the tokenizer's chat format: the
         70B-Instruct `<step>` format when the tokenizer has `<step>`, else [INST]."""
-        encode = dialog_prompt_tokens if self.step_format else chat_prompt_tokens
-        return encode(self.tokenizer, dialog), is_unsafe(self.tokenizer, dialog)
+        return chat_prompt(self.tokenizer, dialog)
 
     @property
     def step_format(self) -> bool:
@@ -561,6 +593,12 @@ class Llama:
         carrying chat tags or control tokens are not run: their content is UNSAFE_ERROR,
         with empty tokens and logprobs. A reply ends at EOS (`<step>` for 70B), at
         `max_gen_len` or at a `stop` string."""
+        check_list(dialogs, "dialogs", "wrap a single dialog in a list")
+        for i, dialog in enumerate(dialogs):
+            if not isinstance(dialog, (list, tuple)):
+                raise ValueError(f"dialogs must be a list of dialogs, each a list of messages, "
+                                 f"but item {i} is a {type(dialog).__name__}; wrap a single "
+                                 f"dialog in a list: chat_completion([dialog])")
         prompts = [self.chat_prompt(d) for d in dialogs]  # validates every dialog first
         safe = [i for i, (_, unsafe) in enumerate(prompts) if not unsafe]
         rows = [TextRow(self.tokenizer.decode) for _ in dialogs]
@@ -590,6 +628,24 @@ class Llama:
             return iter([UNSAFE_ERROR])
         return self.stream(prompt, max_gen_len, temperature, top_p, self.chat_stop_ids,
                            self.tokenizer.decode, stop)
+
+
+def check_list(value, name: str, fix: str) -> None:
+    """Batch arguments are lists with one item per prompt; a lone string (or dialog, or
+    token list) is the usual slip, and iterating it would silently make a batch of its
+    characters."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list with one item per prompt, got "
+                         f"{type(value).__name__}; {fix}")
+
+
+def check_sampling(temperature, top_p) -> None:
+    if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
+            or not math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number (0 or less: greedy), got "
+                         f"{temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 <= top_p <= 1:
+        raise ValueError(f"top_p must be a number in [0, 1], got {top_p!r}")
 
 
 def check_stop(stop) -> List[str]:

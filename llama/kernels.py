@@ -6,9 +6,9 @@ must attend over a fixed span of the cache and mask the positions a row has not 
 and SDPA's masked kernels give each (row, head) pair one thread block: at batch 1 most of
 the GPU idles while a long cache is read. Here every row's keys are cut into blocks of
 `split` positions (split-KV, "flash decoding"), which about PROGRAMS programs per launch,
-spread over the (row, key/value head) pairs, share out, up to the row's length only. So one graph serves every context
-length and reads only the keys that exist. A second kernel merges the blocks' partial
-softmax results.
+spread over the (row, key/value head) pairs, share out, up to the row's length only. So
+one graph serves every context length and reads only the keys that exist. A second kernel
+merges the blocks' partial softmax results.
 
 Used on CUDA when Triton is installed (it ships with PyTorch's Linux CUDA wheels) and the
 head size is a power of two of at least 16 (`available`). Otherwise `model.attend` runs a

@@ -416,7 +416,12 @@ class Transformer(nn.Module):
         bsz, seqlen = tokens.shape
         positions = self.positions(start_pos, bsz, seqlen)
         if kv_len is None:
-            kv_len = int(positions.max()) + 1
+            lowest, highest = (int(v) for v in torch.aminmax(positions))
+            if lowest < 0:  # would index the RoPE table and the cache from their ends
+                raise ValueError(f"start_pos must be >= 0, got {start_pos}")
+            kv_len = highest + 1
+        elif isinstance(start_pos, int) and start_pos < 0:
+            raise ValueError(f"start_pos must be >= 0, got {start_pos}")
         max_seq_len, max_batch = self.params.max_seq_len, self.params.max_batch_size
         if kv_len > max_seq_len or bsz > max_batch:
             raise ValueError(

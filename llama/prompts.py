@@ -1,7 +1,7 @@
 """Prompt token layouts: infilling (PSM and SPM), Llama-2 [INST] chat, 70B-Instruct `<step>`
 chat. Pure functions of (tokenizer, inputs) that also validate their inputs."""
 
-from typing import List, Literal, TypedDict
+from typing import List, Literal, Tuple, TypedDict
 
 from .tokenizer import Tokenizer
 
@@ -64,23 +64,14 @@ def infilling_prompt_tokens(
     return [t.bos_id, t.prefix_id] + pre_ids + [t.suffix_id] + suf_ids + [t.middle_id]
 
 
-def is_unsafe(tokenizer: Tokenizer, dialog: Dialog) -> bool:
-    """A dialog is refused if a message carries a chat tag or text that encodes to a
-    control token (for example " <PRE>" on the infilling vocabulary)."""
-    for msg in dialog:
-        content = msg["content"]
-        if any(tag in content for tag in SPECIAL_TAGS):
-            return True
-        if tokenizer.control_ids.intersection(tokenizer.encode(content, False, False)):
-            return True
-    return False
-
-
 def _check_message(msg) -> None:
     if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
         raise ValueError(f"each message must be a dict with 'role' and 'content', got {msg!r}")
     if not isinstance(msg["content"], str):
         raise ValueError(f"message content must be a str, got {type(msg['content']).__name__}")
+    if not isinstance(msg.get("destination", ""), (str, type(None))):
+        raise ValueError(f"message destination must be a str, got "
+                         f"{type(msg['destination']).__name__}")
 
 
 def _check_roles(dialog: Dialog, first_user: int) -> None:
@@ -146,3 +137,22 @@ def dialog_prompt_tokens(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
     tokens += tokenizer.encode(" Source: assistant\nDestination: user", bos=False, eos=False)
     tokens += tokenizer.encode("\n\n ", bos=False, eos=False)
     return tokens
+
+
+def chat_prompt(tokenizer: Tokenizer, dialog: Dialog) -> Tuple[List[int], bool]:
+    """(prompt tokens, unsafe) of a dialog in the tokenizer's chat format: the 70B-Instruct
+    `<step>` format when the tokenizer has `<step>`, else [INST].
+
+    Unsafe (the dialog is refused) when a message's content or destination carries a chat
+    tag, or when the built prompt holds control tokens beyond the format's own (one
+    `<step>` per message in the 70B format, none in [INST]). Checking the built prompt,
+    not each text alone, also catches text that turns into a control token only once it
+    is stripped and placed, such as "\n<PRE>" on the infilling vocabulary."""
+    if tokenizer.step_id is not None:
+        prompt, own = dialog_prompt_tokens(tokenizer, dialog), len(with_system(dialog))
+    else:
+        prompt, own = chat_prompt_tokens(tokenizer, dialog), 0
+    tagged = any(tag in (msg.get(field) or "") for msg in dialog
+                 for field in ("content", "destination") for tag in SPECIAL_TAGS)
+    controls = sum(t in tokenizer.control_ids for t in prompt)
+    return prompt, tagged or controls > own

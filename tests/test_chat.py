@@ -5,7 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import build
+from llama import Tokenizer
+from llama.chat import main, storable
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,3 +71,16 @@ def test_a_refused_message_does_not_poison_the_conversation(make_model):
     assert replies[0] == "Error: special tags are not allowed as part of the prompt."
     fresh = answers(chat(folder, ["write a loop"], "--max_seq_len", "256", "--max_gen_len", "8"))
     assert replies[1] == fresh[0]  # answered as if the refused message never happened
+
+
+def test_replies_are_stored_without_chat_tags(make_model):
+    """A model can write "[/INST]" or "<PRE>"; kept in the history, such text would get
+    every later message refused as unsafe."""
+    tokenizer = Tokenizer(str(make_model()[0] / "tokenizer.model"))
+    assert storable(tokenizer, "a [/INST] b <PR<PRE>E> c <<SYS>>") == "a  b  c "
+    assert storable(tokenizer, "plain <pre> text") == "plain <pre> text"
+
+
+def test_answer_room_must_leave_room_for_a_message():
+    with pytest.raises(ValueError, match="--max_gen_len 64 leaves no room"):
+        main("unused", max_seq_len=64, max_gen_len=64)

@@ -191,6 +191,45 @@ def test_input_errors(tiny, make_model, plain_tokenizer_path):
         build(folder).text_infilling(["a"], ["b"])
 
 
+def test_malformed_arguments_are_refused(tiny):
+    """A lone string, dialog or token list where a batch belongs (iterating it would make
+    a batch of its characters), and sampling settings that are not numbers in range."""
+    gen, _, _ = tiny
+    dialog = [{"role": "user", "content": "hi"}]
+    for call, match in [
+        (lambda: gen.text_completion("def"), "prompts must be a list.*got str"),
+        (lambda: gen.text_infilling("ab", "cd"), "prefixes must be a list"),
+        (lambda: gen.chat_completion(dialog), "item 0 is a dict.*chat_completion\\(\\[dialog\\]\\)"),
+        (lambda: gen.generate([1, 2, 3], 4), "item 0 is 1; wrap a single prompt"),
+        (lambda: gen.generate([[1, 2]], 2.5), "max_gen_len must be a whole number"),
+        (lambda: gen.generate([[1, 2]], True), "max_gen_len must be a whole number"),
+        (lambda: gen.generate([[1, 2]], 3, top_p=-1.0), "top_p must be a number in \\[0, 1\\]"),
+        (lambda: gen.generate([[1, 2]], 3, top_p=float("nan")), "top_p"),
+        (lambda: gen.generate([[1, 2]], 3, temperature=float("nan")), "temperature must be"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call()
+    assert gen.generate([[1, 2]], 3, temperature=0)[0][0]  # still usable afterwards
+
+
+def test_a_paused_stream_blocks_other_generation(tiny):
+    """An unfinished stream's row lives in the KV cache: another call in between would
+    overwrite it, so it is refused until the stream ends or is closed."""
+    gen, _, _ = tiny
+    want = "".join(gen.stream_completion("def f(x):", temperature=0, max_gen_len=12))
+    stream = gen.stream_completion("def f(x):", temperature=0, max_gen_len=12)
+    got = next(stream)
+    with pytest.raises(RuntimeError, match="still in the middle of another generation"):
+        gen.text_completion(["class A:"], temperature=0, max_gen_len=4)
+    got += "".join(stream)
+    assert got == want
+    gen.text_completion(["class A:"], temperature=0, max_gen_len=4)  # finished: allowed
+    stream = gen.stream_completion("def f(x):", temperature=0, max_gen_len=12)
+    next(stream)
+    stream.close()
+    gen.text_completion(["class A:"], temperature=0, max_gen_len=4)  # closed: allowed
+
+
 def test_no_bare_asserts_guard_user_input():
     import ast
     import pathlib

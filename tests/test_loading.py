@@ -110,3 +110,33 @@ def test_shards_of_different_models(make_model, tmp_path):
     shutil.copy(other / "consolidated.01.pth", folder / "consolidated.01.pth")
     with pytest.raises(ValueError, match="shards disagree on the shape"):
         build(folder)
+
+
+def test_damaged_files_are_named(make_model, tmp_path):
+    folder = copy_of(make_model()[0], tmp_path)
+    params = (folder / "params.json").read_text()
+    (folder / "params.json").write_text(params[:-5])
+    with pytest.raises(ValueError, match=r"params.json is not valid JSON.*download"):
+        build(folder)
+    (folder / "params.json").write_text(params)
+    shard = folder / "consolidated.00.pth"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a cut-off download
+    with pytest.raises(ValueError, match=r"consolidated.00.pth cannot be read.*incomplete"):
+        build(folder)
+
+
+def test_missing_shard_is_suggested(make_model, tmp_path):
+    folder = copy_of(make_model(shards=2)[0], tmp_path)
+    (folder / "consolidated.01.pth").unlink()
+    with pytest.raises(ValueError, match=r"or the folder lacks shards \(it holds 1/2 of"):
+        build(folder)
+
+
+def test_cache_sizes_in_params_json_are_ignored_with_a_warning(make_model, tmp_path):
+    folder = copy_of(make_model()[0], tmp_path)
+    params = json.loads((folder / "params.json").read_text())
+    (folder / "params.json").write_text(json.dumps({**params, "max_seq_len": 4096,
+                                                    "max_batch_size": 32}))
+    with pytest.warns(UserWarning, match="max_seq_len=4096, which is ignored"):
+        gen = build(folder, max_seq_len=48, max_batch_size=2)
+    assert (gen.model.params.max_seq_len, gen.model.params.max_batch_size) == (48, 2)

@@ -109,6 +109,14 @@ def test_cache_overflow_is_an_error(make_model):
         model.forward(torch.zeros(1, 17, dtype=torch.long), 0)
 
 
+def test_negative_start_is_an_error(make_model):
+    """It would read RoPE angles and write cache slots from the far end of the tables."""
+    model = build(make_model()[0], max_seq_len=16).model
+    for start in (-1, torch.tensor([-2])):
+        with pytest.raises(ValueError, match="start_pos must be >= 0"):
+            model.forward(torch.zeros(1, 4, dtype=torch.long), start)
+
+
 PARAMS = {  # the released params.json files (34B/70B carry n_kv_heads)
     "7b": ({"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256,
             "ffn_dim_multiplier": 1.0, "norm_eps": 1e-5, "rope_theta": 1000000}, 32016,
