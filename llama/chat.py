@@ -34,15 +34,18 @@ def read_line(prompt: str) -> Optional[str]:
     return line
 
 
+def with_system_prompt(system: Optional[str], turns: List[Message]) -> Dialog:
+    return ([{"role": "system", "content": system}] if system else []) + list(turns)
+
+
 def fit_history(generator: Llama, system: Optional[str], turns: List[Message],
                 answer_room: int) -> Tuple[Optional[Dialog], int]:
     """The dialog to send: the system prompt plus as many of the latest turns as leave
     `answer_room` tokens free in max_seq_len. Returns (dialog or None if even the last
     message alone is too long, number of dropped turns)."""
-    head = [{"role": "system", "content": system}] if system else []
     max_seq_len = generator.model.params.max_seq_len
     for dropped in range(0, len(turns), 2):  # drop whole user/assistant exchanges
-        dialog = head + turns[dropped:]
+        dialog = with_system_prompt(system, turns[dropped:])
         prompt, _ = generator.chat_prompt(dialog)
         if len(prompt) + answer_room <= max_seq_len:
             return dialog, dropped
@@ -71,12 +74,18 @@ def main(
     top_p: float = 0.95,
     max_gen_len: Optional[int] = None,
 ):
-    if max_gen_len is not None and not 0 < max_gen_len < max_seq_len:
-        raise ValueError(f"--max_gen_len {max_gen_len} leaves no room for a message within "
-                         f"--max_seq_len {max_seq_len}; lower it or raise --max_seq_len")
+    if max_gen_len is not None and max_gen_len < 1:
+        raise ValueError(f"--max_gen_len must be a positive number of tokens, got {max_gen_len}")
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len,
                             max_batch_size=1)
     answer_room = max_gen_len or max(1, max_seq_len // 4)
+    shortest = with_system_prompt(system, [{"role": "user", "content": "?"}])
+    smallest_prompt = len(generator.chat_prompt(shortest)[0])
+    if smallest_prompt + answer_room > max_seq_len:
+        raise ValueError(f"--max_gen_len {answer_room} leaves no room within --max_seq_len "
+                         f"{max_seq_len} for a prompt (at least {smallest_prompt} tokens with "
+                         f"the chat tags{' and the system prompt' if system else ''}); lower "
+                         f"it or raise --max_seq_len")
     turns: List[Message] = []
     print("Chat with the model. /reset forgets the conversation, /exit quits.")
     while True:

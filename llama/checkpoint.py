@@ -234,8 +234,11 @@ def read_params(ckpt_dir: Path) -> dict:
         raise FileNotFoundError(f"{path} not found: a Code Llama model folder needs params.json")
     try:
         params = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); download the model again") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{path} holds a {type(params).__name__}, not a JSON object of model "
+                         f"hyperparameters; download the model again")
     unknown = set(params) - ModelArgs.field_names()
     if unknown:
         raise ValueError(
@@ -246,9 +249,8 @@ def read_params(ckpt_dir: Path) -> dict:
     if missing:
         raise ValueError(f"{path} lacks the required key(s) {missing}")
     for key in CACHE_SIZE_KEYS.intersection(params):
-        # The cache is sized when a model is built (Llama.build's arguments), not stored.
-        warnings.warn(f"{path} sets {key}={params.pop(key)}, which is ignored: the KV cache "
-                      f"size comes from Llama.build's {key} argument")
+        warnings.warn(f"{path} sets {key}={params.pop(key)}, which is ignored: cache sizes "
+                      f"are chosen when a model is built (Llama.build's {key}), not stored")
     return params
 
 
@@ -273,10 +275,12 @@ def open_meta(ckpt_dir: Path) -> MappedShards:
     for f in files:
         try:
             shards.append(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
-        except (RuntimeError, EOFError) as e:  # truncated or damaged zip archive
-            raise ValueError(f"{f} cannot be read ({str(e).splitlines()[0]}); the file is "
-                             f"incomplete or damaged: download it again (download.sh "
-                             f"resumes and checks it against checklist.chk)") from None
+        except (RuntimeError, EOFError) as e:  # not a zip archive that torch.load can map
+            raise ValueError(
+                f"{f} cannot be read as a PyTorch checkpoint ({str(e).splitlines()[0]}): it "
+                f"is incomplete or damaged (download it again; download.sh resumes and checks "
+                f"it against checklist.chk), or not in torch.save's zip format (load it and "
+                f"save it again with torch.save)") from None
     keys = list(shards[0])
     for f, s in zip(files[1:], shards[1:]):
         if set(s) != set(keys):

@@ -10,6 +10,7 @@ KV cache. Text-level rules (stop strings, streamed deltas) live in text.TextRow.
 import contextlib
 import math
 import numbers
+import operator
 import os
 import sys
 import time
@@ -43,7 +44,7 @@ from .tokenizer import Tokenizer
 # What Meta's `llama/generation.py` defines, so that code importing these names from
 # `llama.generation` (rather than from `llama`) runs unchanged.
 __all__ = [
-    "B_INST", "B_SYS", "E_INST", "E_SYS", "SPECIAL_TAGS", "ChatPrediction",
+    "B_INST", "B_SYS", "E_INST", "E_SYS", "SPECIAL_TAGS", "UNSAFE_ERROR", "ChatPrediction",
     "CompletionPrediction", "Dialog", "InfillingPrediction", "Llama", "Message", "Role",
     "dialog_prompt_tokens", "infilling_prompt_tokens", "sample_top_p",
 ]
@@ -205,10 +206,9 @@ class Llama:
         # 16k), while prompts up to 16k run in one pass (later chunks use slower kernels).
         self.prefill_chunk = 16384
         self.generating = False  # decode_steps running (or a stream paused inside it)
-        self.settings = dict(cuda_graphs=True, compile=False, symmetric_memory=False)
         if model.rope.device.type == "cuda":
             model.fuse()
-        self._make_runners()
+        self._make_runners(dict(cuda_graphs=True, compile=False, symmetric_memory=False))
 
     def configure(self, cuda_graphs: Optional[bool] = None, compile: Optional[bool] = None,
                   prefill_chunk: Optional[int] = None,
@@ -240,20 +240,20 @@ class Llama:
                                                    ("symmetric_memory", symmetric_memory))
                    if value is not None and value != self.settings[name]}
         if changes:  # otherwise graphs captured and code compiled so far stay valid
-            self.settings.update(changes)
-            self._make_runners()
+            self._make_runners({**self.settings, **changes})
         return self
 
-    def _make_runners(self) -> None:
-        """The decode-step runner and compiled prefill that self.settings ask for."""
+    def _make_runners(self, settings: dict) -> None:
+        """Make the decode-step runner and compiled prefill that `settings` ask for; they
+        become self.settings only once that has worked."""
         on_cuda = self.model.rope.device.type == "cuda"
-        compile = self.settings["compile"]
-        symmetric = self.settings["symmetric_memory"]
-        self.graphed: Optional[GraphedDecoder] = (
-            GraphedDecoder(self.model, compile, symmetric)
-            if on_cuda and self.settings["cuda_graphs"] else None)
-        self.compiled_prefill = (torch.compile(self.model.forward_hidden, dynamic=True)
-                                 if compile else None)
+        compile = settings["compile"]
+        graphed = (GraphedDecoder(self.model, compile, settings["symmetric_memory"])
+                   if on_cuda and settings["cuda_graphs"] else None)
+        compiled = torch.compile(self.model.forward_hidden, dynamic=True) if compile else None
+        self.graphed: Optional[GraphedDecoder] = graphed
+        self.compiled_prefill = compiled
+        self.settings = settings
 
     def prefill_forward(self, tokens: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Hidden states of prompt positions [start, end) (tokens: those columns), through
@@ -278,7 +278,8 @@ class Llama:
         vocab = self.model.vocab_size
         for i, p in enumerate(prompt_tokens):
             if not isinstance(p, (list, tuple)) or not all(
-                    isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in p):
+                    type(t) is int or (isinstance(t, numbers.Integral) and not isinstance(t, bool))
+                    for t in p):
                 raise ValueError(f"prompt_tokens must be a list of token-id lists (one list of "
                                  f"ints per prompt), but item {i} is {p!r}; wrap a single "
                                  f"prompt in a list")
@@ -346,9 +347,8 @@ class Llama:
         (0.0 for the first token, which nothing predicts). `on_token(row, token, logprob)`
         is called for each new token; returning True finishes that row (stop strings).
         """
-        check_list(prompt_tokens, "prompt_tokens", "wrap a single prompt's tokens in a list")
         self.check_batch(prompt_tokens)
-        check_sampling(temperature, top_p)
+        temperature, top_p = sampling_settings(temperature, top_p)
         max_seq_len = self.model.params.max_seq_len
         lens = [len(p) for p in prompt_tokens]
         budgets = [max(0, min(max_gen_len, max_seq_len - n)) for n in lens]
@@ -440,12 +440,16 @@ class Llama:
     def default_gen_len(self, max_gen_len: Optional[int]) -> int:
         if max_gen_len is None:
             return self.model.params.max_seq_len - 1
-        if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, numbers.Integral):
+        try:  # ints, numpy integers, integer 0-d tensors; not floats or bools
+            if isinstance(max_gen_len, bool):
+                raise TypeError
+            max_gen_len = operator.index(max_gen_len)
+        except TypeError:
             raise ValueError(f"max_gen_len must be a whole number of tokens (or None for "
-                             f"max_seq_len - 1), got {max_gen_len!r}")
+                             f"max_seq_len - 1), got {max_gen_len!r}") from None
         if max_gen_len < 0:
             raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
-        return int(max_gen_len)
+        return max_gen_len
 
     # ---- public API ---------------------------------------------------------------------
 
@@ -467,6 +471,8 @@ class Llama:
             stop_ids = {stop_token}
         else:  # a model from from_preset without a tokenizer has no EOS: run to max_gen_len
             stop_ids = {self.tokenizer.eos_id} if self.tokenizer is not None else set()
+        prompt_tokens = [p.tolist() if hasattr(p, "tolist") else p for p in as_batch(
+            prompt_tokens, "prompt_tokens", "wrap a single prompt's tokens in a list")]
         _, tokens, lps = self.echoed_run(prompt_tokens, max_gen_len, temperature, top_p,
                                          stop_ids, lambda t: "", None, echo, logprobs)
         return tokens, (lps if logprobs else None)
@@ -500,7 +506,8 @@ class Llama:
         "tokens"/"logprobs"). Each row ends at EOS, after `max_gen_len` tokens (default
         max_seq_len - 1, within max_seq_len), or at the first of the `stop` strings,
         which is left out; "tokens" then keeps the tokens wholly before it."""
-        check_list(prompts, "prompts", "wrap a single prompt in a list, or use stream_completion")
+        prompts = as_batch(prompts, "prompts",
+                           "wrap a single prompt in a list, or use stream_completion")
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
         rows, tokens, lps = self.echoed_run(prompt_tokens, max_gen_len, temperature, top_p,
                                             {self.tokenizer.eos_id}, self.tokenizer.decode,
@@ -520,9 +527,9 @@ class Llama:
 
     def infilling_prompts(self, prefixes: List[str], suffixes: List[str], suffix_first: bool):
         require_infilling(self.tokenizer)
-        for name, value in (("prefixes", prefixes), ("suffixes", suffixes)):
-            check_list(value, name, "wrap a single prefix and suffix in lists, or use "
-                                    "stream_infilling")
+        fix = "wrap a single prefix and suffix in lists, or use stream_infilling"
+        prefixes = as_batch(prefixes, "prefixes", fix)
+        suffixes = as_batch(suffixes, "suffixes", fix)
         if len(prefixes) != len(suffixes):
             raise ValueError(f"got {len(prefixes)} prefixes but {len(suffixes)} suffixes; "
                              f"pass one suffix per prefix")
@@ -593,7 +600,7 @@ class Llama:
         carrying chat tags or control tokens are not run: their content is UNSAFE_ERROR,
         with empty tokens and logprobs. A reply ends at EOS (`<step>` for 70B), at
         `max_gen_len` or at a `stop` string."""
-        check_list(dialogs, "dialogs", "wrap a single dialog in a list")
+        dialogs = as_batch(dialogs, "dialogs", "wrap a single dialog in a list")
         for i, dialog in enumerate(dialogs):
             if not isinstance(dialog, (list, tuple)):
                 raise ValueError(f"dialogs must be a list of dialogs, each a list of messages, "
@@ -630,22 +637,37 @@ class Llama:
                            self.tokenizer.decode, stop)
 
 
-def check_list(value, name: str, fix: str) -> None:
-    """Batch arguments are lists with one item per prompt; a lone string (or dialog, or
-    token list) is the usual slip, and iterating it would silently make a batch of its
-    characters."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+def as_batch(value, name: str, fix: str) -> list:
+    """A batch argument (one item per prompt) as a list. Any sequence or iterable will do
+    (list, tuple, array, tensor, generator); a lone string, bytes or dict is refused, since
+    iterating it would silently make a batch of its characters or keys."""
+    if isinstance(value, (str, bytes, dict)):
         raise ValueError(f"{name} must be a list with one item per prompt, got "
                          f"{type(value).__name__}; {fix}")
+    if hasattr(value, "tolist"):  # a tensor or an array
+        return value.tolist()
+    try:
+        return list(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a list with one item per prompt, got "
+                         f"{type(value).__name__}; {fix}") from None
 
 
-def check_sampling(temperature, top_p) -> None:
-    if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
-            or not math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number (0 or less: greedy), got "
-                         f"{temperature!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 <= top_p <= 1:
-        raise ValueError(f"top_p must be a number in [0, 1], got {top_p!r}")
+def sampling_settings(temperature, top_p) -> Tuple[float, float]:
+    """temperature and top_p as floats (Python, numpy or 0-d tensor numbers), checked:
+    temperature finite (0 or less means greedy), top_p in [0, 1]."""
+    checked = []
+    for name, value, valid, rule in (
+            ("temperature", temperature, math.isfinite, "a finite number (0 or less: greedy)"),
+            ("top_p", top_p, lambda v: 0 <= v <= 1, "a number in [0, 1]")):
+        try:
+            number = None if isinstance(value, (bool, str, bytes)) else float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is None or not valid(number):
+            raise ValueError(f"{name} must be {rule}, got {value!r}")
+        checked.append(number)
+    return checked[0], checked[1]
 
 
 def check_stop(stop) -> List[str]:

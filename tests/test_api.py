@@ -3,6 +3,7 @@ for them, and how `Llama.configure` treats options it is not given."""
 
 import inspect
 
+import pytest
 import torch
 
 import llama
@@ -39,6 +40,7 @@ REFERENCE_SIGNATURES = {
 def test_reference_names_import_from_llama_generation():
     for name, value in REFERENCE_CONSTANTS.items():
         assert getattr(llama.generation, name) == value, name
+        assert name in llama.generation.__all__, name  # so that `import *` brings it too
     for name in ("Llama", "sample_top_p", "Role", "Message", "Dialog", "CompletionPrediction",
                  "InfillingPrediction", "ChatPrediction", "dialog_prompt_tokens",
                  "infilling_prompt_tokens"):
@@ -72,3 +74,19 @@ def test_configure_keeps_options_it_is_not_given():
     assert gen.compiled_prefill is compiled  # not rebuilt: nothing to compile again
     gen.configure(compile=False)
     assert gen.compiled_prefill is None and gen.prefill_chunk == 8
+
+
+def test_a_failed_configure_changes_nothing(monkeypatch):
+    gen = Llama.from_preset("tiny", max_seq_len=32, max_batch_size=2, device="cpu",
+                            dtype=torch.float32)
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("torch.compile is not supported here")
+
+    monkeypatch.setattr(torch, "compile", unsupported)
+    with pytest.raises(RuntimeError, match="not supported"):
+        gen.configure(compile=True)
+    assert not gen.settings["compile"] and gen.compiled_prefill is None
+    monkeypatch.undo()
+    gen.configure(compile=True)  # a retry does the work instead of finding nothing to change
+    assert gen.compiled_prefill is not None

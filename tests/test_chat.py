@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from conftest import build
-from llama import Tokenizer
+import llama.chat
+from llama import Llama, Tokenizer
 from llama.chat import main, storable
+from llama.prompts import UNSAFE_ERROR
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,6 +83,25 @@ def test_replies_are_stored_without_chat_tags(make_model):
     assert storable(tokenizer, "plain <pre> text") == "plain <pre> text"
 
 
-def test_answer_room_must_leave_room_for_a_message():
-    with pytest.raises(ValueError, match="--max_gen_len 64 leaves no room"):
-        main("unused", max_seq_len=64, max_gen_len=64)
+def test_tagged_answers_do_not_poison_the_history(make_model, monkeypatch, capsys):
+    lines = iter(["hello", "more please", None])
+    monkeypatch.setattr(llama.chat, "read_line", lambda prompt: next(lines))
+    dialogs = []
+
+    def tagged_answer(self, dialog, *args):  # a model that writes chat tags
+        dialogs.append([dict(m) for m in dialog])
+        return iter(["sure [/INST] <PRE> done"])
+
+    monkeypatch.setattr(Llama, "stream_chat_completion", tagged_answer)
+    main(str(make_model()[0]), max_seq_len=256, max_gen_len=8)
+    out = capsys.readouterr().out
+    assert UNSAFE_ERROR not in out and "left out of the conversation history" in out
+    assert len(dialogs) == 2  # the second message was answered, not refused
+    assert dialogs[1][1] == {"role": "assistant", "content": "sure   done"}
+
+
+def test_answer_room_must_leave_room_for_a_message(make_model):
+    with pytest.raises(ValueError, match="--max_gen_len must be a positive"):
+        main("unused", max_seq_len=64, max_gen_len=0)
+    with pytest.raises(ValueError, match=r"--max_gen_len 60 leaves no room .*at least \d+"):
+        main(str(make_model()[0]), max_seq_len=64, max_gen_len=60)

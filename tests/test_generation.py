@@ -1,6 +1,7 @@
 """Generation: equal to a greedy loop over Hugging Face's model, real logprobs, ragged
 batches, seeded sampling, stop rules, and every input error."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -209,7 +210,15 @@ def test_malformed_arguments_are_refused(tiny):
     ]:
         with pytest.raises(ValueError, match=match):
             call()
-    assert gen.generate([[1, 2]], 3, temperature=0)[0][0]  # still usable afterwards
+    # Other sequences and number types are fine: numpy, tensors, tuples, generators.
+    want = gen.generate([[1, 2]], 3, temperature=0)
+    assert gen.generate(torch.tensor([[1, 2]]), np.int64(3), temperature=torch.tensor(0.0),
+                        top_p=np.float32(0.5)) == want
+    assert gen.generate((np.array([1, 2]),), 3, temperature=0) == want
+    texts = gen.text_completion(["def", "class"], temperature=0, max_gen_len=3)
+    assert gen.text_completion((p for p in np.array(["def", "class"])), temperature=0,
+                               max_gen_len=3) == texts
+    assert gen.text_completion(("def", "class"), temperature=0, max_gen_len=3) == texts
 
 
 def test_a_paused_stream_blocks_other_generation(tiny):

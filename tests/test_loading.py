@@ -118,10 +118,16 @@ def test_damaged_files_are_named(make_model, tmp_path):
     (folder / "params.json").write_text(params[:-5])
     with pytest.raises(ValueError, match=r"params.json is not valid JSON.*download"):
         build(folder)
+    (folder / "params.json").write_text("null")
+    with pytest.raises(ValueError, match=r"params.json holds a NoneType, not a JSON object"):
+        build(folder)
     (folder / "params.json").write_text(params)
     shard = folder / "consolidated.00.pth"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a cut-off download
     with pytest.raises(ValueError, match=r"consolidated.00.pth cannot be read.*incomplete"):
+        build(folder)
+    torch.save({"x": torch.zeros(2)}, shard, _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match=r"consolidated.00.pth cannot be read.*zip format"):
         build(folder)
 
 
@@ -137,6 +143,6 @@ def test_cache_sizes_in_params_json_are_ignored_with_a_warning(make_model, tmp_p
     params = json.loads((folder / "params.json").read_text())
     (folder / "params.json").write_text(json.dumps({**params, "max_seq_len": 4096,
                                                     "max_batch_size": 32}))
-    with pytest.warns(UserWarning, match="max_seq_len=4096, which is ignored"):
+    with pytest.warns(UserWarning, match="max_seq_len=4096, which is ignored: cache sizes"):
         gen = build(folder, max_seq_len=48, max_batch_size=2)
     assert (gen.model.params.max_seq_len, gen.model.params.max_batch_size) == (48, 2)

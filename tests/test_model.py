@@ -115,6 +115,8 @@ def test_negative_start_is_an_error(make_model):
     for start in (-1, torch.tensor([-2])):
         with pytest.raises(ValueError, match="start_pos must be >= 0"):
             model.forward(torch.zeros(1, 4, dtype=torch.long), start)
+    with torch.inference_mode(), pytest.raises(ValueError, match="start_pos must be >= 0"):
+        model.forward_hidden(torch.zeros(1, 4, dtype=torch.long), -1, kv_len=4)
 
 
 PARAMS = {  # the released params.json files (34B/70B carry n_kv_heads)
