@@ -31,6 +31,7 @@ META_HOST_TEXT="https://download.llamameta.net"
 REQUEST_PAGE="https://www.llama.com/llama-downloads/"
 
 TMP_LOG=""
+PARTIAL=""  # a temporary download (fetch_whole) to remove if the script stops early
 FAILED_FILES=()
 FAILED_COUNT=0
 
@@ -57,6 +58,9 @@ note() {
 cleanup() {
     if [[ -n $TMP_LOG ]]; then
         rm -f "$TMP_LOG"
+    fi
+    if [[ -n ${PARTIAL:-} ]]; then
+        rm -f "$PARTIAL"
     fi
 }
 
@@ -243,9 +247,8 @@ shard_count() {
 
 estimated_shard_bytes() {
     # Roughly the parameter count times two bytes (bfloat16), divided by the shards; a little low on purpose.
+    # (main checks CODELLAMA_EXPECTED_SHARD_BYTES before anything is downloaded.)
     if [[ -n ${CODELLAMA_EXPECTED_SHARD_BYTES:-} ]]; then
-        [[ $CODELLAMA_EXPECTED_SHARD_BYTES =~ ^[0-9]+$ ]] ||
-            die "CODELLAMA_EXPECTED_SHARD_BYTES must be a number of bytes, not '$CODELLAMA_EXPECTED_SHARD_BYTES'."
         echo "$CODELLAMA_EXPECTED_SHARD_BYTES"
         return
     fi
@@ -433,6 +436,24 @@ fetch() {
     fi
 }
 
+fetch_whole() {
+    # fetch_whole REL_PATH DEST: download a file that has no checksum (LICENSE, USE_POLICY.md) anew,
+    # through a temporary file: a local file of that name cannot be trusted to be a partial copy of it.
+    # An existing DEST that is not a first part of it (such as a source checkout's own LICENSE when the
+    # target is the checkout) is kept, and the download is saved beside it as DEST.codellama.
+    local rel=$1 dest=$2
+    PARTIAL="$dest.part"
+    rm -f "$PARTIAL"
+    fetch "$rel" "$PARTIAL"
+    if [[ -f $dest ]] && ! cmp -s -n "$(file_size "$dest")" "$dest" "$PARTIAL"; then
+        mv -f "$PARTIAL" "$dest.codellama"
+        note "Kept the existing $dest (its content differs); Meta's $rel is saved as $dest.codellama."
+    else
+        mv -f "$PARTIAL" "$dest"
+    fi
+    PARTIAL=""
+}
+
 # ----------------------------------------------------------------------------- verification
 
 record_failure() {
@@ -500,6 +521,9 @@ verify_model() {
 main() {
     local target=${TARGET_FOLDER:-.} url models m shards s i files folder
 
+    if [[ -n ${CODELLAMA_EXPECTED_SHARD_BYTES:-} && ! $CODELLAMA_EXPECTED_SHARD_BYTES =~ ^[0-9]+$ ]]; then
+        die "CODELLAMA_EXPECTED_SHARD_BYTES must be a number of bytes, not '$CODELLAMA_EXPECTED_SHARD_BYTES'."
+    fi
     choose_downloader
     choose_checksum_tool
 
@@ -534,8 +558,8 @@ main() {
 
     echo "Using $DOWNLOADER to download and $CHECKSUM_TOOL to verify; files go to $target"
     echo "Downloading LICENSE and Acceptable Usage Policy"
-    fetch "LICENSE" "$target/LICENSE"
-    fetch "USE_POLICY.md" "$target/USE_POLICY.md"
+    fetch_whole "LICENSE" "$target/LICENSE"
+    fetch_whole "USE_POLICY.md" "$target/USE_POLICY.md"
 
     for m in "${MODELS[@]}"; do
         folder="CodeLlama-$m"

@@ -266,8 +266,20 @@ def main(preset: str = "7b", ckpt_dir: str = None, device: str = None, dtype: st
         dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
         dt = torch.float32
+    if dtype and dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype} is not supported; choose one of {sorted(DTYPES)}")
     dt = DTYPES[dtype] if dtype else dt
     elem = torch.finfo(dt).bits // 8
+    sizes = dict(prefill_lens=as_list(prefill_lens), batch_sizes=as_list(batch_sizes),
+                 prompt_len=[prompt_len], long_len=[long_len], repeats=[repeats],
+                 decode_repeats=[decode_repeats])
+    for flag, values in sizes.items():
+        if any(v < 1 for v in values):
+            raise ValueError(f"--{flag} must be positive, got {values}")
+    for flag, value in (("gen_len", gen_len), ("long_gen_len", long_gen_len)):
+        if value < 2:  # decode speed is timed from the first token to the last
+            raise ValueError(f"--{flag} must be at least 2 (decode speed is timed between "
+                             f"the first and the last new token), got {value}")
     peers = [p for p in as_list(peers, str) if p]
     unknown = set(peers) - set(PEERS)
     if unknown:

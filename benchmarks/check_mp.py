@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from llama import Llama  # noqa: E402
 from llama.checkpoint import split_dim  # noqa: E402
+from llama.convert import check_split, new_out_dir  # noqa: E402
 
 TOKENIZER = ROOT / "tests" / "data" / "llama2-tokenizer.model"
 PROMPTS = ["def fibonacci(n):", "import numpy as np\n\nclass Matrix:\n",
@@ -38,9 +39,11 @@ def write(out_dir: str, preset: str = "13b", n_layers: int = 8, shards: int = 2,
     """Random bf16 weights of `preset`'s widths, saved as `shards` consolidated.NN.pth."""
     gen = Llama.from_preset(preset, max_seq_len=64, max_batch_size=1, seed=seed,
                             n_layers=n_layers, vocab_size=32000, dtype=torch.bfloat16)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.cpu() for k, v in gen.model.state_dict().items()}
+    # Shards must split every tensor evenly, into a folder holding no older shards.
+    check_split(gen.model.params, {k: tuple(v.shape) for k, v in state.items()}, shards,
+                Path(out_dir))
+    out = new_out_dir(out_dir)
     for r in range(shards):
         part = {k: (v if split_dim(k) is None else v.chunk(shards, split_dim(k))[r]).clone()
                 for k, v in state.items()}

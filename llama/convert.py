@@ -96,11 +96,16 @@ def check_shapes(args: ModelArgs, shapes: Dict[str, Tuple[int, ...]], source: st
     return list(model.state_dict())
 
 
+def positive_int(value, flag: str) -> None:
+    # bool is an int to Python, and fire turns a bare flag into True.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{flag} must be a positive whole number, got {value!r}")
+
+
 def check_split(args: ModelArgs, shapes: Dict[str, Tuple[int, ...]], mp, source: Path) -> None:
     """Refuse, before writing anything, an --mp that does not split every tensor evenly
     (and attention by whole heads)."""
-    if not isinstance(mp, int) or mp < 1:
-        raise ValueError(f"--mp must be a positive whole number, got {mp!r}")
+    positive_int(mp, "--mp")
     check_heads_split(args, mp, source)
     for key, shape in shapes.items():
         if split_dim(key) is not None:
@@ -158,6 +163,7 @@ def to_hf(ckpt_dir: str, out_dir: str, max_shard_size="5GB",
     for 16384 positions, hence max_position_embeddings' default."""
     from safetensors.torch import save_file
 
+    positive_int(max_position_embeddings, "--max_position_embeddings")
     ckpt_dir, max_bytes = Path(ckpt_dir), parse_size(max_shard_size)
     params = read_params(ckpt_dir)
     src = open_meta(ckpt_dir)

@@ -86,6 +86,19 @@ def test_bench_in_process_without_peers(tmp_path, capsys, one_thread):
     assert "results written to" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("bad, message", [
+    (dict(gen_len=1), "--gen_len must be at least 2"),
+    (dict(dtype="float64"), "--dtype float64 is not supported"),
+    (dict(batch_sizes="0"), "--batch_sizes must be positive"),
+    (dict(prefill_lens="0"), "--prefill_lens must be positive"),
+])
+def test_bad_sizes_are_refused(tmp_path, bad, message):
+    import bench
+    with pytest.raises(ValueError, match=message):
+        bench.main(**{**dict(device="cpu", preset="tiny", peers="none",
+                             out=str(tmp_path / "r.json")), **bad})
+
+
 def test_a_failing_peer_is_reported_not_fatal(tmp_path, capsys, monkeypatch, one_thread):
     import bench
 

@@ -159,9 +159,13 @@ def test_mp_that_does_not_divide(make_model, make_hf_model, tmp_path):
         convert.reshard(make_model()[0], tmp_path / "a", mp=3)
     with pytest.raises(ValueError, match="2 key/value heads do not split over 4"):
         convert.from_hf(make_hf_model()[0], tmp_path / "b", mp=4)
-    with pytest.raises(ValueError, match="--mp must be a positive whole number"):
-        convert.reshard(make_model()[0], tmp_path / "c", mp=0)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    for bad in (0, True):  # `--mp` given without a value reaches us as True
+        with pytest.raises(ValueError, match="--mp must be a positive whole number"):
+            convert.reshard(make_model()[0], tmp_path / "c", mp=bad)
+    for bad in (0, -5, "abc"):
+        with pytest.raises(ValueError, match="--max_position_embeddings must be a positive"):
+            convert.to_hf(make_model()[0], tmp_path / "d", max_position_embeddings=bad)
+    assert not any((tmp_path / name).exists() for name in "abcd")
 
 
 def test_tokenizer_that_does_not_match_the_embedding(make_model, tmp_path):

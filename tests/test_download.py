@@ -342,8 +342,28 @@ def test_second_run_downloads_nothing_again(server, downloader, tmp_path):
     proc = run_script(env)
     assert proc.returncode == 0, proc.output
     assert_model_complete(tmp_path / "weights", "7b")
-    # Every file was already complete: each request asked for the bytes after the end and got 416.
-    assert server.log and all(status == 416 for _, _, status in server.log), server.log
+    # Every checked file was already complete: each request asked for the bytes after the end
+    # and got 416. The two files without a checksum are fetched whole again.
+    again = {path: status for path, _, status in server.log}
+    assert again.pop("LICENSE") == 200 and again.pop("USE_POLICY.md") == 200
+    assert again and set(again.values()) == {416}, server.log
+
+
+def test_an_existing_license_is_not_resumed_or_replaced(server, downloader, tmp_path):
+    """Run from a source checkout (TARGET_FOLDER=.), the target holds the project's own
+    LICENSE: resuming onto it would glue two licenses together."""
+    target = tmp_path / "weights"
+    target.mkdir()
+    (target / "LICENSE").write_bytes(b"MIT License\n" * 200)  # longer than Meta's test copy
+    (target / "USE_POLICY.md").write_bytes(SITE["USE_POLICY.md"][:10])  # a cut-off earlier run
+    proc = run_script(base_env(tmp_path, server, MODEL_SIZE="7b", DOWNLOADER=downloader))
+    assert proc.returncode == 0, proc.output
+    assert (target / "LICENSE").read_bytes() == b"MIT License\n" * 200
+    assert (target / "LICENSE.codellama").read_bytes() == SITE["LICENSE"]
+    assert "Kept the existing" in proc.output
+    assert (target / "USE_POLICY.md").read_bytes() == SITE["USE_POLICY.md"]  # completed
+    assert not (target / "USE_POLICY.md.codellama").exists()
+    assert not list(target.glob("*.part"))
 
 
 # --------------------------------------------------------------------------- resume
@@ -579,6 +599,14 @@ def test_missing_checksum_tool_explains_install(tmp_path):
     assert proc.returncode != 0
     assert "No md5 tool found" in proc.output
     assert "apt-get install coreutils" in proc.output and "brew install coreutils" in proc.output
+
+
+def test_bad_expected_shard_bytes_stops_before_downloading(server, tmp_path):
+    proc = run_script(base_env(tmp_path, server, MODEL_SIZE="7b",
+                               CODELLAMA_EXPECTED_SHARD_BYTES="10GB"))
+    assert proc.returncode == 1
+    assert "CODELLAMA_EXPECTED_SHARD_BYTES must be a number of bytes, not '10GB'" in proc.output
+    assert server.log == []
 
 
 def test_not_enough_disk_space_stops_before_the_shard(server, tmp_path):
