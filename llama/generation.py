@@ -354,6 +354,14 @@ class Llama:
         budgets = [max(0, min(max_gen_len, max_seq_len - n)) for n in lens]
         if not any(budgets) and prompt_logprobs is None:
             return  # nothing to generate and nothing to score
+        with self.exclusive():
+            yield from self.decode_loop(prompt_tokens, lens, budgets, temperature, top_p,
+                                        stop_ids, prompt_logprobs, on_token)
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """One generation at a time: rows live in the one KV cache, so a second call while
+        a stream is paused would overwrite the stream's rows."""
         if self.generating:
             raise RuntimeError(
                 "this Llama is still in the middle of another generation (an unfinished "
@@ -361,16 +369,14 @@ class Llama:
                 "to the end or call its close() first, or build a second Llama")
         self.generating = True
         try:
-            yield from self.decode_loop(prompt_tokens, budgets, temperature, top_p, stop_ids,
-                                        prompt_logprobs, on_token)
+            yield
         finally:
             self.generating = False
 
-    def decode_loop(self, prompt_tokens, budgets, temperature, top_p, stop_ids,
+    def decode_loop(self, prompt_tokens, lens, budgets, temperature, top_p, stop_ids,
                     prompt_logprobs, on_token):
         """decode_steps after its checks: prefill, then one decode step per yield."""
         max_seq_len = self.model.params.max_seq_len
-        lens = [len(p) for p in prompt_tokens]
         tokens, logprobs = self.prefill(prompt_tokens, temperature, top_p, prompt_logprobs)
 
         # Where each row's next token goes. A prompt that fills the cache has no budget; its

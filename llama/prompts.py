@@ -154,5 +154,6 @@ def chat_prompt(tokenizer: Tokenizer, dialog: Dialog) -> Tuple[List[int], bool]:
         prompt, own = chat_prompt_tokens(tokenizer, dialog), 0
     tagged = any(tag in (msg.get(field) or "") for msg in dialog
                  for field in ("content", "destination") for tag in SPECIAL_TAGS)
-    controls = sum(t in tokenizer.control_ids for t in prompt)
+    control_ids = tokenizer.control_ids  # a property that builds the set: once, not per token
+    controls = sum(t in control_ids for t in prompt)
     return prompt, tagged or controls > own
