@@ -4,6 +4,8 @@ profiler), for a preset with random weights. Prints the kernels with the most CU
     python benchmarks/profile_step.py kernels --preset 7b --prefill_len 16384 --top 25
     python benchmarks/profile_step.py prefill_compiled --lens 16384 --profile
     python benchmarks/profile_step.py decode_graph --preset 7b --context 512
+    torchrun --nproc_per_node 2 benchmarks/profile_step.py decode_graph --preset 13b \
+        --symmetric_memory True
 
 `prefill_compiled` times a prefill forward pass eagerly and compiled with torch.compile
 (dynamic shapes, so one compilation serves every prompt length); with --profile it also
@@ -11,9 +13,9 @@ lists the compiled pass's kernels. `decode_graph` profiles replays of the decode
 generation runs it (a CUDA graph, compiled unless --compile False).
 """
 
-import time
-
+import os
 import sys
+import time
 from pathlib import Path
 
 import fire
@@ -94,9 +96,9 @@ def prefill_compiled(preset: str = "7b", lens="16384", repeats: int = 3, profile
 
 
 def decode_graph(preset: str = "7b", context: int = 512, compile: bool = True,
-                 replays: int = 10, top: int = 30):
+                 symmetric_memory: bool = False, replays: int = 10, top: int = 30):
     gen = Llama.from_preset(preset, max_seq_len=context + 1, max_batch_size=1, device="cuda")
-    gen.configure(compile=compile)
+    gen.configure(compile=compile, symmetric_memory=symmetric_memory)
     tokens = torch.zeros(1, dtype=torch.long, device="cuda")
     positions = torch.full((1,), context - 1, dtype=torch.long, device="cuda")
 
@@ -104,8 +106,11 @@ def decode_graph(preset: str = "7b", context: int = 512, compile: bool = True,
         for _ in range(replays):
             gen.graphed(tokens, positions, context, 0.0, 1.0)
 
-    print(table(steps, top, f"{preset} decode step at context {context} ({replays} replays, "
-                            f"{'compiled' if compile else 'eager'} graph)"), flush=True)
+    result = table(steps, top, f"{preset} decode step at context {context} ({replays} "
+                               f"replays, {'compiled' if compile else 'eager'} graph, "
+                               f"symmetric_memory={symmetric_memory})")
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, every rank profiles its own
+        print(result, flush=True)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 
 from . import kernels
-from .distributed import enable_symmetric_memory
 
 # Buckets, for CUDA without Triton (with it, a graph spans the whole cache; see above).
 MIN_BUCKET = 512  # one bucket covers short chats: fewer graphs and compilations
@@ -82,22 +81,16 @@ class GraphedDecoder:
     small kernels per layer of RMSNorm, RoPE and the cache update into a few), and the
     compiled kernels are what the graph captures. Compiling takes about a minute for 7B
     and up to three for 13B (on an H200 machine) per batch size the first time (per
-    bucket up to MAX_COMPILED_BUCKET without Triton).
+    bucket up to MAX_COMPILED_BUCKET without Triton)."""
 
-    With `symmetric_memory` (compiled steps at MP>1 only), the compiled step sums the
-    partial results of the parallel layers through symmetric memory rather than NCCL
-    (see distributed.enable_symmetric_memory)."""
-
-    def __init__(self, model, compile: bool = False, symmetric_memory: bool = False):
+    def __init__(self, model, compile: bool = False):
         self.model = model
         # Attention reads each row's length from the device: graphs span the whole cache.
         self.whole_cache = kernels.available(model.rope.device, model.params.head_dim)
-        symmetric = compile and symmetric_memory and enable_symmetric_memory()
         self.compile_settings = {
             # Coordinate-descent tuning of the generated kernels' launch settings (done
             # while compiling, in the first warm-up step): +6% tokens/s for 7B at batch 1.
             "coordinate_descent_tuning": True,
-            "_collective.auto_select": symmetric,
         }
         self.graphs: Dict[tuple, Tuple[torch.cuda.CUDAGraph, tuple, tuple]] = {}
         self.pool = torch.cuda.graph_pool_handle()  # one memory pool shared by all graphs

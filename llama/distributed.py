@@ -107,32 +107,31 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     return _all_gather(x, x.dim() - 1, mp.get_model_parallel_group())
 
 
-def enable_symmetric_memory() -> bool:
-    """Register the model-parallel group for symmetric memory, so that compiled code
-    (inductor with `_collective.auto_select`) can sum small tensors with a one-shot
-    kernel that reads each peer GPU's buffer directly, instead of an NCCL all-reduce.
-    A decode step's all-reduces (two per layer, a few KB each) cost latency, not
-    bandwidth, and the one-shot kernel has much less of it. No NVLink multicast is used.
-    Returns whether it is on: never at MP=1 or off CUDA, or where PyTorch lacks it."""
+def symmetric_memory_group():
+    """The model-parallel group, registered for symmetric memory (buffers that the GPUs
+    of the group read from each other directly; see allreduce.py), or None at MP=1, off
+    CUDA, or where this PyTorch lacks symmetric memory. No NVLink multicast is used."""
     if mp.get_model_parallel_world_size() == 1 or not torch.cuda.is_available():
-        return False
+        return None
     try:
         from torch.distributed import _symmetric_memory as symm_mem
     except ImportError:
-        return False
+        return None
     global _symmetric_memory_on
-    if not _symmetric_memory_on and hasattr(symm_mem, "set_backend"):
-        # Plain CUDA peer mappings where this PyTorch has them: each process frees its
-        # own. With NVSHMEM, buffers are freed collectively, and ranks exiting at
-        # different moments can deadlock.
-        with contextlib.suppress(RuntimeError):  # "does not find allocation backend"
-            symm_mem.set_backend("CUDA")
-    with warnings.catch_warnings():
-        # Newer PyTorch deprecates the call, but its inductor still checks the registration.
-        warnings.simplefilter("ignore", FutureWarning)
-        symm_mem.enable_symm_mem_for_group(mp.get_model_parallel_group().group_name)
-    _symmetric_memory_on = True
-    return True
+    group = mp.get_model_parallel_group()
+    if not _symmetric_memory_on:
+        if hasattr(symm_mem, "set_backend"):
+            # Plain CUDA peer mappings where this PyTorch has them: each process frees its
+            # own. With NVSHMEM, buffers are freed collectively, and ranks exiting at
+            # different moments can deadlock.
+            with contextlib.suppress(RuntimeError):  # "does not find allocation backend"
+                symm_mem.set_backend("CUDA")
+        with warnings.catch_warnings():
+            # Newer PyTorch deprecates the call, but older ones need it for rendezvous.
+            warnings.simplefilter("ignore", FutureWarning)
+            symm_mem.enable_symm_mem_for_group(group.group_name)
+        _symmetric_memory_on = True
+    return group
 
 
 _symmetric_memory_on = False

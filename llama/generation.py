@@ -20,7 +20,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Set, Tuple, Typ
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, distributed
+from . import allreduce, checkpoint, distributed
 from .decode import GraphedDecoder, decode_step, pick, sample_top_p
 from .model import ModelArgs, Transformer, skip_fairscale_init
 from .prompts import (
@@ -225,11 +225,12 @@ class Llama:
         prefill_chunk: prompt positions per forward pass (default 16384); larger chunks
         prefill long prompts faster and need more activation memory (a 100k-token prompt
         on 7B: 7.4 s in one pass, 10.8 s in 8k chunks, on an H200).
-        symmetric_memory: with compile at MP>1, sum the parallel layers' partial results
-        with a one-shot kernel over symmetric memory instead of NCCL: 13B at MP=2 on two
-        H200s decoded 178.7 instead of 155.1 tokens/s (one side-by-side run). It needs GPUs
-        that can read each other's memory (NVLink or PCIe peer access), so it is opt-in;
-        float32 greedy tokens equal MP=1's with it (benchmarks/RESULTS.md)."""
+        symmetric_memory: at MP>1 on CUDA, end each attention and feed-forward block of a
+        decoding step (up to max_batch_size rows) with one kernel that sums the ranks'
+        partial results through symmetric memory, adds the residual and applies the next
+        RMSNorm, instead of an NCCL all-reduce and two more kernels (llama/allreduce.py).
+        It needs GPUs that can read each other's memory (NVLink or PCIe peer access), so
+        it is opt-in. Ignored at MP=1."""
         if prefill_chunk is not None:
             if prefill_chunk < 1:
                 raise ValueError(f"prefill_chunk must be a positive number of positions, "
@@ -248,7 +249,11 @@ class Llama:
         become self.settings only once that has worked."""
         on_cuda = self.model.rope.device.type == "cuda"
         compile = settings["compile"]
-        graphed = (GraphedDecoder(self.model, compile, settings["symmetric_memory"])
+        if not settings["symmetric_memory"]:
+            self.model.peers = None
+        elif self.model.peers is None:
+            self.model.peers = allreduce.enable(self.model)  # None where it cannot run
+        graphed = (GraphedDecoder(self.model, compile)
                    if on_cuda and settings["cuda_graphs"] else None)
         compiled = torch.compile(self.model.forward_hidden, dynamic=True) if compile else None
         self.graphed: Optional[GraphedDecoder] = graphed

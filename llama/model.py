@@ -125,10 +125,12 @@ class ColumnParallelLinear(fairscale.ColumnParallelLinear):
 
 
 class RowParallelLinear(fairscale.RowParallelLinear):
-    """Input features split over ranks (the input arrives split); partial sums all-reduced."""
+    """Input features split over ranks (the input arrives split). Returns this rank's
+    partial sum of the output: the caller adds the ranks' partials up together with the
+    residual and the next norm (see add_summed)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(F.linear(x, self.weight))
+        return F.linear(x, self.weight)
 
 
 class ParallelEmbedding(fairscale.ParallelEmbedding):
@@ -291,6 +293,7 @@ class Attention(nn.Module):
         self.wqkv = fuse_weights(self.wq, self.wk, self.wv)
 
     def forward(self, x, cos_sin, positions, mask, kv_len):
+        """This rank's partial sum of the attention output (see RowParallelLinear)."""
         bsz, seqlen, _ = x.shape
         n_q, n_kv, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
         if self.wqkv is None:
@@ -335,6 +338,7 @@ class FeedForward(nn.Module):
         self.w13 = fuse_weights(self.w1, self.w3)
 
     def forward(self, x):
+        """This rank's partial sum of the block's output (see RowParallelLinear)."""
         if self.w13 is None:
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
         gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
@@ -350,9 +354,26 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, cos_sin, positions, mask, kv_len):
-        h = x + self.attention(self.attention_norm(x), cos_sin, positions, mask, kv_len)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x, normed, next_norm, cos_sin, positions, mask, kv_len, peers=None):
+        """x: the residual stream; normed: attention_norm(x), made by the step before.
+        Returns this block's output and next_norm of it (the next block's attention_norm,
+        or the final norm), so that each sum over ranks is fused with the norm after it."""
+        partial = self.attention(normed, cos_sin, positions, mask, kv_len)
+        h, normed = add_summed(partial, x, self.ffn_norm, peers, slot=0)
+        return add_summed(self.feed_forward(normed), h, next_norm, peers, slot=1)
+
+
+def add_summed(partial, residual, norm: RMSNorm, peers=None, slot: int = 0):
+    """(h, norm(h)) where h = residual + partial summed over the model-parallel ranks.
+
+    With `peers` (allreduce.PeerBuffers, from configure(symmetric_memory=True) at MP>1)
+    and a batch that fits them, one kernel does the sum, the add and the norm; `slot`
+    alternates between a layer's two calls (see allreduce.py). Otherwise an all-reduce
+    (nothing at MP=1), an add and the norm."""
+    if peers is not None and peers.fits(partial):
+        return peers.sum_add_norm(partial, residual, norm.weight, norm.eps, slot)
+    h = residual + all_reduce(partial)
+    return h, norm(h)
 
 
 def attention_mask(start_pos, positions: torch.Tensor, seqlen: int, kv_len: int,
@@ -373,6 +394,8 @@ class Transformer(nn.Module):
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
+        if params.n_layers < 1:
+            raise ValueError(f"n_layers must be at least 1, got {params.n_layers}")
         world = get_model_parallel_world_size()
         for name, size in [("n_heads", params.n_heads), ("n_kv_heads", params.kv_heads),
                            ("dim", params.dim), ("vocab_size", params.vocab_size),
@@ -389,6 +412,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False,
                                            init_method=identity)
+        # Symmetric-memory buffers for fused sums over ranks (allreduce.py); set by
+        # Llama.configure(symmetric_memory=True) at MP>1 on CUDA.
+        self.peers = None
         # One row per cache position (the reference made twice as many, never read).
         self.register_buffer(
             "rope", rope_table(params.head_dim, params.max_seq_len, params.rope_theta),
@@ -431,9 +457,12 @@ class Transformer(nn.Module):
         mask = attention_mask(start_pos, positions, seqlen, kv_len, self.params.head_dim)
         cos_sin = self.rope[positions].float()  # float32 even after a model-wide .to(dtype)
         h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, cos_sin, positions, mask, kv_len)
-        return self.norm(h)
+        normed = self.layers[0].attention_norm(h)
+        for i, layer in enumerate(self.layers):
+            next_norm = self.layers[i + 1].attention_norm if i + 1 < self.n_layers else self.norm
+            h, normed = layer(h, normed, next_norm, cos_sin, positions, mask, kv_len,
+                              self.peers)
+        return normed
 
     def fuse(self) -> "Transformer":
         """Fuse each layer's q/k/v and w1/w3 projections (see Attention.fuse)."""

@@ -8,7 +8,8 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from llama import Llama, kernels
+from llama import Llama, allreduce, kernels
+from llama.model import RMSNorm
 
 
 def masked_reference(q, k, v, lengths):
@@ -62,6 +63,83 @@ def generation_with_and_without_kernel():
     return runs
 
 
+def host_buffers(world: int, capacity: int, dim: int, dtype, rank: int):
+    """What PeerBuffers.allocate makes on GPUs, as host tensors: every "rank's" buffers
+    live in this process, and the address tables point at them."""
+    data = [torch.zeros(allreduce.SLOTS, capacity, dim, dtype=dtype) for _ in range(world)]
+    flags = [torch.zeros(allreduce.SLOTS, capacity, world, dtype=torch.int32)
+             for _ in range(world)]
+    table = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)  # noqa
+    return data, flags, allreduce.PeerBuffers(data[rank], flags[rank], table(data),
+                                              table(flags), rank)
+
+
+def two_rank_exchange():
+    """Both ranks of MP=2 in turn, on 3 rows of slot 1: rank 0 finds rank 1's flag
+    raised (as if rank 1 had run first) and rank 1 then finds rank 0's."""
+    torch.manual_seed(0)
+    dim, capacity, rows, slot = 80, 4, 3, 1
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        data, flags, peers0 = host_buffers(2, capacity, dim, dtype, rank=0)
+        peers1 = allreduce.PeerBuffers(data[1], flags[1], peers0.data_ptrs, peers0.flag_ptrs, 1)
+        partials = [torch.randn(1, rows, dim, dtype=dtype) for _ in range(2)]
+        residual = torch.randn(1, rows, dim, dtype=dtype)
+        norm = RMSNorm(dim, eps=1e-5).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(dim) + 0.5)
+            expect_h = residual + (partials[0].float() + partials[1].float()).to(dtype)
+            expect_normed = norm(expect_h)
+        cells = slice(slot * capacity, slot * capacity + rows)
+        data[1].view(-1, dim)[cells] = partials[1][0]  # rank 1 wrote its partial ...
+        flags[0].view(-1, 2)[cells, 1] = 1  # ... and raised its flag in rank 0's memory
+        h0, normed0 = peers0.sum_add_norm(partials[0], residual, norm.weight, norm.eps, slot)
+        after_rank0 = {"signalled_peer": flags[1].view(-1, 2)[cells, 0].tolist(),
+                       "own_flags": flags[0].view(-1, 2)[cells, 1].tolist(),
+                       "own_data_is_partial": torch.equal(data[0].view(-1, dim)[cells],
+                                                          partials[0][0])}
+        h1, normed1 = peers1.sum_add_norm(partials[1], residual, norm.weight, norm.eps, slot)
+        key = str(dtype)[6:]
+        out[key] = {
+            **after_rank0,
+            "flags_after_both": [f.sum().item() for f in flags],
+            "ranks_equal": torch.equal(h0, h1) and torch.equal(normed0, normed1),
+            "h_error": (h0.float() - expect_h.float()).abs().max().item(),
+            "normed_error": (normed0.float() - expect_normed.float()).abs().max().item(),
+            "shapes": [list(h0.shape), list(normed0.shape)],
+            "other_slot_untouched": data[0][1 - slot].abs().sum().item(),
+        }
+    return out
+
+
+def model_with_fused_sums():
+    """The tiny model's forward pass through the fused kernel (one rank, host buffers)
+    against the plain path: hidden states, and how many calls took the kernel."""
+    gen = Llama.from_preset("tiny", max_seq_len=32, max_batch_size=2, device="cpu",
+                            dtype=torch.float32)
+    model = gen.model
+    tokens = torch.tensor([[3, 8, 1, 9], [4, 4, 2, 7]])
+    with torch.no_grad():
+        plain = model.forward_hidden(tokens[:, :1], 0)
+        _, _, model.peers = host_buffers(1, 2, model.params.dim, torch.float32, rank=0)
+        launches = []
+        launch = allreduce.sum_add_norm
+
+        def counted(*args):
+            launches.append(args[0].shape)
+            return launch(*args)
+
+        with mock.patch.object(allreduce, "sum_add_norm", counted):
+            fused = model.forward_hidden(tokens[:, :1], 0)
+            decode_calls = len(launches)
+            model.forward_hidden(tokens, 0)  # 8 rows: more than the buffers hold
+            prefill_calls = len(launches) - decode_calls
+        model.peers = None
+    return {"error": (fused - plain).abs().max().item(), "decode_calls": decode_calls,
+            "prefill_calls": prefill_calls}
+
+
 if __name__ == "__main__":
-    results = {"errors": kernel_errors(), "runs": generation_with_and_without_kernel()}
+    results = {"errors": kernel_errors(), "runs": generation_with_and_without_kernel(),
+               "exchange": two_rank_exchange(), "model": model_with_fused_sums()}
     print("\n" + json.dumps(results))

@@ -1,7 +1,8 @@
-"""The Triton decode attention (llama/kernels.py) on the CPU, through Triton's
-interpreter (tests/kernels_worker.py): the kernel against SDPA with a mask, and a
-ragged batch decoded through it against the SDPA path. The GPU run of the same kernel is
-benchmarks/check_gpu.py and benchmarks/decode_attention.py."""
+"""The Triton kernels on the CPU, through Triton's interpreter (tests/kernels_worker.py):
+the decode attention (llama/kernels.py) against SDPA with a mask, and a ragged batch
+decoded through it against the SDPA path; the fused sum over ranks (llama/allreduce.py)
+with both ranks of MP=2 simulated in one process, and a forward pass through it. The GPU
+runs are benchmarks/check_gpu.py, benchmarks/decode_attention.py and check_mp.py."""
 
 import json
 import os
@@ -40,3 +41,31 @@ def test_decoding_through_the_kernel_gives_the_same_tokens(worker_results):
     assert kernel["tokens"] == sdpa["tokens"]
     for mine, theirs in zip(kernel["logprobs"], sdpa["logprobs"]):
         assert mine == pytest.approx(theirs, abs=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_sum_exchanges_partials_through_flags(worker_results, dtype):
+    run = worker_results["exchange"][dtype]
+    # Rank 0 wrote its partial into its own buffer, raised its flag in rank 1's memory
+    # and lowered (consumed) rank 1's flag in its own, for each of the 3 rows.
+    assert run["own_data_is_partial"]
+    assert run["signalled_peer"] == [1, 1, 1]
+    assert run["own_flags"] == [0, 0, 0]
+    # Rank 1 then consumed rank 0's flags and raised its own in rank 0's memory (there
+    # they stay: in this one-process simulation they had been raised beforehand too).
+    assert run["flags_after_both"] == [3, 0]
+    assert run["other_slot_untouched"] == 0
+    # Both ranks got the same bits: residual + p0 + p1, and its RMSNorm.
+    assert run["ranks_equal"]
+    assert run["shapes"] == [[1, 3, 80], [1, 3, 80]]
+    # The interpreter rounds float32 to bfloat16 by truncation (the GPU rounds to nearest):
+    # one bfloat16 step at these magnitudes.
+    limit = 1e-6 if dtype == "float32" else 0.04
+    assert run["h_error"] <= limit and run["normed_error"] <= limit
+
+
+def test_forward_pass_through_fused_sums(worker_results):
+    run = worker_results["model"]
+    assert run["decode_calls"] == 4  # 2 layers x (attention, feed-forward), 2 rows
+    assert run["prefill_calls"] == 0  # 8 rows do not fit 2-row buffers: all-reduce path
+    assert run["error"] < 1e-5

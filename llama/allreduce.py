@@ -1,0 +1,189 @@
+"""The sum over model-parallel ranks that ends each attention and feed-forward block,
+fused with the residual add and the RMSNorm after it: one Triton kernel over symmetric
+memory, for decoding at MP>1 on CUDA (`configure(symmetric_memory=True)`).
+
+A transformer layer ends its attention and its feed-forward block with a row-parallel
+product: every rank holds a partial sum of the output, the ranks add them up (an
+all-reduce), then add the residual and normalise for the next product. Decoding a batch
+of one, the partials are 10 KB (13B); what such an all-reduce costs is latency, and 13B
+has 80 of them per token. NCCL, or PyTorch's one-shot kernel with its two barriers, plus
+the separate add-and-norm kernel, take tens of microseconds each. Here one kernel per
+call does everything:
+
+1. each rank writes its partial into a buffer that its peers can read (symmetric memory:
+   peer-mapped allocations, read over NVLink or PCIe);
+2. it raises a flag in each peer's memory and waits for every peer's flag in its own
+   (the flags are reset by the waiting side, so they are zero between calls);
+3. it reads the peers' partials and sums them in rank order (every rank gets the same
+   bits, so the ranks' residual streams stay identical), adds the residual and applies
+   the RMSNorm.
+
+One handshake per call is enough because buffers and flags come in two sets ("slots"),
+which the calls of a forward pass use alternately (attention 0, feed-forward 1): before a
+rank can write a slot again it must finish the call in between, and that call waits for
+every peer's flag, which a peer raises only after it finished reading the slot.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .distributed import symmetric_memory_group
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the fused path is never enabled there
+    triton = None
+
+SLOTS = 2
+
+
+class PeerBuffers:
+    """Where the ranks exchange partial sums: per rank, SLOTS x capacity rows of `dim`
+    values and SLOTS x capacity x world flags, plus device tables of every rank's
+    addresses of both. Built by `allocate` (collective); tests build one by hand."""
+
+    def __init__(self, data: torch.Tensor, flags: torch.Tensor, data_ptrs: torch.Tensor,
+                 flag_ptrs: torch.Tensor, rank: int):
+        self.data, self.flags = data, flags  # kept alive: the tables point into them
+        self.data_ptrs, self.flag_ptrs = data_ptrs, flag_ptrs
+        self.rank = rank
+        self.capacity, self.dim = data.shape[1], data.shape[2]
+
+    @classmethod
+    def allocate(cls, group, capacity: int, dim: int, dtype: torch.dtype,
+                 device: torch.device) -> "PeerBuffers":
+        """Symmetric-memory buffers for `group` (every rank must call this together)."""
+        from torch.distributed import _symmetric_memory as symm_mem
+
+        if dim * dtype.itemsize % 16:
+            raise ValueError(f"rows of {dim} {dtype} values are not a multiple of 16 bytes, "
+                             f"which the kernel's vector accesses need")
+        world = dist.get_world_size(group)
+        data = symm_mem.empty((SLOTS, capacity, dim), dtype=dtype, device=device)
+        flags = symm_mem.empty((SLOTS, capacity, world), dtype=torch.int32, device=device)
+        flags.zero_()
+        data_ptrs, rank = _addresses(data, group)
+        flag_ptrs, _ = _addresses(flags, group)
+        torch.cuda.synchronize(device)
+        # Every rank's flags are zero before anyone signals.
+        dist.barrier(group, device_ids=[torch.cuda.current_device()])
+        return cls(data, flags, data_ptrs, flag_ptrs, rank)
+
+    def fits(self, partial: torch.Tensor) -> bool:
+        """Whether a call with this partial sum can go through the kernel: same dtype
+        and width as the buffers, and no more rows than they hold."""
+        return (partial.dtype == self.data.dtype and partial.shape[-1] == self.dim
+                and partial.numel() <= self.capacity * self.dim
+                and partial.device == self.data.device)
+
+    def sum_add_norm(self, partial: torch.Tensor, residual: torch.Tensor,
+                     weight: torch.Tensor, eps: float, slot: int):
+        """(h, rmsnorm(h) * weight) where h = residual + partial summed over the ranks."""
+        return sum_add_norm(partial, residual, weight, eps, self.data_ptrs, self.flag_ptrs,
+                            self.rank, slot * self.capacity)
+
+
+def _addresses(tensor: torch.Tensor, group) -> Tuple[torch.Tensor, int]:
+    """Every rank's address of its copy of `tensor` (a device int64 table), and our rank."""
+    from torch.distributed import _symmetric_memory as symm_mem
+
+    handle = symm_mem.rendezvous(tensor, group)
+    # The handle gives each rank's allocation; the tensor may start inside it.
+    offset = tensor.data_ptr() - handle.buffer_ptrs[handle.rank]
+    table = torch.tensor([base + offset for base in handle.buffer_ptrs], dtype=torch.int64,
+                         device=tensor.device)
+    return table, handle.rank
+
+
+@torch.library.custom_op("llama::sum_add_norm", mutates_args=())
+def sum_add_norm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float, data_ptrs: torch.Tensor, flag_ptrs: torch.Tensor, rank: int,
+                 first_cell: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """An opaque op to torch.compile (which captures it into the step's CUDA graph): the
+    kernel launch, on tensors of shape (..., dim); rows go to cells first_cell, ..."""
+    dim = partial.shape[-1]
+    partial = partial.contiguous()
+    residual = residual.contiguous()
+    total, normed = torch.empty_like(residual), torch.empty_like(residual)
+    rows = partial.numel() // dim
+    block = triton.next_power_of_2(dim)
+    _sum_add_norm_kernel[(rows,)](
+        partial, residual, weight, total, normed, data_ptrs, flag_ptrs, first_cell, dim, eps,
+        RANK=rank, WORLD=data_ptrs.numel(), BLOCK=block, num_warps=8 if block >= 4096 else 4)
+    return total, normed
+
+
+@sum_add_norm.register_fake
+def _(partial, residual, weight, eps, data_ptrs, flag_ptrs, rank, first_cell):
+    return torch.empty_like(residual), torch.empty_like(residual)
+
+
+if triton is not None:
+    @triton.jit
+    def _sum_add_norm_kernel(partial_ptr, residual_ptr, weight_ptr, total_ptr, normed_ptr,
+                             data_ptrs, flag_ptrs, first_cell, dim, eps,
+                             RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        inside = cols < dim
+        dtype = partial_ptr.dtype.element_ty
+        here = row * dim + cols
+        cell = first_cell + row  # this row's place in every rank's buffers and flags
+        mine = tl.load(partial_ptr + here, mask=inside, other=0.0)
+        # Buffer rows start 16-byte aligned when dim is a multiple of 8 (Code Llama's
+        # are): the hints let each thread move 16 bytes per access.
+        own_row = tl.load(data_ptrs + RANK).to(tl.pointer_type(dtype))
+        own_row = tl.multiple_of(own_row + cell * dim, 16)
+        tl.store(own_row + cols, mine, mask=inside)
+        # All threads' stores are done before the (single-thread, release) signals.
+        tl.debug_barrier()
+        for peer in tl.static_range(WORLD):
+            if peer != RANK:
+                flags = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int32))
+                while tl.atomic_cas(flags + cell * WORLD + RANK, 0, 1, sem="release",
+                                    scope="sys") != 0:
+                    pass
+        own_flags = tl.load(flag_ptrs + RANK).to(tl.pointer_type(tl.int32))
+        for peer in tl.static_range(WORLD):
+            if peer != RANK:
+                while tl.atomic_cas(own_flags + cell * WORLD + peer, 1, 0, sem="acquire",
+                                    scope="sys") != 1:
+                    pass
+        # The sum in rank order, in float32, rounded to the model dtype as an
+        # all-reduce's result would be.
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        for peer in tl.static_range(WORLD):
+            if peer == RANK:
+                total += mine.to(tl.float32)
+            else:
+                their_row = tl.load(data_ptrs + peer).to(tl.pointer_type(dtype))
+                their_row = tl.multiple_of(their_row + cell * dim, 16)
+                # .cv: fetched anew, not from a cache line of this slot's previous use
+                total += tl.load(their_row + cols, mask=inside, other=0.0,
+                                 cache_modifier=".cv").to(tl.float32)
+        residual = tl.load(residual_ptr + here, mask=inside, other=0.0).to(tl.float32)
+        h = (residual + total.to(dtype).to(tl.float32)).to(dtype)
+        tl.store(total_ptr + here, h, mask=inside)
+        # RMSNorm as model.RMSNorm computes it: float32, rounded, then scaled.
+        hf = h.to(tl.float32)
+        inv_rms = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / dim + eps)
+        weight = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        normed = (hf * inv_rms).to(dtype).to(tl.float32) * weight
+        tl.store(normed_ptr + here, normed.to(dtype), mask=inside)
+
+
+def enable(model) -> Optional[PeerBuffers]:
+    """Buffers for `model`'s decoding steps (max_batch_size rows), or None where the fused
+    path cannot run: MP=1, no CUDA or Triton, a PyTorch without symmetric memory, or a
+    model width that is not a multiple of 16 bytes.
+    Collective: every model-parallel rank must call it."""
+    group = symmetric_memory_group()
+    dtype = model.norm.weight.dtype
+    if (group is None or triton is None or model.rope.device.type != "cuda"
+            or model.params.dim * dtype.itemsize % 16):
+        return None
+    return PeerBuffers.allocate(group, model.params.max_batch_size, model.params.dim, dtype,
+                                model.rope.device)
