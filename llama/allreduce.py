@@ -38,6 +38,7 @@ except ImportError:  # CPU-only installs: the fused path is never enabled there
     triton = None
 
 SLOTS = 2
+PUSH = True  # experiment: write partials into the peers' buffers (else read the peers')
 
 
 class PeerBuffers:
@@ -50,7 +51,7 @@ class PeerBuffers:
         self.data, self.flags = data, flags  # kept alive: the tables point into them
         self.data_ptrs, self.flag_ptrs = data_ptrs, flag_ptrs
         self.rank = rank
-        self.capacity, self.dim = data.shape[1], data.shape[2]
+        self.capacity, self.dim = data.shape[1], data.shape[3]
 
     @classmethod
     def allocate(cls, group, capacity: int, dim: int, dtype: torch.dtype,
@@ -62,7 +63,7 @@ class PeerBuffers:
             raise ValueError(f"rows of {dim} {dtype} values are not a multiple of 16 bytes, "
                              f"which the kernel's vector accesses need")
         world = dist.get_world_size(group)
-        data = symm_mem.empty((SLOTS, capacity, dim), dtype=dtype, device=device)
+        data = symm_mem.empty((SLOTS, capacity, world, dim), dtype=dtype, device=device)
         flags = symm_mem.empty((SLOTS, capacity, world), dtype=torch.int32, device=device)
         flags.zero_()
         data_ptrs, rank = _addresses(data, group)
@@ -112,7 +113,8 @@ def sum_add_norm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     block = triton.next_power_of_2(dim)
     _sum_add_norm_kernel[(rows,)](
         partial, residual, weight, total, normed, data_ptrs, flag_ptrs, first_cell, dim, eps,
-        RANK=rank, WORLD=data_ptrs.numel(), BLOCK=block, num_warps=8 if block >= 4096 else 4)
+        RANK=rank, WORLD=data_ptrs.numel(), BLOCK=block, PUSH=PUSH,
+        num_warps=8 if block >= 4096 else 4)
     return total, normed
 
 
@@ -125,7 +127,8 @@ if triton is not None:
     @triton.jit
     def _sum_add_norm_kernel(partial_ptr, residual_ptr, weight_ptr, total_ptr, normed_ptr,
                              data_ptrs, flag_ptrs, first_cell, dim, eps,
-                             RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr):
+                             RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr,
+                             PUSH: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         inside = cols < dim
@@ -133,11 +136,19 @@ if triton is not None:
         here = row * dim + cols
         cell = first_cell + row  # this row's place in every rank's buffers and flags
         mine = tl.load(partial_ptr + here, mask=inside, other=0.0)
-        # Buffer rows start 16-byte aligned when dim is a multiple of 8 (Code Llama's
-        # are): the hints let each thread move 16 bytes per access.
-        own_row = tl.load(data_ptrs + RANK).to(tl.pointer_type(dtype))
-        own_row = tl.multiple_of(own_row + cell * dim, 16)
-        tl.store(own_row + cols, mine, mask=inside)
+        # Buffer entry (cell, r) holds rank r's partial. Rows start 16-byte aligned when
+        # dim is a multiple of 8 (Code Llama's are): the hints give 16-byte accesses.
+        entry = (cell * WORLD + RANK) * dim  # where this rank's partial goes
+        if PUSH:  # write it into every peer's buffer (NVLink stores), read ours
+            for peer in tl.static_range(WORLD):
+                if peer != RANK:
+                    dest = tl.load(data_ptrs + peer).to(tl.pointer_type(dtype))
+                    dest = tl.multiple_of(dest + entry, 16)
+                    tl.store(dest + cols, mine, mask=inside)
+        else:  # write it into our buffer, read the peers'
+            dest = tl.load(data_ptrs + RANK).to(tl.pointer_type(dtype))
+            dest = tl.multiple_of(dest + entry, 16)
+            tl.store(dest + cols, mine, mask=inside)
         # All threads' stores are done before the (single-thread, release) signals.
         tl.debug_barrier()
         for peer in tl.static_range(WORLD):
@@ -159,10 +170,10 @@ if triton is not None:
             if peer == RANK:
                 total += mine.to(tl.float32)
             else:
-                their_row = tl.load(data_ptrs + peer).to(tl.pointer_type(dtype))
-                their_row = tl.multiple_of(their_row + cell * dim, 16)
+                src = tl.load(data_ptrs + (RANK if PUSH else peer)).to(tl.pointer_type(dtype))
+                src = tl.multiple_of(src + (cell * WORLD + peer) * dim, 16)
                 # .cv: fetched anew, not from a cache line of this slot's previous use
-                total += tl.load(their_row + cols, mask=inside, other=0.0,
+                total += tl.load(src + cols, mask=inside, other=0.0,
                                  cache_modifier=".cv").to(tl.float32)
         residual = tl.load(residual_ptr + here, mask=inside, other=0.0).to(tl.float32)
         h = (residual + total.to(dtype).to(tl.float32)).to(dtype)

@@ -66,7 +66,8 @@ def generation_with_and_without_kernel():
 def host_buffers(world: int, capacity: int, dim: int, dtype, rank: int):
     """What PeerBuffers.allocate makes on GPUs, as host tensors: every "rank's" buffers
     live in this process, and the address tables point at them."""
-    data = [torch.zeros(allreduce.SLOTS, capacity, dim, dtype=dtype) for _ in range(world)]
+    data = [torch.zeros(allreduce.SLOTS, capacity, world, dim, dtype=dtype)
+            for _ in range(world)]
     flags = [torch.zeros(allreduce.SLOTS, capacity, world, dtype=torch.int32)
              for _ in range(world)]
     table = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)  # noqa
@@ -75,40 +76,48 @@ def host_buffers(world: int, capacity: int, dim: int, dtype, rank: int):
 
 
 def two_rank_exchange():
-    """Both ranks of MP=2 in turn, on 3 rows of slot 1: rank 0 finds rank 1's flag
-    raised (as if rank 1 had run first) and rank 1 then finds rank 0's."""
+    """Both ranks of MP=2 in turn, on 3 rows of slot 1: rank 0 finds rank 1's partial
+    and flag in place (as if rank 1 had run first), then rank 1 runs."""
     torch.manual_seed(0)
     dim, capacity, rows, slot = 80, 4, 3, 1
     out = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        data, flags, peers0 = host_buffers(2, capacity, dim, dtype, rank=0)
-        peers1 = allreduce.PeerBuffers(data[1], flags[1], peers0.data_ptrs, peers0.flag_ptrs, 1)
-        partials = [torch.randn(1, rows, dim, dtype=dtype) for _ in range(2)]
-        residual = torch.randn(1, rows, dim, dtype=dtype)
-        norm = RMSNorm(dim, eps=1e-5).to(dtype)
-        with torch.no_grad():
-            norm.weight.copy_(torch.rand(dim) + 0.5)
-            expect_h = residual + (partials[0].float() + partials[1].float()).to(dtype)
-            expect_normed = norm(expect_h)
-        cells = slice(slot * capacity, slot * capacity + rows)
-        data[1].view(-1, dim)[cells] = partials[1][0]  # rank 1 wrote its partial ...
-        flags[0].view(-1, 2)[cells, 1] = 1  # ... and raised its flag in rank 0's memory
-        h0, normed0 = peers0.sum_add_norm(partials[0], residual, norm.weight, norm.eps, slot)
-        after_rank0 = {"signalled_peer": flags[1].view(-1, 2)[cells, 0].tolist(),
-                       "own_flags": flags[0].view(-1, 2)[cells, 1].tolist(),
-                       "own_data_is_partial": torch.equal(data[0].view(-1, dim)[cells],
-                                                          partials[0][0])}
-        h1, normed1 = peers1.sum_add_norm(partials[1], residual, norm.weight, norm.eps, slot)
-        key = str(dtype)[6:]
-        out[key] = {
-            **after_rank0,
-            "flags_after_both": [f.sum().item() for f in flags],
-            "ranks_equal": torch.equal(h0, h1) and torch.equal(normed0, normed1),
-            "h_error": (h0.float() - expect_h.float()).abs().max().item(),
-            "normed_error": (normed0.float() - expect_normed.float()).abs().max().item(),
-            "shapes": [list(h0.shape), list(normed0.shape)],
-            "other_slot_untouched": data[0][1 - slot].abs().sum().item(),
-        }
+    for push in (False, True):
+        for dtype in (torch.float32, torch.bfloat16):
+            data, flags, peers0 = host_buffers(2, capacity, dim, dtype, rank=0)
+            peers1 = allreduce.PeerBuffers(data[1], flags[1], peers0.data_ptrs,
+                                           peers0.flag_ptrs, 1)
+            partials = [torch.randn(1, rows, dim, dtype=dtype) for _ in range(2)]
+            residual = torch.randn(1, rows, dim, dtype=dtype)
+            norm = RMSNorm(dim, eps=1e-5).to(dtype)
+            with torch.no_grad():
+                norm.weight.copy_(torch.rand(dim) + 0.5)
+                expect_h = residual + (partials[0].float() + partials[1].float()).to(dtype)
+                expect_normed = norm(expect_h)
+            cells = slice(slot * capacity, slot * capacity + rows)
+            entries = [d.view(-1, 2, dim)[cells] for d in data]  # (rows, source rank, dim)
+            # Rank 1's partial, where either way of exchanging puts it, and its flag.
+            entries[0][:, 1] = entries[1][:, 1] = partials[1][0]
+            flags[0].view(-1, 2)[cells, 1] = 1
+            with mock.patch.object(allreduce, "PUSH", push):
+                h0, normed0 = peers0.sum_add_norm(partials[0], residual, norm.weight,
+                                                  norm.eps, slot)
+                after_rank0 = {
+                    "signalled_peer": flags[1].view(-1, 2)[cells, 0].tolist(),
+                    "own_flags": flags[0].view(-1, 2)[cells, 1].tolist(),
+                    # pushed into rank 1's buffer, or left in its own for rank 1 to read
+                    "partial_in_place": torch.equal(entries[1 if push else 0][:, 0],
+                                                    partials[0][0])}
+                h1, normed1 = peers1.sum_add_norm(partials[1], residual, norm.weight,
+                                                  norm.eps, slot)
+            out[f"{'push' if push else 'pull'} {str(dtype)[6:]}"] = {
+                **after_rank0,
+                "flags_after_both": [f.sum().item() for f in flags],
+                "ranks_equal": torch.equal(h0, h1) and torch.equal(normed0, normed1),
+                "h_error": (h0.float() - expect_h.float()).abs().max().item(),
+                "normed_error": (normed0.float() - expect_normed.float()).abs().max().item(),
+                "shapes": [list(h0.shape), list(normed0.shape)],
+                "other_slot_untouched": sum(d[1 - slot].abs().sum().item() for d in data),
+            }
     return out
 
 

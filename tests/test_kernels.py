@@ -43,12 +43,13 @@ def test_decoding_through_the_kernel_gives_the_same_tokens(worker_results):
         assert mine == pytest.approx(theirs, abs=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["pull", "push"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fused_sum_exchanges_partials_through_flags(worker_results, dtype):
-    run = worker_results["exchange"][dtype]
-    # Rank 0 wrote its partial into its own buffer, raised its flag in rank 1's memory
+def test_fused_sum_exchanges_partials_through_flags(worker_results, mode, dtype):
+    run = worker_results["exchange"][f"{mode} {dtype}"]
+    # Rank 0 put its partial where rank 1 reads it, raised its flag in rank 1's memory
     # and lowered (consumed) rank 1's flag in its own, for each of the 3 rows.
-    assert run["own_data_is_partial"]
+    assert run["partial_in_place"]
     assert run["signalled_peer"] == [1, 1, 1]
     assert run["own_flags"] == [0, 0, 0]
     # Rank 1 then consumed rank 0's flags and raised its own in rank 0's memory (there
