@@ -1,8 +1,7 @@
 """The fused sum over ranks (llama/allreduce.py) on real GPUs, under torchrun: its results
 against the unfused path (an NCCL all-reduce, the residual add, the RMSNorm), then the
 time per call of `calls` calls in a row (80: a 13B decode step's worth) replayed from a
-CUDA graph, for the fused kernel (partials pulled from the peers or pushed to them), the
-unfused path, and PyTorch's one-shot all-reduce
+CUDA graph, for the fused kernel, the unfused path, and PyTorch's one-shot all-reduce
 over symmetric memory followed by the add and the norm (what inductor's
 `_collective.auto_select` made of the unfused path).
 
@@ -23,7 +22,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llama import allreduce, distributed  # noqa: E402
+from llama import distributed  # noqa: E402
 from llama.allreduce import PeerBuffers  # noqa: E402
 from llama.model import RMSNorm, add_summed  # noqa: E402
 
@@ -79,31 +78,26 @@ def main(dim: int = 5120, rows="1,4,32", dtypes="bfloat16,float32", calls: int =
             residual = torch.randn(n, 1, dim, device=device, dtype=dtype, generator=shared)
             with torch.no_grad():
                 h_ref, normed_ref = add_summed(partial, residual, norm)
-                worst, same_on_all, fused_us = {}, {}, {}
-                for push in (False, True):
-                    allreduce.PUSH = push
-                    mode = "push" if push else "pull"
-                    # Many calls with both slots and changing data: a handshake that let a
-                    # rank read a stale or half-written buffer would show up as a mismatch.
-                    worst[mode] = 0.0
-                    for i in range(rounds):
-                        p = partial * (1 + i % 7)
-                        h, normed = add_summed(p, residual, norm, peers, slot=i % 2)
-                        h_want, normed_want = add_summed(p, residual, norm)
-                        worst[mode] = max(worst[mode],
-                                          (h.float() - h_want.float()).abs().max().item(),
-                                          (normed.float() - normed_want.float()).abs().max().item())
-                    h, normed = add_summed(partial, residual, norm, peers, slot=0)
-                    everyone = [torch.empty_like(normed) for _ in range(world)]
-                    dist.all_gather(everyone, normed)
-                    same_on_all[mode] = all(torch.equal(everyone[0], t) for t in everyone)
-                    slot = [0]
+                # Many calls with both slots and changing data: a handshake that let a
+                # rank read a stale or half-written buffer would show up as a mismatch.
+                worst = 0.0
+                for i in range(rounds):
+                    p = partial * (1 + i % 7)
+                    h, normed = add_summed(p, residual, norm, peers, slot=i % 2)
+                    h_want, normed_want = add_summed(p, residual, norm)
+                    worst = max(worst, (h.float() - h_want.float()).abs().max().item(),
+                                (normed.float() - normed_want.float()).abs().max().item())
+                h, normed = add_summed(partial, residual, norm, peers, slot=0)
+                everyone = [torch.empty_like(normed) for _ in range(world)]
+                dist.all_gather(everyone, normed)
+                same_on_all = all(torch.equal(everyone[0], t) for t in everyone)
+                slot = [0]
 
-                    def fused():  # alternating slots, as a layer's two calls do
-                        slot[0] ^= 1
-                        return add_summed(partial, residual, norm, peers, slot=slot[0])
+                def fused():  # alternating slots, as a layer's two calls do
+                    slot[0] ^= 1
+                    return add_summed(partial, residual, norm, peers, slot=slot[0])
 
-                    fused_us[mode] = round(graph_time(fused, calls, replays), 2)
+                fused_us = graph_time(fused, calls, replays)
                 plain_us = graph_time(lambda: add_summed(partial, residual, norm), calls,
                                       replays)
                 one_shot_us = None
@@ -122,7 +116,7 @@ def main(dim: int = 5120, rows="1,4,32", dtypes="bfloat16,float32", calls: int =
                        error_vs_nccl=(h.float() - h_ref.float()).abs().max().item(),
                        normed_error_vs_nccl=(normed.float() - normed_ref.float()).abs().max().item(),
                        worst_error_over_rounds=worst, same_on_all_ranks=same_on_all,
-                       fused_us=fused_us, nccl_add_norm_us=round(plain_us, 2),
+                       fused_us=round(fused_us, 2), nccl_add_norm_us=round(plain_us, 2),
                        one_shot_add_norm_us=one_shot_us and round(one_shot_us, 2))
             results.append(row)
             if rank == 0:

@@ -62,22 +62,27 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"decode_attention needs {name} contiguous in its last dimension")
+    out = torch.empty(bsz, heads, 1, head_dim, dtype=q.dtype, device=q.device)
+    # A cache of at most one block (short max_seq_len): each (row, head) has one block,
+    # which the first kernel normalises and writes out; no partials, no merge kernel.
+    direct = n_splits == 1
     partial_shape = (bsz, kv_heads, n_splits, group_pad)
     acc = torch.empty(*partial_shape, head_dim, dtype=torch.float32, device=q.device)
     maxes = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
     sums = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
     per_row_head = max(1, min(n_splits, triton.cdiv(programs, bsz * kv_heads)))
     _split_attention[(bsz * kv_heads, per_row_head)](
-        q, k, v, lengths, acc, maxes, sums, kv_heads, n_splits,
+        q, k, v, lengths, acc, maxes, sums, out, kv_heads, n_splits,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
         # The scale is a compile-time constant: as a Python float argument, torch.compile
         # passes it as float64 and the scores would silently turn float64.
         SCALE=head_dim ** -0.5, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
-        SPLIT=split, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
+        SPLIT=split, BLOCK_N=block_n, IEEE=q.dtype == torch.float32, DIRECT=direct,
         num_warps=num_warps, num_stages=num_stages,
     )
-    out = torch.empty(bsz, heads, 1, head_dim, dtype=q.dtype, device=q.device)
+    if direct:
+        return out
     _merge_splits[(bsz * heads,)](
         acc, maxes, sums, lengths, out, heads, n_splits, out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, SPLIT=split,
@@ -90,15 +95,16 @@ if triton is not None:
 
     @triton.jit
     def _split_attention(q_ptr, k_ptr, v_ptr, lengths_ptr, acc_ptr, max_ptr, sum_ptr,
-                         kv_heads, n_splits,
+                         out_ptr, kv_heads, n_splits,
                          stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
-                         stride_vb, stride_vh, stride_vn, SCALE: tl.constexpr,
-                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                         stride_vb, stride_vh, stride_vn, stride_ob, stride_oh,
+                         SCALE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                          HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-                         IEEE: tl.constexpr):
+                         IEEE: tl.constexpr, DIRECT: tl.constexpr):
         """For one (row, key/value head), the blocks of SPLIT keys numbered program_id(1)
         + i * num_programs(1) that hold keys of the row: each block's unnormalised output,
-        maximum score and sum of exponentials, for the GROUP query heads at once."""
+        maximum score and sum of exponentials, for the GROUP query heads at once. DIRECT
+        (the whole cache is one block): the normalised output instead, into out."""
         row_head = tl.program_id(0)
         b = row_head // kv_heads
         h = row_head % kv_heads
@@ -136,10 +142,15 @@ if triton is not None:
                     pv = tl.dot(p.to(v.dtype), v)
                 acc = acc * rescale[:, None] + pv
                 running_max = new_max
-            out = (row_head * n_splits + split) * GROUP_PAD + g
-            tl.store(acc_ptr + out[:, None] * HEAD_DIM + d[None, :], acc)
-            tl.store(max_ptr + out, running_max)
-            tl.store(sum_ptr + out, running_sum)
+            if DIRECT:
+                out = out_ptr + b * stride_ob + (h * GROUP + g)[:, None] * stride_oh + d[None, :]
+                tl.store(out, (acc / running_sum[:, None]).to(out_ptr.dtype.element_ty),
+                         mask=(g < GROUP)[:, None])
+            else:
+                out = (row_head * n_splits + split) * GROUP_PAD + g
+                tl.store(acc_ptr + out[:, None] * HEAD_DIM + d[None, :], acc)
+                tl.store(max_ptr + out, running_max)
+                tl.store(sum_ptr + out, running_sum)
 
     @triton.jit
     def _merge_splits(acc_ptr, max_ptr, sum_ptr, lengths_ptr, out_ptr, heads, n_splits,

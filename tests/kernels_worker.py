@@ -27,6 +27,9 @@ def kernel_errors():
             (4, 4, 32, [130, 5], 32, 16, 16),       # no grouping; 2-3 blocks per program
             (8, 2, 16, [1, 64, 200], 64, 16, 1024),  # groups of 4; one key; a whole block
             (16, 2, 16, [300, 299], 128, 32, 1024),  # groups of 8 (34B/70B's ratio)
+            # The cache is one block: normalised in the first kernel, no merge.
+            (4, 4, 32, [130, 5], 256, 16, 16),
+            (16, 2, 16, [300, 1, 77], 512, 64, 1024),
         ]:
             bsz, max_len = len(lengths), 320
             # Views into a bigger cache (an extra row, more positions), as the model passes.
@@ -77,47 +80,38 @@ def host_buffers(world: int, capacity: int, dim: int, dtype, rank: int):
 
 def two_rank_exchange():
     """Both ranks of MP=2 in turn, on 3 rows of slot 1: rank 0 finds rank 1's partial
-    and flag in place (as if rank 1 had run first), then rank 1 runs."""
+    and flag in its memory (as if rank 1 had run first), then rank 1 runs."""
     torch.manual_seed(0)
     dim, capacity, rows, slot = 80, 4, 3, 1
     out = {}
-    for push in (False, True):
-        for dtype in (torch.float32, torch.bfloat16):
-            data, flags, peers0 = host_buffers(2, capacity, dim, dtype, rank=0)
-            peers1 = allreduce.PeerBuffers(data[1], flags[1], peers0.data_ptrs,
-                                           peers0.flag_ptrs, 1)
-            partials = [torch.randn(1, rows, dim, dtype=dtype) for _ in range(2)]
-            residual = torch.randn(1, rows, dim, dtype=dtype)
-            norm = RMSNorm(dim, eps=1e-5).to(dtype)
-            with torch.no_grad():
-                norm.weight.copy_(torch.rand(dim) + 0.5)
-                expect_h = residual + (partials[0].float() + partials[1].float()).to(dtype)
-                expect_normed = norm(expect_h)
-            cells = slice(slot * capacity, slot * capacity + rows)
-            entries = [d.view(-1, 2, dim)[cells] for d in data]  # (rows, source rank, dim)
-            # Rank 1's partial, where either way of exchanging puts it, and its flag.
-            entries[0][:, 1] = entries[1][:, 1] = partials[1][0]
-            flags[0].view(-1, 2)[cells, 1] = 1
-            with mock.patch.object(allreduce, "PUSH", push):
-                h0, normed0 = peers0.sum_add_norm(partials[0], residual, norm.weight,
-                                                  norm.eps, slot)
-                after_rank0 = {
-                    "signalled_peer": flags[1].view(-1, 2)[cells, 0].tolist(),
-                    "own_flags": flags[0].view(-1, 2)[cells, 1].tolist(),
-                    # pushed into rank 1's buffer, or left in its own for rank 1 to read
-                    "partial_in_place": torch.equal(entries[1 if push else 0][:, 0],
-                                                    partials[0][0])}
-                h1, normed1 = peers1.sum_add_norm(partials[1], residual, norm.weight,
-                                                  norm.eps, slot)
-            out[f"{'push' if push else 'pull'} {str(dtype)[6:]}"] = {
-                **after_rank0,
-                "flags_after_both": [f.sum().item() for f in flags],
-                "ranks_equal": torch.equal(h0, h1) and torch.equal(normed0, normed1),
-                "h_error": (h0.float() - expect_h.float()).abs().max().item(),
-                "normed_error": (normed0.float() - expect_normed.float()).abs().max().item(),
-                "shapes": [list(h0.shape), list(normed0.shape)],
-                "other_slot_untouched": sum(d[1 - slot].abs().sum().item() for d in data),
-            }
+    for dtype in (torch.float32, torch.bfloat16):
+        data, flags, peers0 = host_buffers(2, capacity, dim, dtype, rank=0)
+        peers1 = allreduce.PeerBuffers(data[1], flags[1], peers0.data_ptrs, peers0.flag_ptrs, 1)
+        partials = [torch.randn(1, rows, dim, dtype=dtype) for _ in range(2)]
+        residual = torch.randn(1, rows, dim, dtype=dtype)
+        norm = RMSNorm(dim, eps=1e-5).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(dim) + 0.5)
+            expect_h = residual + (partials[0].float() + partials[1].float()).to(dtype)
+            expect_normed = norm(expect_h)
+        cells = slice(slot * capacity, slot * capacity + rows)
+        entries = [d.view(-1, 2, dim)[cells] for d in data]  # (rows, source rank, dim)
+        entries[0][:, 1] = partials[1][0]  # rank 1 pushed its partial to rank 0 ...
+        flags[0].view(-1, 2)[cells, 1] = 1  # ... and raised its flag there
+        h0, normed0 = peers0.sum_add_norm(partials[0], residual, norm.weight, norm.eps, slot)
+        after_rank0 = {"signalled_peer": flags[1].view(-1, 2)[cells, 0].tolist(),
+                       "own_flags": flags[0].view(-1, 2)[cells, 1].tolist(),
+                       "pushed": torch.equal(entries[1][:, 0], partials[0][0])}
+        h1, normed1 = peers1.sum_add_norm(partials[1], residual, norm.weight, norm.eps, slot)
+        out[str(dtype)[6:]] = {
+            **after_rank0,
+            "flags_after_both": [f.sum().item() for f in flags],
+            "ranks_equal": torch.equal(h0, h1) and torch.equal(normed0, normed1),
+            "h_error": (h0.float() - expect_h.float()).abs().max().item(),
+            "normed_error": (normed0.float() - expect_normed.float()).abs().max().item(),
+            "shapes": [list(h0.shape), list(normed0.shape)],
+            "other_slot_untouched": sum(d[1 - slot].abs().sum().item() for d in data),
+        }
     return out
 
 

@@ -27,7 +27,7 @@ def worker_results():
 
 def test_kernel_matches_masked_sdpa(worker_results):
     errors = worker_results["errors"]
-    assert len(errors) == 6
+    assert len(errors) == 10  # 2 dtypes x 5 shapes (2 with a one-block cache)
     for case, error in errors.items():
         limit = 1e-5 if case.startswith("float32") else 2e-3  # fp16 rounds probabilities
         assert error < limit, (case, error)
@@ -43,13 +43,12 @@ def test_decoding_through_the_kernel_gives_the_same_tokens(worker_results):
         assert mine == pytest.approx(theirs, abs=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["pull", "push"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fused_sum_exchanges_partials_through_flags(worker_results, mode, dtype):
-    run = worker_results["exchange"][f"{mode} {dtype}"]
-    # Rank 0 put its partial where rank 1 reads it, raised its flag in rank 1's memory
+def test_fused_sum_exchanges_partials_through_flags(worker_results, dtype):
+    run = worker_results["exchange"][dtype]
+    # Rank 0 wrote its partial into rank 1's buffer, raised its flag in rank 1's memory
     # and lowered (consumed) rank 1's flag in its own, for each of the 3 rows.
-    assert run["partial_in_place"]
+    assert run["pushed"]
     assert run["signalled_peer"] == [1, 1, 1]
     assert run["own_flags"] == [0, 0, 0]
     # Rank 1 then consumed rank 0's flags and raised its own in rank 0's memory (there
