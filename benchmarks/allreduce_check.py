@@ -78,13 +78,20 @@ def main(dim: int = 5120, rows="1,4,32", dtypes="bfloat16,float32", calls: int =
             residual = torch.randn(n, 1, dim, device=device, dtype=dtype, generator=shared)
             with torch.no_grad():
                 h_ref, normed_ref = add_summed(partial, residual, norm)
-                # Many calls with both slots and changing data: a handshake that let a
-                # rank read a stale or half-written buffer would show up as a mismatch.
+                # Fused calls back to back (no host sync or NCCL call between them), with
+                # changing data and row counts, and each rank in turn held back now and
+                # then: a handshake that let a rank read a stale or half-written entry
+                # would show up against the unfused path, computed afterwards.
+                inputs = [(partial[:1 + i % n] * (1 + i % 7), residual[:1 + i % n])
+                          for i in range(rounds)]
+                outputs = []
+                for i, (p, r) in enumerate(inputs):
+                    if i % 3 == 0 and rank == (i // 3) % world:
+                        torch.cuda._sleep(100_000)  # tens of microseconds
+                    outputs.append(add_summed(p, r, norm, peers, slot=i % 2))
                 worst = 0.0
-                for i in range(rounds):
-                    p = partial * (1 + i % 7)
-                    h, normed = add_summed(p, residual, norm, peers, slot=i % 2)
-                    h_want, normed_want = add_summed(p, residual, norm)
+                for (p, r), (h, normed) in zip(inputs, outputs):
+                    h_want, normed_want = add_summed(p, r, norm)
                     worst = max(worst, (h.float() - h_want.float()).abs().max().item(),
                                 (normed.float() - normed_want.float()).abs().max().item())
                 h, normed = add_summed(partial, residual, norm, peers, slot=0)

@@ -12,9 +12,9 @@ add and the norm 21.5 us, this kernel 4.8 us (benchmarks/allreduce_check.py). It
 
 1. each rank writes its partial into every peer's buffer (symmetric memory: allocations
    that the GPUs of the group map into each other's address space; the writes go over
-   NVLink or PCIe and are posted, so nobody waits for a remote read);
-2. it raises a flag in each peer's memory, after its writes are visible (release), and
-   waits for every peer's flag in its own (acquire), lowering it again;
+   NVLink and are posted, so nobody waits for a remote read);
+2. it raises a flag in each peer's memory with an atomic that makes its writes visible
+   first (release), and waits for every peer's flag in its own (acquire), lowering it;
 3. it sums the partials, now all in local memory, in rank order (every rank gets the
    same bits, so the ranks' residual streams stay identical), adds the residual and
    applies the RMSNorm.
@@ -24,7 +24,10 @@ which the calls of a forward pass use alternately (attention 0, feed-forward 1):
 writes into a peer's slot again only after finishing the call in between, and that call
 waited for the peer's flag, which the peer raises only once it has finished the previous
 call, its reading of the slot included. (Pulling the peers' partials instead of pushing
-them measured 5.3 us per call.)
+them measured 5.3 us per call.) This holds when every rank makes the same sequence of
+calls (`fits` depends only on shapes), in one stream, each forward pass as pairs (slot 0,
+slot 1) per layer. An exception inside a forward pass on one rank leaves its peers waiting
+(as it would in an NCCL all-reduce).
 """
 
 from typing import Optional, Tuple
@@ -76,10 +79,12 @@ class PeerBuffers:
         dist.barrier(group, device_ids=[torch.cuda.current_device()])
         return cls(data, flags, data_ptrs, flag_ptrs, rank)
 
-    def fits(self, partial: torch.Tensor) -> bool:
-        """Whether a call with this partial sum can go through the kernel: same dtype
-        and width as the buffers, and no more rows than they hold."""
-        return (partial.dtype == self.data.dtype and partial.shape[-1] == self.dim
+    def fits(self, partial: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether a call with this partial sum and norm weight can go through the kernel:
+        the buffers' dtype and width, and no more rows than they hold. It depends only on
+        shapes and dtypes, so every rank decides the same way."""
+        return (partial.dtype == weight.dtype == self.data.dtype
+                and partial.shape[-1] == self.dim
                 and partial.numel() <= self.capacity * self.dim
                 and partial.device == self.data.device)
 
@@ -102,6 +107,10 @@ def _addresses(tensor: torch.Tensor, group) -> Tuple[torch.Tensor, int]:
     return table, handle.rank
 
 
+# Declared pure, although it writes into the peers' memory: declaring the flags mutated
+# would make torch.compile copy the address tables around every call. The compiler may
+# not drop or merge calls: each call's inputs differ (slot, partial) and its outputs feed
+# the next one, so the compiled order is the model's.
 @torch.library.custom_op("llama::sum_add_norm", mutates_args=())
 def sum_add_norm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float, data_ptrs: torch.Tensor, flag_ptrs: torch.Tensor, rank: int,
@@ -122,7 +131,8 @@ def sum_add_norm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 @sum_add_norm.register_fake
 def _(partial, residual, weight, eps, data_ptrs, flag_ptrs, rank, first_cell):
-    return torch.empty_like(residual), torch.empty_like(residual)
+    return (torch.empty(residual.shape, dtype=residual.dtype, device=residual.device),
+            torch.empty(residual.shape, dtype=residual.dtype, device=residual.device))
 
 
 if triton is not None:
@@ -149,7 +159,9 @@ if triton is not None:
         # Local loads issued now overlap the wait below.
         residual = tl.load(residual_ptr + here, mask=inside, other=0.0).to(tl.float32)
         weight = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-        # All threads' stores are done before the (single-thread, release) signals.
+        # Every thread has issued its stores before the signal; the release atomic (run by
+        # one thread, as Triton runs scalar atomics) then makes them visible to the peer
+        # before the flag.
         tl.debug_barrier()
         for peer in tl.static_range(WORLD):
             if peer != RANK:
@@ -163,8 +175,8 @@ if triton is not None:
                 while tl.atomic_cas(own_flags + cell * WORLD + peer, 1, 0, sem="acquire",
                                     scope="sys") != 1:
                     pass
-        # The sum in rank order, in float32, rounded to the model dtype as an
-        # all-reduce's result would be.
+        # The sum in rank order, in float32, rounded once to the model dtype (at MP=2 the
+        # bits of an NCCL all-reduce; with more ranks NCCL rounds after each addition).
         own_data = tl.load(data_ptrs + RANK).to(tl.pointer_type(dtype))
         total = tl.zeros([BLOCK], dtype=tl.float32)
         for peer in tl.static_range(WORLD):
@@ -177,7 +189,8 @@ if triton is not None:
                                  cache_modifier=".cv").to(tl.float32)
         h = (residual + total.to(dtype).to(tl.float32)).to(dtype)
         tl.store(total_ptr + here, h, mask=inside)
-        # RMSNorm as model.RMSNorm computes it: float32, rounded, then scaled.
+        # RMSNorm as model.RMSNorm computes it (float32, rounded, then scaled), to within
+        # rounding: the square root and the order of the sum differ.
         hf = h.to(tl.float32)
         inv_rms = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / dim + eps)
         normed = (hf * inv_rms).to(dtype).to(tl.float32) * weight
@@ -189,10 +202,12 @@ def enable(model) -> Optional[PeerBuffers]:
     path cannot run: MP=1, no CUDA or Triton, a PyTorch without symmetric memory, or a
     model width that is not a multiple of 16 bytes.
     Collective: every model-parallel rank must call it."""
-    group = symmetric_memory_group()
     dtype = model.norm.weight.dtype
-    if (group is None or triton is None or model.rope.device.type != "cuda"
+    if (triton is None or model.rope.device.type != "cuda"
             or model.params.dim * dtype.itemsize % 16):
+        return None
+    group = symmetric_memory_group()
+    if group is None:
         return None
     return PeerBuffers.allocate(group, model.params.max_batch_size, model.params.dim, dtype,
                                 model.rope.device)

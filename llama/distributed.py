@@ -76,7 +76,7 @@ def initialize(model_parallel_size, device: torch.device) -> int:
 
 def _destroy_group() -> None:
     if dist.is_initialized():
-        if _symmetric_memory_on:  # no rank may unmap its buffers while a peer still reads them
+        if _symmetric_memory_on:  # no rank may unmap its buffers while a peer writes to them
             torch.cuda.synchronize()
             dist.barrier()
         dist.destroy_process_group()
@@ -109,7 +109,7 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
 
 def symmetric_memory_group():
     """The model-parallel group, registered for symmetric memory (buffers that the GPUs
-    of the group read from each other directly; see allreduce.py), or None at MP=1, off
+    of the group write into each other directly; see allreduce.py), or None at MP=1, off
     CUDA, or where this PyTorch lacks symmetric memory. No NVLink multicast is used."""
     if mp.get_model_parallel_world_size() == 1 or not torch.cuda.is_available():
         return None

@@ -226,12 +226,13 @@ class Llama:
         prefill long prompts faster and need more activation memory (a 100k-token prompt
         on 7B: 7.4 s in one pass, 10.8 s in 8k chunks, on an H200).
         symmetric_memory: at MP>1 on CUDA, end each attention and feed-forward block of a
-        decoding step (up to max_batch_size rows) with one kernel that sums the ranks'
-        partial results through symmetric memory, adds the residual and applies the next
-        RMSNorm, instead of an NCCL all-reduce and two more kernels (llama/allreduce.py):
-        13B at MP=2 on two H200s decoded 194-210 tokens/s instead of 155-170 with NCCL.
-        It needs GPUs that can write to each other's memory (NVLink or PCIe peer access),
-        so it is opt-in. Ignored at MP=1."""
+        forward pass of at most max_batch_size tokens in all (every decoding step) with
+        one kernel that sums the ranks' partial results through symmetric memory, adds the
+        residual and applies the next RMSNorm, instead of an NCCL all-reduce and two more
+        kernels (llama/allreduce.py): 13B at MP=2 on two H200s decoded 194-204 tokens/s
+        against 130-133 at MP=1 in the same runs (the best earlier pair with NCCL: 169.5
+        vs 131.7). It needs GPUs that can write to each other's memory and signal each
+        other with atomics (tested over NVLink), so it is opt-in. Ignored at MP=1."""
         if prefill_chunk is not None:
             if prefill_chunk < 1:
                 raise ValueError(f"prefill_chunk must be a positive number of positions, "
@@ -250,13 +251,13 @@ class Llama:
         become self.settings only once that has worked."""
         on_cuda = self.model.rope.device.type == "cuda"
         compile = settings["compile"]
-        if not settings["symmetric_memory"]:
-            self.model.peers = None
-        elif self.model.peers is None:
-            self.model.peers = allreduce.enable(self.model)  # None where it cannot run
+        peers = None
+        if settings["symmetric_memory"]:  # None where it cannot run
+            peers = self.model.peers or allreduce.enable(self.model)
         graphed = (GraphedDecoder(self.model, compile)
                    if on_cuda and settings["cuda_graphs"] else None)
         compiled = torch.compile(self.model.forward_hidden, dynamic=True) if compile else None
+        self.model.peers = peers
         self.graphed: Optional[GraphedDecoder] = graphed
         self.compiled_prefill = compiled
         self.settings = settings

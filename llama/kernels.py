@@ -8,7 +8,8 @@ the GPU idles while a long cache is read. Here every row's keys are cut into blo
 `split` positions (split-KV, "flash decoding"), which about PROGRAMS programs per launch,
 spread over the (row, key/value head) pairs, share out, up to the row's length only. So
 one graph serves every context length and reads only the keys that exist. A second kernel
-merges the blocks' partial softmax results.
+merges the blocks' partial softmax results, unless the whole cache is one block (a
+max_seq_len up to SPLIT): then the first kernel normalises and writes the output itself.
 
 Used on CUDA when Triton is installed (it ships with PyTorch's Linux CUDA wheels) and the
 head size is a power of two of at least 16 (`available`). Otherwise `model.attend` runs a
@@ -66,10 +67,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # A cache of at most one block (short max_seq_len): each (row, head) has one block,
     # which the first kernel normalises and writes out; no partials, no merge kernel.
     direct = n_splits == 1
-    partial_shape = (bsz, kv_heads, n_splits, group_pad)
-    acc = torch.empty(*partial_shape, head_dim, dtype=torch.float32, device=q.device)
-    maxes = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
-    sums = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
+    if direct:
+        acc = maxes = sums = out  # not touched by the kernel
+    else:
+        partial_shape = (bsz, kv_heads, n_splits, group_pad)
+        acc = torch.empty(*partial_shape, head_dim, dtype=torch.float32, device=q.device)
+        maxes = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
+        sums = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
     per_row_head = max(1, min(n_splits, triton.cdiv(programs, bsz * kv_heads)))
     _split_attention[(bsz * kv_heads, per_row_head)](
         q, k, v, lengths, acc, maxes, sums, out, kv_heads, n_splits,

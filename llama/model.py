@@ -370,7 +370,7 @@ def add_summed(partial, residual, norm: RMSNorm, peers=None, slot: int = 0):
     and a batch that fits them, one kernel does the sum, the add and the norm; `slot`
     alternates between a layer's two calls (see allreduce.py). Otherwise an all-reduce
     (nothing at MP=1), an add and the norm."""
-    if peers is not None and peers.fits(partial):
+    if peers is not None and peers.fits(partial, norm.weight):
         return peers.sum_add_norm(partial, residual, norm.weight, norm.eps, slot)
     h = residual + all_reduce(partial)
     return h, norm(h)
@@ -459,7 +459,8 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         normed = self.layers[0].attention_norm(h)
         for i, layer in enumerate(self.layers):
-            next_norm = self.layers[i + 1].attention_norm if i + 1 < self.n_layers else self.norm
+            last = i + 1 == len(self.layers)
+            next_norm = self.norm if last else self.layers[i + 1].attention_norm
             h, normed = layer(h, normed, next_norm, cos_sin, positions, mask, kv_len,
                               self.peers)
         return normed

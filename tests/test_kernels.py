@@ -1,8 +1,10 @@
 """The Triton kernels on the CPU, through Triton's interpreter (tests/kernels_worker.py):
 the decode attention (llama/kernels.py) against SDPA with a mask, and a ragged batch
 decoded through it against the SDPA path; the fused sum over ranks (llama/allreduce.py)
-with both ranks of MP=2 simulated in one process, and a forward pass through it. The GPU
-runs are benchmarks/check_gpu.py, benchmarks/decode_attention.py and check_mp.py."""
+with both ranks of MP=2 simulated in one process (one after the other: this checks the
+layout, the flags and the slots, not the ordering between GPUs), and a forward pass
+through it. The GPU runs are benchmarks/check_gpu.py, benchmarks/decode_attention.py,
+benchmarks/allreduce_check.py and benchmarks/check_mp.py."""
 
 import json
 import os
@@ -11,6 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from llama import Llama
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,3 +74,31 @@ def test_forward_pass_through_fused_sums(worker_results):
     assert run["decode_calls"] == 4  # 2 layers x (attention, feed-forward), 2 rows
     assert run["prefill_calls"] == 0  # 8 rows do not fit 2-row buffers: all-reduce path
     assert run["error"] < 1e-5
+
+
+def test_fused_sums_are_chosen_by_shape_and_dtype_only():
+    from llama import allreduce
+
+    dim, capacity = 64, 4
+    data = torch.zeros(allreduce.SLOTS, capacity, 2, dim, dtype=torch.bfloat16)
+    flags = torch.zeros(allreduce.SLOTS, capacity, 2, dtype=torch.int32)
+    table = torch.zeros(2, dtype=torch.int64)
+    peers = allreduce.PeerBuffers(data, flags, table, table, rank=1)
+    weight = torch.ones(dim, dtype=torch.bfloat16)
+    assert (peers.capacity, peers.dim) == (capacity, dim)
+    assert peers.fits(torch.zeros(2, 2, dim, dtype=torch.bfloat16), weight)  # 4 rows
+    assert not peers.fits(torch.zeros(1, 5, dim, dtype=torch.bfloat16), weight)  # 5 rows
+    assert not peers.fits(torch.zeros(1, 1, dim + 8, dtype=torch.bfloat16), weight)
+    assert not peers.fits(torch.zeros(1, 1, dim), weight)  # float32 partial
+    assert not peers.fits(torch.zeros(1, 1, dim, dtype=torch.bfloat16), weight.float())
+
+
+def test_symmetric_memory_is_ignored_where_it_cannot_run():
+    # One process on the CPU: configure accepts the option, and the model keeps the
+    # all-reduce path (no buffers to exchange through).
+    gen = Llama.from_preset("tiny", max_seq_len=32, max_batch_size=2, device="cpu",
+                            dtype=torch.float32)
+    gen.configure(symmetric_memory=True)
+    assert gen.settings["symmetric_memory"] and gen.model.peers is None
+    tokens, _ = gen.generate([[5, 9, 14]], max_gen_len=3, temperature=0.0)
+    assert len(tokens[0]) == 3
