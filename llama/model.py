@@ -1,14 +1,16 @@
 """The Code Llama Transformer, model-parallel through fairscale.
 
 The parameter names, shapes and parallel split of every layer are those of Meta's
-reference, so `consolidated.NN.pth` shards load as they are. Two things differ inside:
+reference, so `consolidated.NN.pth` shards load as they are. Three things differ inside:
 
 - the KV cache is a small module whose rows can sit at different positions, so a ragged
   batch is prefilled in one pass and decoded without teacher forcing;
 - attention goes through `torch.nn.functional.scaled_dot_product_attention`, which never
   materialises the (seqlen x cache length) score matrix on GPU backends and takes a mask
   that is correct for any `start_pos` (chunked prefill works); decoding steps on CUDA use
-  the Triton kernel of kernels.py, which reads each row's length from the device.
+  the Triton kernel of kernels.py, which reads each row's length from the device;
+- each block's sum over model-parallel ranks comes together with the residual add and the
+  next RMSNorm (add_summed), so that at MP>1 one kernel can do all three (allreduce.py).
 """
 
 from dataclasses import dataclass, fields
@@ -114,8 +116,9 @@ def skip_fairscale_init():
 
 
 # fairscale's layers, for their sharded parameters (names and shapes of the reference's),
-# with forwards for inference: the local matmul, then the one collective each needs,
-# written so that torch.compile traces them (see distributed.all_reduce).
+# with forwards for inference: the local matmul, then the gather a column-parallel layer
+# needs, written so that torch.compile traces it (see distributed.all_reduce). A
+# row-parallel layer leaves its partial sum to add_summed, which sums over the ranks.
 class ColumnParallelLinear(fairscale.ColumnParallelLinear):
     """Output features split over ranks; gathered only with gather_output."""
 
