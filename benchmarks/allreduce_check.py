@@ -21,16 +21,12 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench import DTYPES, as_list  # noqa: E402
 from llama import distributed  # noqa: E402
 from llama.allreduce import PeerBuffers  # noqa: E402
 from llama.model import RMSNorm, add_summed  # noqa: E402
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def as_list(value, cast):
-    return [cast(v) for v in (value if isinstance(value, (list, tuple)) else str(value).split(","))]
 
 
 def graph_time(fn, calls: int, replays: int) -> float:

@@ -120,13 +120,13 @@ def sum_add_norm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     dim = partial.shape[-1]
     partial = partial.contiguous()
     residual = residual.contiguous()
-    total, normed = torch.empty_like(residual), torch.empty_like(residual)
+    h, normed = torch.empty_like(residual), torch.empty_like(residual)
     rows = partial.numel() // dim
     block = triton.next_power_of_2(dim)
     _sum_add_norm_kernel[(rows,)](
-        partial, residual, weight, total, normed, data_ptrs, flag_ptrs, first_cell, dim, eps,
+        partial, residual, weight, h, normed, data_ptrs, flag_ptrs, first_cell, dim, eps,
         RANK=rank, WORLD=data_ptrs.numel(), BLOCK=block, num_warps=8 if block >= 4096 else 4)
-    return total, normed
+    return h, normed
 
 
 @sum_add_norm.register_fake
@@ -137,7 +137,7 @@ def _(partial, residual, weight, eps, data_ptrs, flag_ptrs, rank, first_cell):
 
 if triton is not None:
     @triton.jit
-    def _sum_add_norm_kernel(partial_ptr, residual_ptr, weight_ptr, total_ptr, normed_ptr,
+    def _sum_add_norm_kernel(partial_ptr, residual_ptr, weight_ptr, h_ptr, normed_ptr,
                              data_ptrs, flag_ptrs, first_cell, dim, eps,
                              RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
@@ -188,7 +188,7 @@ if triton is not None:
                 total += tl.load(src + cols, mask=inside, other=0.0,
                                  cache_modifier=".cv").to(tl.float32)
         h = (residual + total.to(dtype).to(tl.float32)).to(dtype)
-        tl.store(total_ptr + here, h, mask=inside)
+        tl.store(h_ptr + here, h, mask=inside)
         # RMSNorm as model.RMSNorm computes it (float32, rounded, then scaled), to within
         # rounding: the square root and the order of the sum differ.
         hf = h.to(tl.float32)
