@@ -65,6 +65,13 @@ def main(dim: int = 5120, rows="1,4,32", dtypes="bfloat16,float32", calls: int =
         dtype = DTYPES[name]
         peers = PeerBuffers.allocate(group, max(rows), dim, dtype, device)
         norm = RMSNorm(dim, eps=1e-5).to(device=device, dtype=dtype)
+        one_shot_buffer = None  # PyTorch's kernel needs its input in symmetric memory
+        if hasattr(torch.ops, "symm_mem") and hasattr(torch.ops.symm_mem,
+                                                      "one_shot_all_reduce"):
+            from torch.distributed import _symmetric_memory as symm_mem
+
+            one_shot_buffer = symm_mem.empty(max(rows) * dim, dtype=dtype, device=device)
+            symm_mem.rendezvous(one_shot_buffer, group)
         with torch.no_grad():
             norm.weight.copy_(torch.rand(dim, generator=torch.Generator().manual_seed(7)) + 0.5)
         for n in rows:
@@ -104,9 +111,8 @@ def main(dim: int = 5120, rows="1,4,32", dtypes="bfloat16,float32", calls: int =
                 plain_us = graph_time(lambda: add_summed(partial, residual, norm), calls,
                                       replays)
                 one_shot_us = None
-                if hasattr(torch.ops, "symm_mem") and hasattr(torch.ops.symm_mem,
-                                                              "one_shot_all_reduce"):
-                    buf = peers.data.view(-1)[:n * dim].view(n, 1, dim)
+                if one_shot_buffer is not None:
+                    buf = one_shot_buffer[:n * dim].view(n, 1, dim)
 
                     def one_shot():
                         buf.copy_(partial)

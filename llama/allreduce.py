@@ -8,26 +8,28 @@ all-reduce), then add the residual and normalise for the next product. Decoding 
 of one, the partials are 10 KB (13B); what such an all-reduce costs is latency, and 13B
 has 80 of them per token. On two H200s an NCCL all-reduce plus the add and the norm took
 26 us per call, PyTorch's one-shot symmetric-memory all-reduce (two barriers) plus the
-add and the norm 21.5 us, this kernel 4.8 us (benchmarks/allreduce_check.py). It does:
+add and the norm 21 us, this kernel XXX us (benchmarks/allreduce_check.py). It does:
 
 1. each rank writes its partial into every peer's buffer (symmetric memory: allocations
    that the GPUs of the group map into each other's address space; the writes go over
-   NVLink and are posted, so nobody waits for a remote read);
-2. it raises a flag in each peer's memory with an atomic that makes its writes visible
-   first (release), and waits for every peer's flag in its own (acquire), lowering it;
-3. it sums the partials, now all in local memory, in rank order (every rank gets the
-   same bits, so the ranks' residual streams stay identical), adds the residual and
-   applies the RMSNorm.
+   NVLink and are posted, so nobody waits for a round trip). Each 8-byte word it writes
+   holds 4 bytes of the partial and 4 bytes of a call number (the "epoch", which every
+   rank counts alike: NCCL's low-latency protocol). A GPU writes an aligned 8-byte word
+   at once, so a reader that sees the epoch in a word also sees that word's data:
+   no flags, no memory fences, one NVLink crossing per call;
+2. it reads its own buffer until every word from every peer carries this call's epoch;
+3. it sums the partials in rank order (every rank gets the same bits, so the ranks'
+   residual streams stay identical), adds the residual and applies the RMSNorm.
 
-One handshake per call is enough because buffers and flags come in two sets ("slots"),
-which the calls of a forward pass use alternately (attention 0, feed-forward 1): a rank
-writes into a peer's slot again only after finishing the call in between, and that call
-waited for the peer's flag, which the peer raises only once it has finished the previous
-call, its reading of the slot included. (Pulling the peers' partials instead of pushing
-them measured 5.3 us per call.) This holds when every rank makes the same sequence of
-calls (`fits` depends only on shapes), in one stream, each forward pass as pairs (slot 0,
-slot 1) per layer. An exception inside a forward pass on one rank leaves its peers waiting
-(as it would in an NCCL all-reduce).
+The buffers come in two sets ("slots"), which the calls of a forward pass use alternately
+(attention 0, feed-forward 1), so a rank never overwrites words a peer has yet to read:
+it writes into a peer's slot again only after finishing the call in between, which
+needed the peer's words of that call, which the peer writes only once it has finished
+reading the slot. (An earlier version raised a flag after the data with a release atomic:
+4.8 us per call; pulling the peers' partials instead of pushing them: 5.3 us.) This holds
+when every rank makes the same sequence of calls (`fits` depends only on shapes), in one
+stream, each forward pass as pairs (slot 0, slot 1) per layer. An exception inside a
+forward pass on one rank leaves its peers waiting (as it would in an NCCL all-reduce).
 """
 
 from typing import Optional, Tuple
@@ -48,16 +50,16 @@ SLOTS = 2
 
 class PeerBuffers:
     """Where the ranks exchange partial sums: per rank, SLOTS x capacity x world rows of
-    `dim` values (entry [slot, row, r] receives rank r's partial) and as many flags, plus
-    device tables of every rank's addresses of both. Built by `allocate` (collective);
-    tests build one by hand."""
+    8-byte words (entry [slot, row, r] receives rank r's partial of a `dim`-wide row of
+    `dtype`, 4 bytes of it per word) and a device table of every rank's address of them;
+    and this rank's call count per (slot, row), the epoch of its last call there. Built
+    by `allocate` (collective); tests build one by hand."""
 
-    def __init__(self, data: torch.Tensor, flags: torch.Tensor, data_ptrs: torch.Tensor,
-                 flag_ptrs: torch.Tensor, rank: int):
-        self.data, self.flags = data, flags  # kept alive: the tables point into them
-        self.data_ptrs, self.flag_ptrs = data_ptrs, flag_ptrs
-        self.rank = rank
-        self.capacity, self.dim = data.shape[1], data.shape[3]
+    def __init__(self, data: torch.Tensor, epochs: torch.Tensor, data_ptrs: torch.Tensor,
+                 rank: int, dim: int, dtype: torch.dtype):
+        self.data = data  # kept alive: the table points into it
+        self.epochs, self.data_ptrs, self.rank = epochs, data_ptrs, rank
+        self.capacity, self.dim, self.dtype = data.shape[1], dim, dtype
 
     @classmethod
     def allocate(cls, group, capacity: int, dim: int, dtype: torch.dtype,
@@ -65,25 +67,26 @@ class PeerBuffers:
         """Symmetric-memory buffers for `group` (every rank must call this together)."""
         from torch.distributed import _symmetric_memory as symm_mem
 
-        if dim * dtype.itemsize % 16:
-            raise ValueError(f"rows of {dim} {dtype} values are not a multiple of 16 bytes, "
-                             f"which the kernel's vector accesses need")
+        if dtype.itemsize not in (2, 4) or dim * dtype.itemsize % 16:
+            raise ValueError(f"rows of {dim} {dtype} values: the kernel needs 2- or 4-byte "
+                             f"values and rows of a multiple of 16 bytes")
         world = dist.get_world_size(group)
-        data = symm_mem.empty((SLOTS, capacity, world, dim), dtype=dtype, device=device)
-        flags = symm_mem.empty((SLOTS, capacity, world), dtype=torch.int32, device=device)
-        flags.zero_()
+        words = dim * dtype.itemsize // 4
+        data = symm_mem.empty((SLOTS, capacity, world, words), dtype=torch.int64,
+                              device=device)
+        data.zero_()  # epoch 0 in every word: the first call's epoch is 1
+        epochs = torch.zeros((SLOTS, capacity), dtype=torch.int32, device=device)
         data_ptrs, rank = _addresses(data, group)
-        flag_ptrs, _ = _addresses(flags, group)
         torch.cuda.synchronize(device)
-        # Every rank's flags are zero before anyone signals.
+        # Every rank's buffer is zeroed before anyone writes into it.
         dist.barrier(group, device_ids=[torch.cuda.current_device()])
-        return cls(data, flags, data_ptrs, flag_ptrs, rank)
+        return cls(data, epochs, data_ptrs, rank, dim, dtype)
 
     def fits(self, partial: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether a call with this partial sum and norm weight can go through the kernel:
         the buffers' dtype and width, and no more rows than they hold. It depends only on
         shapes and dtypes, so every rank decides the same way."""
-        return (partial.dtype == weight.dtype == self.data.dtype
+        return (partial.dtype == weight.dtype == self.dtype
                 and partial.shape[-1] == self.dim
                 and partial.numel() <= self.capacity * self.dim
                 and partial.device == self.data.device)
@@ -91,7 +94,7 @@ class PeerBuffers:
     def sum_add_norm(self, partial: torch.Tensor, residual: torch.Tensor,
                      weight: torch.Tensor, eps: float, slot: int):
         """(h, rmsnorm(h) * weight) where h = residual + partial summed over the ranks."""
-        return sum_add_norm(partial, residual, weight, eps, self.data_ptrs, self.flag_ptrs,
+        return sum_add_norm(partial, residual, weight, eps, self.data_ptrs, self.epochs,
                             self.rank, slot * self.capacity)
 
 
@@ -107,13 +110,13 @@ def _addresses(tensor: torch.Tensor, group) -> Tuple[torch.Tensor, int]:
     return table, handle.rank
 
 
-# Declared pure, although it writes into the peers' memory: declaring the flags mutated
-# would make torch.compile copy the address tables around every call. The compiler may
+# Declared pure, although it writes into the peers' memory and counts epochs: declaring
+# those mutated would make torch.compile copy them around every call. The compiler may
 # not drop or merge calls: each call's inputs differ (slot, partial) and its outputs feed
 # the next one, so the compiled order is the model's.
 @torch.library.custom_op("llama::sum_add_norm", mutates_args=())
 def sum_add_norm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 eps: float, data_ptrs: torch.Tensor, flag_ptrs: torch.Tensor, rank: int,
+                 eps: float, data_ptrs: torch.Tensor, epochs: torch.Tensor, rank: int,
                  first_cell: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """An opaque op to torch.compile (which captures it into the step's CUDA graph): the
     kernel launch, on tensors of shape (..., dim); rows go to cells first_cell, ..."""
@@ -124,69 +127,85 @@ def sum_add_norm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     rows = partial.numel() // dim
     block = triton.next_power_of_2(dim)
     _sum_add_norm_kernel[(rows,)](
-        partial, residual, weight, h, normed, data_ptrs, flag_ptrs, first_cell, dim, eps,
-        RANK=rank, WORLD=data_ptrs.numel(), BLOCK=block, num_warps=8 if block >= 4096 else 4)
+        partial, residual, weight, h, normed, data_ptrs, epochs, first_cell, dim, eps,
+        RANK=rank, WORLD=data_ptrs.numel(), BLOCK=block, PACK=4 // partial.element_size(),
+        num_warps=8 if block >= 4096 else 4)
     return h, normed
 
 
 @sum_add_norm.register_fake
-def _(partial, residual, weight, eps, data_ptrs, flag_ptrs, rank, first_cell):
+def _(partial, residual, weight, eps, data_ptrs, epochs, rank, first_cell):
     return (torch.empty(residual.shape, dtype=residual.dtype, device=residual.device),
             torch.empty(residual.shape, dtype=residual.dtype, device=residual.device))
 
 
 if triton is not None:
     @triton.jit
+    def _to_words(values, PACK: tl.constexpr, BLOCK: tl.constexpr):
+        """BLOCK values of 4 // PACK bytes -> BLOCK // PACK 32-bit words of their bits."""
+        if PACK == 1:
+            return values.to(tl.uint32, bitcast=True)
+        else:
+            low, high = tl.split(tl.reshape(values.to(tl.uint16, bitcast=True),
+                                            [BLOCK // 2, 2]))
+            return low.to(tl.uint32) | (high.to(tl.uint32) << 16)
+
+    @triton.jit
+    def _from_words(words, dtype: tl.constexpr, PACK: tl.constexpr, BLOCK: tl.constexpr):
+        """The inverse of _to_words, into values of `dtype`."""
+        if PACK == 1:
+            return words.to(dtype, bitcast=True)
+        else:
+            low = (words & 0xFFFF).to(tl.uint16)
+            high = (words >> 16).to(tl.uint16)
+            return tl.reshape(tl.join(low, high), [BLOCK]).to(dtype, bitcast=True)
+
+    @triton.jit
     def _sum_add_norm_kernel(partial_ptr, residual_ptr, weight_ptr, h_ptr, normed_ptr,
-                             data_ptrs, flag_ptrs, first_cell, dim, eps,
-                             RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr):
+                             data_ptrs, epochs_ptr, first_cell, dim, eps,
+                             RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr,
+                             PACK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         inside = cols < dim
-        dtype = partial_ptr.dtype.element_ty
+        dtype: tl.constexpr = partial_ptr.dtype.element_ty
+        WORDS: tl.constexpr = BLOCK // PACK
+        w = tl.arange(0, WORDS)
+        words = dim // PACK
+        w_inside = w < words
         here = row * dim + cols
-        cell = first_cell + row  # this row's place in every rank's buffers and flags
+        cell = first_cell + row  # this row's place in every rank's buffers
+        epoch = tl.load(epochs_ptr + cell) + 1  # every rank counts its calls per cell alike
+        tag = epoch.to(tl.uint32).to(tl.uint64) << 32
         mine = tl.load(partial_ptr + here, mask=inside, other=0.0)
-        # Write our partial into every peer's buffer, at entry (cell, RANK): NVLink stores
-        # are posted, so the peers later read only their own memory. Rows start 16-byte
-        # aligned when dim is a multiple of 8 (Code Llama's are): the hints give 16-byte
-        # accesses.
+        stamped = _to_words(mine, PACK, BLOCK).to(tl.uint64) | tag
+        # Write our partial into every peer's buffer, at entry (cell, RANK). Entries are
+        # 16-byte aligned (rows are a multiple of 16 bytes): the hints give 16-byte
+        # stores, each two whole words.
         for peer in tl.static_range(WORLD):
             if peer != RANK:
-                dest = tl.load(data_ptrs + peer).to(tl.pointer_type(dtype))
-                dest = tl.multiple_of(dest + (cell * WORLD + RANK) * dim, 16)
-                tl.store(dest + cols, mine, mask=inside)
+                dest = tl.load(data_ptrs + peer).to(tl.pointer_type(tl.uint64))
+                dest = tl.multiple_of(dest + (cell * WORLD + RANK) * words, 16)
+                tl.store(dest + w, stamped, mask=w_inside)
         # Local loads issued now overlap the wait below.
         residual = tl.load(residual_ptr + here, mask=inside, other=0.0).to(tl.float32)
         weight = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-        # Every thread has issued its stores before the signal; the release atomic (run by
-        # one thread, as Triton runs scalar atomics) then makes them visible to the peer
-        # before the flag.
-        tl.debug_barrier()
-        for peer in tl.static_range(WORLD):
-            if peer != RANK:
-                flags = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int32))
-                while tl.atomic_cas(flags + cell * WORLD + RANK, 0, 1, sem="release",
-                                    scope="sys") != 0:
-                    pass
-        own_flags = tl.load(flag_ptrs + RANK).to(tl.pointer_type(tl.int32))
-        for peer in tl.static_range(WORLD):
-            if peer != RANK:
-                while tl.atomic_cas(own_flags + cell * WORLD + peer, 1, 0, sem="acquire",
-                                    scope="sys") != 1:
-                    pass
         # The sum in rank order, in float32, rounded once to the model dtype (at MP=2 the
         # bits of an NCCL all-reduce; with more ranks NCCL rounds after each addition).
-        own_data = tl.load(data_ptrs + RANK).to(tl.pointer_type(dtype))
+        own = tl.load(data_ptrs + RANK).to(tl.pointer_type(tl.uint64))
         total = tl.zeros([BLOCK], dtype=tl.float32)
         for peer in tl.static_range(WORLD):
             if peer == RANK:
                 total += mine.to(tl.float32)
             else:
-                src = tl.multiple_of(own_data + (cell * WORLD + peer) * dim, 16)
-                # .cv: written by another GPU; not from a cache line of an earlier use
-                total += tl.load(src + cols, mask=inside, other=0.0,
-                                 cache_modifier=".cv").to(tl.float32)
+                src = tl.multiple_of(own + (cell * WORLD + peer) * words, 16) + w
+                # volatile: written by another GPU; read again until every word is this
+                # call's (masked-off words count as arrived)
+                got = tl.load(src, mask=w_inside, other=tag, volatile=True)
+                while tl.max(((got >> 32) != (tag >> 32)).to(tl.int32), axis=0) > 0:
+                    got = tl.load(src, mask=w_inside, other=tag, volatile=True)
+                total += _from_words(got.to(tl.uint32), dtype, PACK, BLOCK).to(tl.float32)
+        tl.store(epochs_ptr + cell, epoch)
         h = (residual + total.to(dtype).to(tl.float32)).to(dtype)
         tl.store(h_ptr + here, h, mask=inside)
         # RMSNorm as model.RMSNorm computes it (float32, rounded, then scaled), to within
@@ -199,11 +218,11 @@ if triton is not None:
 
 def enable(model) -> Optional[PeerBuffers]:
     """Buffers for `model`'s decoding steps (max_batch_size rows), or None where the fused
-    path cannot run: MP=1, no CUDA or Triton, a PyTorch without symmetric memory, or a
-    model width that is not a multiple of 16 bytes.
+    path cannot run: MP=1, no CUDA or Triton, a PyTorch without symmetric memory, a
+    dtype other than 2 or 4 bytes, or a model width that is not a multiple of 16 bytes.
     Collective: every model-parallel rank must call it."""
     dtype = model.norm.weight.dtype
-    if (triton is None or model.rope.device.type != "cuda"
+    if (triton is None or model.rope.device.type != "cuda" or dtype.itemsize not in (2, 4)
             or model.params.dim * dtype.itemsize % 16):
         return None
     group = symmetric_memory_group()

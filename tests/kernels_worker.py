@@ -3,6 +3,10 @@ interpreting before llama.kernels defines its kernels, so this runs in its own p
 Prints, as its last line, one JSON object of measurements for the test to check."""
 
 import json
+import os
+import signal
+import time
+import traceback
 from unittest import mock
 
 import torch
@@ -66,52 +70,143 @@ def generation_with_and_without_kernel():
     return runs
 
 
-def host_buffers(world: int, capacity: int, dim: int, dtype, rank: int):
-    """What PeerBuffers.allocate makes on GPUs, as host tensors: every "rank's" buffers
-    live in this process, and the address tables point at them."""
-    data = [torch.zeros(allreduce.SLOTS, capacity, world, dim, dtype=dtype)
+def host_buffers(world: int, capacity: int, dim: int, dtype, shared=False):
+    """What PeerBuffers.allocate makes on GPUs, as host tensors: every "rank's" buffer,
+    all in this process (in shared memory with `shared`: forked processes see it at the
+    same addresses)."""
+    words = dim * dtype.itemsize // 4
+    data = [torch.zeros(allreduce.SLOTS, capacity, world, words, dtype=torch.int64)
             for _ in range(world)]
-    flags = [torch.zeros(allreduce.SLOTS, capacity, world, dtype=torch.int32)
-             for _ in range(world)]
-    table = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)  # noqa
-    return data, flags, allreduce.PeerBuffers(data[rank], flags[rank], table(data),
-                                              table(flags), rank)
+    return [d.share_memory_() for d in data] if shared else data
 
 
-def two_rank_exchange():
-    """Both ranks of MP=2 in turn, on 3 rows of slot 1: rank 0 finds rank 1's partial
-    and flag in its memory (as if rank 1 had run first), then rank 1 runs."""
-    torch.manual_seed(0)
+def rank_buffers(data, rank: int, dim: int, dtype) -> allreduce.PeerBuffers:
+    """Rank `rank`'s PeerBuffers over host_buffers' `data`."""
+    table = torch.tensor([d.data_ptr() for d in data], dtype=torch.int64)
+    epochs = torch.zeros(allreduce.SLOTS, data[0].shape[1], dtype=torch.int32)
+    return allreduce.PeerBuffers(data[rank], epochs, table, rank, dim, dtype)
+
+
+def stamped(values: torch.Tensor, epoch: int) -> torch.Tensor:
+    """The words a rank writes for `values` (rows, dim) in call `epoch`, computed here
+    independently of the kernel: the values' bits, 4 bytes per word, little end first,
+    and the epoch in each word's upper 4 bytes."""
+    if values.element_size() == 2:
+        halves = values.view(torch.int16).to(torch.int64) & 0xFFFF
+        bits = halves[..., 0::2] | (halves[..., 1::2] << 16)
+    else:
+        bits = values.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return bits | (epoch << 32)
+
+
+def fused_inputs(dtype, dim: int, rows: int, seed: int):
+    """Both ranks' partials, a residual and a norm, from a seed (so that every process
+    can make them), and the expected (h, normed)."""
+    gen = torch.Generator().manual_seed(seed)
+    partials = [torch.randn(1, rows, dim, generator=gen).to(dtype) for _ in range(2)]
+    residual = torch.randn(1, rows, dim, generator=gen).to(dtype)
+    norm = RMSNorm(dim, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(dim, generator=gen) + 0.5)
+        h = residual + (partials[0].float() + partials[1].float()).to(dtype)
+        return partials, residual, norm, (h, norm(h))
+
+
+def exchange_layout():
+    """Rank 0 of MP=2, two calls on 3 rows of slot 1, finding rank 1's words in its
+    buffer (as if rank 1 had run first): the words it writes into rank 1's buffer, its
+    epochs, and its results."""
     dim, capacity, rows, slot = 80, 4, 3, 1
+    cells = slice(slot * capacity, slot * capacity + rows)
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
-        data, flags, peers0 = host_buffers(2, capacity, dim, dtype, rank=0)
-        peers1 = allreduce.PeerBuffers(data[1], flags[1], peers0.data_ptrs, peers0.flag_ptrs, 1)
-        partials = [torch.randn(1, rows, dim, dtype=dtype) for _ in range(2)]
-        residual = torch.randn(1, rows, dim, dtype=dtype)
-        norm = RMSNorm(dim, eps=1e-5).to(dtype)
-        with torch.no_grad():
-            norm.weight.copy_(torch.rand(dim) + 0.5)
-            expect_h = residual + (partials[0].float() + partials[1].float()).to(dtype)
-            expect_normed = norm(expect_h)
-        cells = slice(slot * capacity, slot * capacity + rows)
-        entries = [d.view(-1, 2, dim)[cells] for d in data]  # (rows, source rank, dim)
-        entries[0][:, 1] = partials[1][0]  # rank 1 pushed its partial to rank 0 ...
-        flags[0].view(-1, 2)[cells, 1] = 1  # ... and raised its flag there
-        h0, normed0 = peers0.sum_add_norm(partials[0], residual, norm.weight, norm.eps, slot)
-        after_rank0 = {"signalled_peer": flags[1].view(-1, 2)[cells, 0].tolist(),
-                       "own_flags": flags[0].view(-1, 2)[cells, 1].tolist(),
-                       "pushed": torch.equal(entries[1][:, 0], partials[0][0])}
-        h1, normed1 = peers1.sum_add_norm(partials[1], residual, norm.weight, norm.eps, slot)
+        data = host_buffers(2, capacity, dim, dtype)
+        peers = rank_buffers(data, 0, dim, dtype)
+        words = [d.view(-1, 2, d.shape[-1])[cells] for d in data]  # (rows, source rank, w)
+        runs = []
+        for epoch in (1, 2):
+            partials, residual, norm, (h_want, normed_want) = fused_inputs(dtype, dim, rows,
+                                                                           seed=epoch)
+            words[0][:, 1] = stamped(partials[1][0], epoch)  # rank 1's write
+            h, normed = peers.sum_add_norm(partials[0], residual, norm.weight, norm.eps, slot)
+            runs.append({
+                "pushed": torch.equal(words[1][:, 0], stamped(partials[0][0], epoch)),
+                "epochs": peers.epochs.tolist(),
+                "h_error": (h.float() - h_want.float()).abs().max().item(),
+                "normed_error": (normed.float() - normed_want.float()).abs().max().item(),
+                "shapes": [list(h.shape), list(normed.shape)]})
         out[str(dtype)[6:]] = {
-            **after_rank0,
-            "flags_after_both": [f.sum().item() for f in flags],
-            "ranks_equal": torch.equal(h0, h1) and torch.equal(normed0, normed1),
-            "h_error": (h0.float() - expect_h.float()).abs().max().item(),
-            "normed_error": (normed0.float() - expect_normed.float()).abs().max().item(),
-            "shapes": [list(h0.shape), list(normed0.shape)],
-            "other_slot_untouched": sum(d[1 - slot].abs().sum().item() for d in data),
-        }
+            "runs": runs,
+            "other_slot_untouched": sum(d[1 - slot].abs().sum().item() for d in data)}
+    return out
+
+
+# (rows, slot) of the calls in concurrent_ranks: a forward pass of two layers at 3 rows,
+# then one at 1 row, then one at 2.
+CALLS = [(3, 0), (3, 1), (3, 0), (3, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+
+
+def concurrent_ranks(timeout: float = 300.0):
+    """MP=2 as two processes (forked), each running its rank's calls of CALLS through the
+    kernel at the same time as the other, exchanging through shared memory; before each
+    call one of them sleeps (each in turn), so the other must wait for its words. Each
+    rank's results go into shared memory; a rank that never finishes is killed."""
+    dim, capacity = 80, 4
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        data = host_buffers(2, capacity, dim, dtype, shared=True)
+        results = torch.zeros(len(CALLS), 2, 2, capacity, dim).share_memory_()
+        # When each rank started and finished each call (time.monotonic()).
+        started, finished = (torch.zeros(2, len(CALLS), dtype=torch.float64).share_memory_()
+                             for _ in range(2))
+        pids = []
+        for rank in range(2):
+            pid = os.fork()
+            if pid == 0:  # the rank's process
+                status = 1
+                try:
+                    peers = rank_buffers(data, rank, dim, dtype)
+                    for i, (rows, slot) in enumerate(CALLS):
+                        partials, residual, norm, _want = fused_inputs(dtype, dim, rows, i)
+                        if i % 2 == rank:
+                            time.sleep(0.3)
+                        started[rank, i] = time.monotonic()
+                        h, normed = peers.sum_add_norm(partials[rank], residual, norm.weight,
+                                                       norm.eps, slot)
+                        finished[rank, i] = time.monotonic()
+                        results[i, rank, 0, :rows] = h[0].float()
+                        results[i, rank, 1, :rows] = normed[0].float()
+                    status = 0
+                except BaseException:
+                    traceback.print_exc()
+                finally:
+                    os._exit(status)
+            pids.append(pid)
+        statuses, deadline = {}, time.monotonic() + timeout
+        while len(statuses) < 2 and time.monotonic() < deadline:
+            for pid in pids:
+                if pid not in statuses:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        statuses[pid] = status
+            time.sleep(0.05)
+        for pid in pids:
+            if pid not in statuses:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        errors, equal = [], True
+        for i, (rows, _slot) in enumerate(CALLS):
+            _, _, _, (h_want, normed_want) = fused_inputs(dtype, dim, rows, i)
+            got = results[i, :, :, :rows]
+            equal = equal and torch.equal(got[0], got[1])
+            errors.append(max((got[0, 0] - h_want[0].float()).abs().max().item(),
+                              (got[0, 1] - normed_want[0].float()).abs().max().item()))
+        # Each call, the rank that did not sleep finished only after the sleeper started.
+        out[str(dtype)[6:]] = {
+            "exit_codes": [statuses.get(pid) for pid in pids],
+            "ranks_equal": equal, "worst_error": max(errors),
+            "waited": [bool(finished[1 - i % 2, i] > started[i % 2, i])
+                       for i in range(len(CALLS))]}
     return out
 
 
@@ -124,7 +219,9 @@ def model_with_fused_sums():
     tokens = torch.tensor([[3, 8, 1, 9], [4, 4, 2, 7]])
     with torch.no_grad():
         plain = model.forward_hidden(tokens[:, :1], 0)
-        _, _, model.peers = host_buffers(1, 2, model.params.dim, torch.float32, rank=0)
+        dim = model.params.dim
+        model.peers = rank_buffers(host_buffers(1, 2, dim, torch.float32), 0, dim,
+                                   torch.float32)
         launches = []
         launch = allreduce.sum_add_norm
 
@@ -144,5 +241,6 @@ def model_with_fused_sums():
 
 if __name__ == "__main__":
     results = {"errors": kernel_errors(), "runs": generation_with_and_without_kernel(),
-               "exchange": two_rank_exchange(), "model": model_with_fused_sums()}
+               "exchange": exchange_layout(), "concurrent": concurrent_ranks(),
+               "model": model_with_fused_sums()}
     print("\n" + json.dumps(results))
