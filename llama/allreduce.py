@@ -8,7 +8,7 @@ all-reduce), then add the residual and normalise for the next product. Decoding 
 of one, the partials are 10 KB (13B); what such an all-reduce costs is latency, and 13B
 has 80 of them per token. On two H200s an NCCL all-reduce plus the add and the norm took
 26 us per call, PyTorch's one-shot symmetric-memory all-reduce (two barriers) plus the
-add and the norm 21 us, this kernel XXX us (benchmarks/allreduce_check.py). It does:
+add and the norm 21 us, this kernel 4.2 us (benchmarks/allreduce_check.py). It does:
 
 1. each rank writes its partial into every peer's buffer (symmetric memory: allocations
    that the GPUs of the group map into each other's address space; the writes go over
@@ -25,11 +25,15 @@ The buffers come in two sets ("slots"), which the calls of a forward pass use al
 (attention 0, feed-forward 1), so a rank never overwrites words a peer has yet to read:
 it writes into a peer's slot again only after finishing the call in between, which
 needed the peer's words of that call, which the peer writes only once it has finished
-reading the slot. (An earlier version raised a flag after the data with a release atomic:
-4.8 us per call; pulling the peers' partials instead of pushing them: 5.3 us.) This holds
-when every rank makes the same sequence of calls (`fits` depends only on shapes), in one
-stream, each forward pass as pairs (slot 0, slot 1) per layer. An exception inside a
-forward pass on one rank leaves its peers waiting (as it would in an NCCL all-reduce).
+reading the slot. This holds when every rank makes the same sequence of calls (`fits`
+depends only on shapes), in one stream, each forward pass as pairs (slot 0, slot 1) per
+layer. An exception inside a forward pass on one rank leaves its peers waiting (as it
+would in an NCCL all-reduce).
+
+Tried and measured slower (benchmarks/RESULTS.md): raising a flag after the data with a
+release atomic (4.8 us per call), pulling the peers' partials instead of pushing them
+(5.3 us), and extra programs that ask the L2 cache to fetch the start of the next weight
+matrix while the ranks wait (1.4 us more per call, and whole steps no faster).
 """
 
 from typing import Optional, Tuple

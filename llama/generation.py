@@ -229,10 +229,10 @@ class Llama:
         forward pass of at most max_batch_size tokens in all (every decoding step) with
         one kernel that sums the ranks' partial results through symmetric memory, adds the
         residual and applies the next RMSNorm, instead of an NCCL all-reduce and two more
-        kernels (llama/allreduce.py): 13B at MP=2 on two H200s decoded 194-204 tokens/s
-        against 130-133 at MP=1 in the same runs (the best earlier pair with NCCL: 169.5
-        vs 131.7). It needs GPUs that can write to each other's memory and signal each
-        other with atomics (tested over NVLink), so it is opt-in. Ignored at MP=1."""
+        kernels (llama/allreduce.py): 13B at MP=2 on two H200s decoded 192-215 tokens/s
+        (median 201) against 122-137 (median 133) at MP=1 on the same machine (with NCCL:
+        169.5 vs 131.7). It needs GPUs that can write into each other's memory (tested
+        over NVLink), so it is opt-in. Ignored at MP=1."""
         if prefill_chunk is not None:
             if prefill_chunk < 1:
                 raise ValueError(f"prefill_chunk must be a positive number of positions, "
