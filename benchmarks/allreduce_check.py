@@ -53,6 +53,10 @@ def graph_time(fn, calls: int, replays: int) -> float:
 
 def main(dim: int = 5120, rows="1,4,32", dtypes="bfloat16,float32", calls: int = 80,
          replays: int = 50, rounds: int = 200, out: str = "allreduce_check.json"):
+    if calls % 2 or rounds % 2:
+        # Fused calls alternate slots (allreduce.py), also from one graph replay or check
+        # to the next.
+        raise ValueError(f"--calls and --rounds must be even, got {calls} and {rounds}")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     distributed.initialize(None, device)
     group = distributed.symmetric_memory_group()
@@ -60,6 +64,14 @@ def main(dim: int = 5120, rows="1,4,32", dtypes="bfloat16,float32", calls: int =
         raise SystemExit("needs torchrun with 2+ CUDA processes and symmetric memory")
     rank, world = dist.get_rank(), dist.get_world_size()
     rows = as_list(rows, int)
+    last_slot = [1]
+
+    def next_slot() -> int:
+        """Every fused call of the run takes the other slot than the one before, as a
+        layer's two calls do (a graph of an even number of calls keeps the rhythm)."""
+        last_slot[0] ^= 1
+        return last_slot[0]
+
     results = []
     for name in as_list(dtypes, str):
         dtype = DTYPES[name]
@@ -91,21 +103,18 @@ def main(dim: int = 5120, rows="1,4,32", dtypes="bfloat16,float32", calls: int =
                 for i, (p, r) in enumerate(inputs):
                     if i % 3 == 0 and rank == (i // 3) % world:
                         torch.cuda._sleep(100_000)  # tens of microseconds
-                    outputs.append(add_summed(p, r, norm, peers, slot=i % 2))
+                    outputs.append(add_summed(p, r, norm, peers, slot=next_slot()))
                 worst = 0.0
                 for (p, r), (h, normed) in zip(inputs, outputs):
                     h_want, normed_want = add_summed(p, r, norm)
                     worst = max(worst, (h.float() - h_want.float()).abs().max().item(),
                                 (normed.float() - normed_want.float()).abs().max().item())
-                h, normed = add_summed(partial, residual, norm, peers, slot=0)
+                h, normed = add_summed(partial, residual, norm, peers, slot=next_slot())
                 everyone = [torch.empty_like(normed) for _ in range(world)]
                 dist.all_gather(everyone, normed)
                 same_on_all = all(torch.equal(everyone[0], t) for t in everyone)
-                slot = [0]
-
-                def fused():  # alternating slots, as a layer's two calls do
-                    slot[0] ^= 1
-                    return add_summed(partial, residual, norm, peers, slot=slot[0])
+                def fused():
+                    return add_summed(partial, residual, norm, peers, slot=next_slot())
 
                 fused_us = graph_time(fused, calls, replays)
                 plain_us = graph_time(lambda: add_summed(partial, residual, norm), calls,

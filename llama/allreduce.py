@@ -8,7 +8,7 @@ all-reduce), then add the residual and normalise for the next product. Decoding 
 of one, the partials are 10 KB (13B); what such an all-reduce costs is latency, and 13B
 has 80 of them per token. On two H200s an NCCL all-reduce plus the add and the norm took
 26 us per call, PyTorch's one-shot symmetric-memory all-reduce (two barriers) plus the
-add and the norm 21 us, this kernel 4.2 us (benchmarks/allreduce_check.py). It does:
+add and the norm 21.5 us, this kernel 4.2 us (benchmarks/allreduce_check.py). It does:
 
 1. each rank writes its partial into every peer's buffer (symmetric memory: allocations
    that the GPUs of the group map into each other's address space; the writes go over
@@ -115,9 +115,12 @@ def _addresses(tensor: torch.Tensor, group) -> Tuple[torch.Tensor, int]:
 
 
 # Declared pure, although it writes into the peers' memory and counts epochs: declaring
-# those mutated would make torch.compile copy them around every call. The compiler may
-# not drop or merge calls: each call's inputs differ (slot, partial) and its outputs feed
-# the next one, so the compiled order is the model's.
+# those mutated would make torch.compile copy them around every call. So the compiler
+# would drop a call whose outputs nobody uses; in the model every call's outputs feed the
+# next call, which keeps all of them, in the model's order (tests/kernels_worker.py counts
+# the epochs of a compiled pass). For the same reason the step must not be compiled with
+# mode="reduce-overhead", whose CUDA graphs would count epochs in a copy: the library
+# captures its own graphs (decode.py).
 @torch.library.custom_op("llama::sum_add_norm", mutates_args=())
 def sum_add_norm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float, data_ptrs: torch.Tensor, epochs: torch.Tensor, rank: int,

@@ -1,10 +1,10 @@
 """The Triton kernels on the CPU, through Triton's interpreter (tests/kernels_worker.py):
 the decode attention (llama/kernels.py) against SDPA with a mask, and a ragged batch
 decoded through it against the SDPA path; the fused sum over ranks (llama/allreduce.py)
-with both ranks of MP=2 simulated: the words one rank writes, and two processes
-exchanging through shared memory at the same time (this checks the layout, the epochs,
-the slots and the waiting, not the memory ordering between GPUs); and a forward pass
-through it. The GPU runs are benchmarks/check_gpu.py, benchmarks/decode_attention.py,
+with both ranks of MP=2 simulated: the words one rank writes (layout, epochs, which
+slot), and two processes exchanging through shared memory at the same time (results,
+waiting; not the memory ordering between GPUs); and a forward pass through it, eager and
+compiled. The GPU runs are benchmarks/check_gpu.py, benchmarks/decode_attention.py,
 benchmarks/allreduce_check.py and benchmarks/check_mp.py."""
 
 import json
@@ -73,7 +73,7 @@ def test_fused_sum_between_two_concurrent_ranks(worker_results, dtype):
     run = worker_results["concurrent"][dtype]
     assert run["exit_codes"] == [0, 0]  # neither hung (killed) nor failed
     # In every call the rank that arrived first waited for the late one's words.
-    assert all(run["waited"])
+    assert min(run["waits"]) > 0.15, run["waits"]
     assert run["ranks_equal"]  # the same bits on both ranks, in every call
     assert run["worst_error"] <= LIMITS[dtype]
 
@@ -83,6 +83,11 @@ def test_forward_pass_through_fused_sums(worker_results):
     assert run["decode_calls"] == 4  # 2 layers x (attention, feed-forward), 2 rows
     assert run["prefill_calls"] == 0  # 8 rows do not fit 2-row buffers: all-reduce path
     assert run["error"] < 1e-5
+    # Each (slot, row) cell counts one call per layer: 2 after the eager pass, 4 after
+    # the compiled one (torch.compile neither dropped nor repeated a call).
+    assert run["epochs_eager"] == [[2, 2], [2, 2]]
+    assert run["epochs_compiled"] == [[4, 4], [4, 4]]
+    assert run["compiled_error"] < 1e-5
 
 
 def test_fused_sums_are_chosen_by_shape_and_dtype_only():
