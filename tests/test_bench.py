@@ -164,3 +164,31 @@ def test_check_bfloat16_near_ties_and_a_real_mismatch(monkeypatch, one_thread):
     monkeypatch.setattr(check_gpu, "load_into", broken_load)
     bad = check_gpu.run(device="cpu", dtype="bfloat16", prompts=2, gen_len=4, long_prompt=8)
     assert not bad["ok"] and bad["logits_rel_err"] > 5e-2
+
+
+def test_compare_mp_summary():
+    import compare_mp
+    runs = [(1, 100.0), (2, 160.0), (2, 150.0), (1, 95.0), (1, 105.0), (2, 170.0)]
+    summary = compare_mp.summarize(runs)
+    assert summary["medians"] == {1: 100.0, 2: 160.0}
+    assert summary["ratio_of_medians"] == pytest.approx(1.6)
+    # Only neighbours of different sizes pair up, always MP=2 over MP=1.
+    assert summary["pair_ratios"] == pytest.approx([1.6, 150 / 95, 170 / 105])
+    with pytest.raises(ValueError, match="two world sizes"):
+        compare_mp.summarize([(2, 150.0), (2, 160.0)])
+
+
+def test_compare_mp_alternates_real_runs_on_cpu(tmp_path):
+    out = tmp_path / "compare.json"
+    proc = run_script(BENCH / "compare_mp.py", "--preset", "tiny", "--device", "cpu",
+                      "--nproc", 2, "--rounds", 2, "--gen_len", 6, "--decode_repeats", 1,
+                      "--mp1_configure", "{}", "--mp_configure", "{}", "--out", out,
+                      timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [run["world"] for run in result["runs"]] == [1, 2, 2, 1]
+    speeds = [run["tokens_per_s"] for run in result["runs"]]
+    assert all(positive(s) for s in speeds)
+    assert result["pair_ratios"] == pytest.approx([speeds[1] / speeds[0],
+                                                   speeds[2] / speeds[3]])
+    assert "ratio" in proc.stdout and "MP=2" in proc.stdout
