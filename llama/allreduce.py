@@ -194,6 +194,9 @@ if triton is not None:
                 dest = tl.load(data_ptrs + peer).to(tl.pointer_type(tl.uint64))
                 dest = tl.multiple_of(dest + (cell * WORLD + RANK) * words, 16)
                 tl.store(dest + w, stamped, mask=w_inside)
+        # A compiler may not move the stores past this point, so never into or after the
+        # wait below (both ranks would then wait for words nobody has written).
+        tl.debug_barrier()
         # Local loads issued now overlap the wait below.
         residual = tl.load(residual_ptr + here, mask=inside, other=0.0).to(tl.float32)
         weight = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
