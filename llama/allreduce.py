@@ -26,8 +26,8 @@ The buffers come in two sets ("slots"), which the calls of a forward pass use al
 it writes into a peer's slot again only after finishing the call in between, which
 needed the peer's words of that call, which the peer writes only once it has finished
 reading the slot. This holds when every rank makes the same sequence of calls (`fits`
-depends only on shapes), in one stream, each forward pass as pairs (slot 0, slot 1) per
-layer. An exception inside a forward pass on one rank leaves its peers waiting (as it
+depends only on shapes), in one stream, strictly alternating slots (each forward pass
+makes pairs (slot 0, slot 1), one per layer, also when a CUDA graph replays them). An exception inside a forward pass on one rank leaves its peers waiting (as it
 would in an NCCL all-reduce).
 
 Tried and measured slower (benchmarks/RESULTS.md): raising a flag after the data with a
