@@ -6,11 +6,13 @@ profiler), for a preset with random weights. Prints the kernels with the most CU
     python benchmarks/profile_step.py decode_graph --preset 7b --context 512
     torchrun --nproc_per_node 2 benchmarks/profile_step.py decode_graph --preset 13b \
         --symmetric_memory True
+    python benchmarks/profile_step.py host_gap --preset 7b --compile True
 
 `prefill_compiled` times a prefill forward pass eagerly and compiled with torch.compile
 (dynamic shapes, so one compilation serves every prompt length); with --profile it also
 lists the compiled pass's kernels. `decode_graph` profiles replays of the decode step as
-generation runs it (a CUDA graph, compiled unless --compile False).
+generation runs it (a CUDA graph, compiled unless --compile False). `host_gap` measures
+how much of a generated token's time the GPU spends waiting for the host.
 """
 
 import os
@@ -113,6 +115,38 @@ def decode_graph(preset: str = "7b", context: int = 512, compile: bool = True,
         print(result, flush=True)
 
 
+def host_gap(preset: str = "7b", compile: bool = False, gen_len: int = 128, repeats: int = 3,
+             device: str = "cuda"):
+    """How long the GPU waits for the host per generated token: time per token yielded by
+    Llama.decode_steps (the host reads each token before it launches the next step)
+    against a tight loop of the same decode step at a fixed position (launched back to
+    back, so the GPU never waits). Prints both per repeat and returns the gaps (ms)."""
+    gen = Llama.from_preset(preset, max_seq_len=gen_len + 32, max_batch_size=1,
+                            device=device)
+    gen.configure(compile=compile)
+    prompt = [list(range(1, 17))]
+    sync = torch.cuda.synchronize if gen.model.rope.is_cuda else (lambda: None)
+    tokens = torch.zeros(1, dtype=torch.long, device=device)
+    middle = 16 + gen_len // 2
+    for _ in gen.decode_steps(prompt, 8, 0.0, 1.0, set()):  # warm-up, graph capture
+        pass
+    gaps = []
+    for _ in range(repeats):
+        marks = [time.perf_counter() for _ in gen.decode_steps(prompt, gen_len, 0.0, 1.0,
+                                                                set())]
+        per_token = (marks[-1] - marks[1]) / (len(marks) - 2)  # from the first step on
+        sync()
+        start = time.perf_counter()
+        for _ in range(gen_len):
+            gen.step(tokens, [middle], 0.0, 1.0)
+        sync()
+        tight = (time.perf_counter() - start) / gen_len
+        gaps.append(1000 * (per_token - tight))
+        print(f"{preset}: {1000 * per_token:.3f} ms per yielded token, {1000 * tight:.3f} ms "
+              f"per step back to back: the host's share {gaps[-1]:.3f} ms", flush=True)
+    return gaps
+
+
 if __name__ == "__main__":
     fire.Fire({"kernels": main, "prefill_compiled": prefill_compiled,
-               "decode_graph": decode_graph})
+               "decode_graph": decode_graph, "host_gap": host_gap})

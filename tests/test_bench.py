@@ -192,3 +192,11 @@ def test_compare_mp_alternates_real_runs_on_cpu(tmp_path):
     assert result["pair_ratios"] == pytest.approx([speeds[1] / speeds[0],
                                                    speeds[2] / speeds[3]])
     assert "ratio" in proc.stdout and "MP=2" in proc.stdout
+
+
+def test_host_gap_runs_on_cpu(one_thread):
+    import math
+
+    import profile_step
+    gaps = profile_step.host_gap(preset="tiny", device="cpu", gen_len=6, repeats=2)
+    assert len(gaps) == 2 and all(math.isfinite(g) for g in gaps)
