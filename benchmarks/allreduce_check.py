@@ -113,6 +113,7 @@ def main(dim: int = 5120, rows="1,4,32", dtypes="bfloat16,float32", calls: int =
                 everyone = [torch.empty_like(normed) for _ in range(world)]
                 dist.all_gather(everyone, normed)
                 same_on_all = all(torch.equal(everyone[0], t) for t in everyone)
+
                 def fused():
                     return add_summed(partial, residual, norm, peers, slot=next_slot())
 

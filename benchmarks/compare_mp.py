@@ -97,16 +97,15 @@ def main(preset: str = "13b", nproc: int = 2, rounds: int = 3, gen_len: int = 12
               "--decode_repeats", str(decode_repeats)]
     common += ["--device", device] if device else []
     common += ["--dtype", dtype] if dtype else []
-    runs, log = [], []
+    log = []
     for r in range(rounds):
         for world in ((1, nproc) if r % 2 == 0 else (nproc, 1)):
             state = gpu_state()
             speed = run_bench(world, common, mp1_configure if world == 1 else mp_configure,
                               device, timeout)
-            runs.append((world, speed))
             log.append({"world": world, "tokens_per_s": speed, "gpus_before": state})
             print(f"MP={world}: {speed:.1f} tok/s", flush=True)
-    summary = summarize(runs)
+    summary = summarize([(run["world"], run["tokens_per_s"]) for run in log])
     medians = summary["medians"]
     print(f"medians: MP=1 {medians[1]:.1f}, MP={nproc} {medians[nproc]:.1f} tok/s; "
           f"ratio {summary['ratio_of_medians']:.3f}x; neighbouring pairs "

@@ -27,8 +27,9 @@ it writes into a peer's slot again only after finishing the call in between, whi
 needed the peer's words of that call, which the peer writes only once it has finished
 reading the slot. This holds when every rank makes the same sequence of calls (`fits`
 depends only on shapes), in one stream, strictly alternating slots (each forward pass
-makes pairs (slot 0, slot 1), one per layer, also when a CUDA graph replays them). An exception inside a forward pass on one rank leaves its peers waiting (as it
-would in an NCCL all-reduce).
+makes pairs (slot 0, slot 1), one per layer, also when a CUDA graph replays them). An
+exception inside a forward pass on one rank leaves its peers waiting (as it would in an
+NCCL all-reduce).
 
 Tried and measured slower (benchmarks/RESULTS.md): raising a flag after the data with a
 release atomic (4.8 us per call), pulling the peers' partials instead of pushing them
@@ -52,6 +53,12 @@ except ImportError:  # CPU-only installs: the fused path is never enabled there
 SLOTS = 2
 
 
+def _supported(dim: int, dtype: torch.dtype) -> bool:
+    """Rows the kernel can exchange: 2- or 4-byte values (two or one per 4-byte half of a
+    word) and a multiple of 16 bytes (aligned 16-byte accesses)."""
+    return dtype.itemsize in (2, 4) and dim * dtype.itemsize % 16 == 0
+
+
 class PeerBuffers:
     """Where the ranks exchange partial sums: per rank, SLOTS x capacity x world rows of
     8-byte words (entry [slot, row, r] receives rank r's partial of a `dim`-wide row of
@@ -71,7 +78,7 @@ class PeerBuffers:
         """Symmetric-memory buffers for `group` (every rank must call this together)."""
         from torch.distributed import _symmetric_memory as symm_mem
 
-        if dtype.itemsize not in (2, 4) or dim * dtype.itemsize % 16:
+        if not _supported(dim, dtype):
             raise ValueError(f"rows of {dim} {dtype} values: the kernel needs 2- or 4-byte "
                              f"values and rows of a multiple of 16 bytes")
         world = dist.get_world_size(group)
@@ -232,8 +239,8 @@ def enable(model) -> Optional[PeerBuffers]:
     dtype other than 2 or 4 bytes, or a model width that is not a multiple of 16 bytes.
     Collective: every model-parallel rank must call it."""
     dtype = model.norm.weight.dtype
-    if (triton is None or model.rope.device.type != "cuda" or dtype.itemsize not in (2, 4)
-            or model.params.dim * dtype.itemsize % 16):
+    if (triton is None or model.rope.device.type != "cuda"
+            or not _supported(model.params.dim, dtype)):
         return None
     group = symmetric_memory_group()
     if group is None:
