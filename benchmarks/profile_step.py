@@ -6,7 +6,7 @@ profiler), for a preset with random weights. Prints the kernels with the most CU
     python benchmarks/profile_step.py decode_graph --preset 7b --context 512
     torchrun --nproc_per_node 2 benchmarks/profile_step.py decode_graph --preset 13b \
         --symmetric_memory True
-    python benchmarks/profile_step.py host_gap --preset 7b --compile True
+    python benchmarks/profile_step.py host_gap --preset 7b --configure '{"compile": True}'
 
 `prefill_compiled` times a prefill forward pass eagerly and compiled with torch.compile
 (dynamic shapes, so one compilation serves every prompt length); with --profile it also
@@ -115,35 +115,52 @@ def decode_graph(preset: str = "7b", context: int = 512, compile: bool = True,
         print(result, flush=True)
 
 
-def host_gap(preset: str = "7b", compile: bool = False, gen_len: int = 128, repeats: int = 3,
-             device: str = "cuda"):
+def host_gap(preset: str = "7b", configure: dict = None, gen_len: int = 128,
+             repeats: int = 3, device: str = "cuda"):
     """How long the GPU waits for the host per generated token: time per token yielded by
-    Llama.decode_steps (the host reads each token before it launches the next step)
-    against a tight loop of the same decode step at a fixed position (launched back to
-    back, so the GPU never waits). Prints both per repeat and returns the gaps (ms)."""
+    Llama.decode_steps with launch_ahead on and off, against the same decode step replayed
+    back to back at a fixed position with no host work in between (the GPU never waits).
+    `configure`: Llama.configure options, e.g. {"compile": True, "symmetric_memory": True}.
+    Prints ms per token (rank 0 under torchrun) and returns, per repeat, the host's share
+    per token (ms) with and without launching ahead."""
     gen = Llama.from_preset(preset, max_seq_len=gen_len + 32, max_batch_size=1,
                             device=device)
-    gen.configure(compile=compile)
+    gen.configure(**(configure or {}))
     prompt = [list(range(1, 17))]
     sync = torch.cuda.synchronize if gen.model.rope.is_cuda else (lambda: None)
     tokens = torch.zeros(1, dtype=torch.long, device=device)
     middle = 16 + gen_len // 2
-    for _ in gen.decode_steps(prompt, 8, 0.0, 1.0, set()):  # warm-up, graph capture
-        pass
-    gaps = []
-    for _ in range(repeats):
+    positions = torch.full((1,), middle, dtype=torch.long, device=device)
+
+    def yielded(ahead: bool) -> float:
+        gen.configure(launch_ahead=ahead)
         marks = [time.perf_counter() for _ in gen.decode_steps(prompt, gen_len, 0.0, 1.0,
                                                                 set())]
-        per_token = (marks[-1] - marks[1]) / (len(marks) - 2)  # from the first step on
+        return (marks[-1] - marks[1]) / (len(marks) - 2)  # from the first step on
+
+    def back_to_back() -> float:
         sync()
         start = time.perf_counter()
         for _ in range(gen_len):
-            gen.step(tokens, [middle], 0.0, 1.0)
+            if gen.graphed is not None:  # straight from the graph: no host copies at all
+                gen.graphed(tokens, positions, middle + 1, 0.0, 1.0)
+            else:
+                gen.step(tokens, [middle], 0.0, 1.0)
         sync()
-        tight = (time.perf_counter() - start) / gen_len
-        gaps.append(1000 * (per_token - tight))
-        print(f"{preset}: {1000 * per_token:.3f} ms per yielded token, {1000 * tight:.3f} ms "
-              f"per step back to back: the host's share {gaps[-1]:.3f} ms", flush=True)
+        return (time.perf_counter() - start) / gen_len
+
+    for ahead in (True, False):  # warm-up: graph capture, compilation
+        for _ in gen.decode_steps(prompt, 8, 0.0, 1.0, set()):
+            pass
+    back_to_back()
+    gaps = []
+    for _ in range(repeats):
+        ahead, one_at_a_time, tight = yielded(True), yielded(False), back_to_back()
+        gaps.append((1000 * (ahead - tight), 1000 * (one_at_a_time - tight)))
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"{preset}: ms per token yielded, launching ahead {1000 * ahead:.3f}, one "
+                  f"step at a time {1000 * one_at_a_time:.3f}; steps back to back "
+                  f"{1000 * tight:.3f} ms", flush=True)
     return gaps
 
 

@@ -12,7 +12,7 @@ sampling settings). Without it, each graph attends over a fixed number of cache 
 row has not reached.
 """
 
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch._inductor.config as inductor_config
@@ -61,6 +61,36 @@ def decode_step(model, tokens, positions, kv_len: int, temperature: float, top_p
     """Feed one token per row at its own position; return the next (tokens, logprobs)."""
     hidden = model.forward_hidden(tokens[:, None], positions, kv_len=kv_len)
     return pick(model.output(hidden[:, 0]).float(), temperature, top_p)
+
+
+def to_device(values: List[int], device: torch.device) -> torch.Tensor:
+    """A short list as a tensor on `device`, queued behind the work already launched there
+    instead of waiting for it: a copy from ordinary (pageable) host memory synchronises
+    the CUDA stream, a copy from pinned memory does not."""
+    if device.type != "cuda":
+        return torch.tensor(values, device=device)
+    return torch.tensor(values, pin_memory=True).to(device, non_blocking=True)
+
+
+class HostCopy:
+    """Small device tensors on their way to the host. The copies are queued now, behind the
+    step that computes the tensors; wait() waits for those copies only, not for steps
+    launched after them."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        self.done = None
+        self.host = tensors
+        if tensors[0].is_cuda:
+            self.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                         .copy_(t, non_blocking=True) for t in tensors]
+            self.done = torch.cuda.Event()
+            self.done.record()
+
+    def wait(self) -> List[list]:
+        """The tensors as (nested) lists."""
+        if self.done is not None:
+            self.done.synchronize()
+        return [t.tolist() for t in self.host]
 
 
 def kv_bucket(kv_len: int, max_seq_len: int) -> int:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import allreduce, checkpoint, distributed
-from .decode import GraphedDecoder, decode_step, pick, sample_top_p
+from .decode import GraphedDecoder, HostCopy, decode_step, pick, sample_top_p, to_device
 from .model import ModelArgs, Transformer, skip_fairscale_init
 from .prompts import (
     B_INST,
@@ -206,16 +206,20 @@ class Llama:
         # 16k), while prompts up to 16k run in one pass (later chunks use slower kernels).
         self.prefill_chunk = 16384
         self.generating = False  # decode_steps running (or a stream paused inside it)
-        if model.rope.device.type == "cuda":
+        on_cuda = model.rope.device.type == "cuda"
+        if on_cuda:
             model.fuse()
-        self._make_runners(dict(cuda_graphs=True, compile=False, symmetric_memory=False))
+        self._make_runners(dict(cuda_graphs=True, compile=False, symmetric_memory=False,
+                                launch_ahead=on_cuda))
 
     def configure(self, cuda_graphs: Optional[bool] = None, compile: Optional[bool] = None,
                   prefill_chunk: Optional[int] = None,
-                  symmetric_memory: Optional[bool] = None) -> "Llama":
+                  symmetric_memory: Optional[bool] = None,
+                  launch_ahead: Optional[bool] = None) -> "Llama":
         """Choose how prompts and decode steps run. Options left out keep their current
         values (at first: CUDA graphs on, no compilation, 16384-position prefill chunks, no
-        symmetric memory); `generator.settings` shows them.
+        symmetric memory, launching ahead on CUDA only); `generator.settings` shows them
+        (but for prefill_chunk, which is `generator.prefill_chunk`).
         cuda_graphs: on CUDA, replay decode steps from CUDA graphs (else run them eagerly).
         compile: compile decode steps with torch.compile before capturing them (fastest;
         compilation on first use of each batch size takes about a minute for 7B and three
@@ -232,7 +236,14 @@ class Llama:
         kernels (llama/allreduce.py): 13B at MP=2 on two H200s decoded 192-215 tokens/s
         (median 201) against 122-137 (median 133) at MP=1 on the same machine (with NCCL:
         169.5 vs 131.7). It needs GPUs that can write into each other's memory (tested
-        over NVLink), so it is opt-in. Ignored at MP=1."""
+        over NVLink), so it is opt-in. Ignored at MP=1.
+        launch_ahead: launch each decode step before the previous step's tokens reach the
+        host, so that the GPU never waits while the host reads tokens, runs stop rules and
+        the caller's code, and launches work (see decode_loop). Rows that finish meanwhile
+        cost one wasted step. On by default on CUDA; on the CPU, where a step runs before
+        its call returns, it would only delay each token by a step."""
+        if launch_ahead is not None:
+            self.settings = {**self.settings, "launch_ahead": bool(launch_ahead)}
         if prefill_chunk is not None:
             if prefill_chunk < 1:
                 raise ValueError(f"prefill_chunk must be a positive number of positions, "
@@ -382,9 +393,17 @@ class Llama:
 
     def decode_loop(self, prompt_tokens, lens, budgets, temperature, top_p, stop_ids,
                     prompt_logprobs, on_token):
-        """decode_steps after its checks: prefill, then one decode step per yield."""
+        """decode_steps after its checks: prefill, then one decode step per yield.
+
+        With launch_ahead, the step that feeds this step's tokens back is launched before
+        those tokens are read: the GPU computes it while the host copies the tokens out,
+        yields them and runs the caller's code. It is launched for every row with budget
+        left, so a row that turns out to have finished (a stop token or stop string) wastes
+        its share of that step, and a generation that ends that way wastes a whole step."""
         max_seq_len = self.model.params.max_seq_len
+        ahead = self.settings["launch_ahead"]
         tokens, logprobs = self.prefill(prompt_tokens, temperature, top_p, prompt_logprobs)
+        copied = HostCopy(tokens, logprobs)
 
         # Where each row's next token goes. A prompt that fills the cache has no budget; its
         # (discarded) steps rewrite the last slot instead of running past the cache.
@@ -392,8 +411,13 @@ class Llama:
         produced = [0] * len(lens)
         active = [b > 0 for b in budgets]
         while any(active):
+            # Rows that may need the next step: those with budget left after this token.
+            wanted = [a and n + 1 < b for a, n, b in zip(active, produced, budgets)]
+            launched = None
+            if ahead and any(wanted):
+                launched = self.step(tokens, positions, temperature, top_p)
             step: List[Optional[Tuple[int, float]]] = [None] * len(lens)
-            for i, (tok, lp) in enumerate(zip(tokens.tolist(), logprobs.tolist())):
+            for i, (tok, lp) in enumerate(zip(*copied.wait())):
                 if not active[i]:
                     continue
                 if tok in stop_ids:
@@ -406,19 +430,23 @@ class Llama:
             yield step
             if not any(active):
                 return
-            tokens, logprobs = self.step(tokens, positions, temperature, top_p)
-            # Finished rows keep their position so they never run past the cache.
-            positions = [p + 1 if a else p for p, a in zip(positions, active)]
+            if launched is None:
+                launched = self.step(tokens, positions, temperature, top_p)
+            tokens, logprobs = launched
+            copied = HostCopy(tokens, logprobs)
+            # Only rows with budget left move on (at most to max_seq_len - 1, as the budget
+            # allows): the others never run past the cache.
+            positions = [p + 1 if w else p for p, w in zip(positions, wanted)]
 
     def step(self, tokens, positions: List[int], temperature: float, top_p: float):
         """One decode step: from a CUDA graph where possible, else eagerly. Rows that are
         all at one position attend over exactly their keys with no mask."""
         kv_len = max(positions) + 1
         if self.graphed is not None and self.graphed.usable(kv_len):
-            start = torch.tensor(positions, device=tokens.device)
+            start = to_device(positions, tokens.device)
             return self.graphed(tokens, start, kv_len, temperature, top_p)
         same = all(p == positions[0] for p in positions)
-        start = positions[0] if same else torch.tensor(positions, device=tokens.device)
+        start = positions[0] if same else to_device(positions, tokens.device)
         return decode_step(self.model, tokens, start, kv_len, temperature, top_p)
 
     def run(self, prompt_tokens, max_gen_len, temperature, top_p, stop_ids, decode,

@@ -64,7 +64,8 @@ def test_reference_signatures():
 def test_configure_keeps_options_it_is_not_given():
     gen = Llama.from_preset("tiny", max_seq_len=32, max_batch_size=2, device="cpu",
                             dtype=torch.float32)
-    assert gen.settings == dict(cuda_graphs=True, compile=False, symmetric_memory=False)
+    assert gen.settings == dict(cuda_graphs=True, compile=False, symmetric_memory=False,
+                                launch_ahead=False)  # on the CPU a step runs in its call
     assert gen.compiled_prefill is None and gen.graphed is None  # no graphs off CUDA
     gen.configure(compile=True)
     compiled = gen.compiled_prefill
@@ -72,6 +73,8 @@ def test_configure_keeps_options_it_is_not_given():
     gen.configure(prefill_chunk=8)  # changes the chunk only
     assert gen.prefill_chunk == 8 and gen.settings["compile"]
     assert gen.compiled_prefill is compiled  # not rebuilt: nothing to compile again
+    gen.configure(launch_ahead=True)
+    assert gen.settings["launch_ahead"] and gen.compiled_prefill is compiled
     gen.configure(compile=False)
     assert gen.compiled_prefill is None and gen.prefill_chunk == 8
 

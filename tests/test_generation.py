@@ -329,3 +329,46 @@ def test_compiled_prefill(make_model):
             assert g["logprobs"] == pytest.approx(w["logprobs"], abs=1e-4)
     assert not torch._dynamo.utils.counters["graph_break"]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_launching_ahead_changes_no_token(make_model):
+    """configure(launch_ahead=True), the default on CUDA: each step is launched before the
+    previous step's tokens are read. The rows are those of one step at a time: rows that
+    end on a stop token, on the caller's stop rule, at their budget and at the end of the
+    cache; no step writes past the cache; and the next step is under way whenever a token
+    is handed out while a row can still continue."""
+    folder, _, _ = make_model()
+    prompts = [list(range(3, 47)), [1, 2], [5, 6, 7], [9]]  # 44 of 48 positions: 4 tokens
+
+    def run(ahead, stop_ids, stop_row_1_after=None):
+        gen = build(folder, max_seq_len=48).configure(launch_ahead=ahead)
+        launched, rows, real_step = [], [[] for _ in prompts], gen.step
+
+        def step(tokens, positions, *rest):
+            assert max(positions) < 48, positions  # never past the cache
+            launched.append(list(positions))
+            return real_step(tokens, positions, *rest)
+
+        def on_token(row, token, logprob):
+            return row == 1 and len(rows[1]) + 1 == stop_row_1_after
+
+        gen.step = step
+        counts = []  # steps launched when each step's tokens were handed out
+        for out in gen.decode_steps(prompts, 12, 0.0, 0.9, stop_ids, on_token=on_token):
+            counts.append(len(launched))
+            for row, got in zip(rows, out):
+                if got is not None:
+                    row.append(got)
+        return rows, counts
+
+    free, _ = run(False, set())
+    assert [len(r) for r in free] == [4, 12, 12, 12]
+    stop = free[3][7][0]  # row 3 ends on this token (other rows may meet it sooner)
+    want, counts = run(False, {stop}, stop_row_1_after=5)
+    assert len(want[1]) <= 5 and len(want[3]) <= 7 and want[0] == free[0]
+    assert counts == list(range(len(counts)))  # one step at a time
+    got, ahead_counts = run(True, {stop}, stop_row_1_after=5)
+    assert [[t for t, _ in r] for r in got] == [[t for t, _ in r] for r in want]
+    for g, w in zip(got, want):
+        assert [lp for _, lp in g] == pytest.approx([lp for _, lp in w], abs=1e-5)
+    assert ahead_counts[:-1] == [n + 1 for n in counts[:-1]]  # the next step already runs
