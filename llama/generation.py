@@ -233,8 +233,8 @@ class Llama:
         forward pass of at most max_batch_size tokens in all (every decoding step) with
         one kernel that sums the ranks' partial results through symmetric memory, adds the
         residual and applies the next RMSNorm, instead of an NCCL all-reduce and two more
-        kernels (llama/allreduce.py): 13B at MP=2 on two H200s decoded 192-215 tokens/s
-        (median 201) against 122-137 (median 133) at MP=1 on the same machine (with NCCL:
+        kernels (llama/allreduce.py): 13B at MP=2 on two H200s decoded 1.51-1.65x as
+        fast as MP=1 on the same machine (225.6 against 136.7 tokens/s at best; with NCCL:
         169.5 vs 131.7). It needs GPUs that can write into each other's memory (tested
         over NVLink), so it is opt-in. Ignored at MP=1.
         launch_ahead: launch each decode step before the previous step's tokens reach the
