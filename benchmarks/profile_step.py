@@ -111,8 +111,14 @@ def decode_graph(preset: str = "7b", context: int = 512, compile: bool = True,
     result = table(steps, top, f"{preset} decode step at context {context} ({replays} "
                                f"replays, {'compiled' if compile else 'eager'} graph, "
                                f"symmetric_memory={symmetric_memory})")
-    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, every rank profiles its own
-        print(result, flush=True)
+    # Under torchrun every rank profiles its own GPU; the tables come in rank order, since
+    # the ranks differ in where they wait for each other.
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    for r in range(world):
+        if r == rank:
+            print(f"-- rank {rank}\n{result}" if world > 1 else result, flush=True)
+        if world > 1:
+            torch.distributed.barrier()
 
 
 def host_gap(preset: str = "7b", configure: dict = None, gen_len: int = 128,

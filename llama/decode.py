@@ -84,7 +84,9 @@ class HostCopy:
             self.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
                          .copy_(t, non_blocking=True) for t in tensors]
             self.done = torch.cuda.Event()
-            self.done.record()
+            # The copies run on the stream of the tensors' device, which need not be the
+            # current device.
+            self.done.record(torch.cuda.current_stream(tensors[0].device))
 
     def wait(self) -> List[list]:
         """The tensors as (nested) lists."""
