@@ -155,9 +155,8 @@ def host_gap(preset: str = "7b", configure: dict = None, gen_len: int = 128,
         sync()
         return (time.perf_counter() - start) / gen_len
 
-    for ahead in (True, False):  # warm-up: graph capture, compilation
-        for _ in gen.decode_steps(prompt, 8, 0.0, 1.0, set()):
-            pass
+    for _ in gen.decode_steps(prompt, 8, 0.0, 1.0, set()):  # graph capture, compilation
+        pass
     back_to_back()
     gaps = []
     for _ in range(repeats):

@@ -238,23 +238,28 @@ class Llama:
         169.5 vs 131.7). It needs GPUs that can write into each other's memory (tested
         over NVLink), so it is opt-in. Ignored at MP=1.
         launch_ahead: launch each decode step before the previous step's tokens reach the
-        host, so that the GPU never waits while the host reads tokens, runs stop rules and
-        the caller's code, and launches work (see decode_loop). Rows that finish meanwhile
-        cost one wasted step. On by default on CUDA; on the CPU, where a step runs before
-        its call returns, it would only delay each token by a step."""
-        if launch_ahead is not None:
-            self.settings = {**self.settings, "launch_ahead": bool(launch_ahead)}
+        host (from the second step on), so that the GPU keeps computing while the host
+        reads tokens, runs stop rules and the caller's code, up to one step's time of it
+        (see decode_loop). A generation that ends on a stop token or stop string runs one
+        wasted step, which also draws random numbers when sampling: later sampled calls
+        then differ from those made with launch_ahead=False (each is reproducible). On by
+        default on CUDA; on the CPU, where a step runs before its call returns, it would
+        only delay each token by a step.
+        A call that raises changes nothing."""
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be a positive number of positions, "
+                             f"got {prefill_chunk}")
+        given = (("cuda_graphs", cuda_graphs), ("compile", compile),
+                 ("symmetric_memory", symmetric_memory), ("launch_ahead", launch_ahead))
+        settings = {**self.settings,
+                    **{name: bool(value) for name, value in given if value is not None}}
+        if any(settings[name] != self.settings[name]
+               for name in ("cuda_graphs", "compile", "symmetric_memory")):
+            self._make_runners(settings)
+        else:  # graphs captured and code compiled so far stay valid
+            self.settings = settings
         if prefill_chunk is not None:
-            if prefill_chunk < 1:
-                raise ValueError(f"prefill_chunk must be a positive number of positions, "
-                                 f"got {prefill_chunk}")
             self.prefill_chunk = prefill_chunk
-        changes = {name: value for name, value in (("cuda_graphs", cuda_graphs),
-                                                   ("compile", compile),
-                                                   ("symmetric_memory", symmetric_memory))
-                   if value is not None and value != self.settings[name]}
-        if changes:  # otherwise graphs captured and code compiled so far stay valid
-            self._make_runners({**self.settings, **changes})
         return self
 
     def _make_runners(self, settings: dict) -> None:
@@ -399,9 +404,11 @@ class Llama:
         those tokens are read: the GPU computes it while the host copies the tokens out,
         yields them and runs the caller's code. It is launched for every row with budget
         left, so a row that turns out to have finished (a stop token or stop string) wastes
-        its share of that step, and a generation that ends that way wastes a whole step."""
+        its share of that step, and a generation that ends that way wastes a whole step.
+        The prefill's tokens are handed out before the first step is launched: that launch
+        may capture a CUDA graph or compile the step (seconds to minutes) the first time."""
         max_seq_len = self.model.params.max_seq_len
-        ahead = self.settings["launch_ahead"]
+        ahead = False  # from the second step on (see above)
         tokens, logprobs = self.prefill(prompt_tokens, temperature, top_p, prompt_logprobs)
         copied = HostCopy(tokens, logprobs)
 
@@ -434,9 +441,9 @@ class Llama:
                 launched = self.step(tokens, positions, temperature, top_p)
             tokens, logprobs = launched
             copied = HostCopy(tokens, logprobs)
-            # Only rows with budget left move on (at most to max_seq_len - 1, as the budget
-            # allows): the others never run past the cache.
-            positions = [p + 1 if w else p for p, w in zip(positions, wanted)]
+            ahead = self.settings["launch_ahead"]
+            # Finished rows keep their position so they never run past the cache.
+            positions = [p + 1 if a else p for p, a in zip(positions, active)]
 
     def step(self, tokens, positions: List[int], temperature: float, top_p: float):
         """One decode step: from a CUDA graph where possible, else eagerly. Rows that are

@@ -88,8 +88,12 @@ def test_a_failed_configure_changes_nothing(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", unsupported)
     with pytest.raises(RuntimeError, match="not supported"):
-        gen.configure(compile=True)
+        gen.configure(compile=True, launch_ahead=True, prefill_chunk=8)
     assert not gen.settings["compile"] and gen.compiled_prefill is None
+    assert not gen.settings["launch_ahead"] and gen.prefill_chunk == 16384
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        gen.configure(prefill_chunk=0, launch_ahead=True)
+    assert not gen.settings["launch_ahead"]
     monkeypatch.undo()
     gen.configure(compile=True)  # a retry does the work instead of finding nothing to change
     assert gen.compiled_prefill is not None

@@ -331,16 +331,17 @@ def test_compiled_prefill(make_model):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
-def test_launching_ahead_changes_no_token(make_model):
-    """configure(launch_ahead=True), the default on CUDA: each step is launched before the
-    previous step's tokens are read. The rows are those of one step at a time: rows that
-    end on a stop token, on the caller's stop rule, at their budget and at the end of the
-    cache; no step writes past the cache; and the next step is under way whenever a token
-    is handed out while a row can still continue."""
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_launching_ahead_changes_no_token(make_model, temperature):
+    """configure(launch_ahead=True), the default on CUDA: from the second step on, each
+    step is launched before the previous step's tokens are read. The rows are those of one
+    step at a time: rows that end on a stop token, on the caller's stop rule, at their
+    budget and at the end of the cache; no step writes past the cache; and the next step
+    is under way whenever a token after the first is handed out."""
     folder, _, _ = make_model()
     prompts = [list(range(3, 47)), [1, 2], [5, 6, 7], [9]]  # 44 of 48 positions: 4 tokens
 
-    def run(ahead, stop_ids, stop_row_1_after=None):
+    def run(ahead, stop_ids, stop_after=None):
         gen = build(folder, max_seq_len=48).configure(launch_ahead=ahead)
         launched, rows, real_step = [], [[] for _ in prompts], gen.step
 
@@ -349,26 +350,34 @@ def test_launching_ahead_changes_no_token(make_model):
             launched.append(list(positions))
             return real_step(tokens, positions, *rest)
 
-        def on_token(row, token, logprob):
-            return row == 1 and len(rows[1]) + 1 == stop_row_1_after
+        def on_token(row, token, logprob):  # the caller's stop rule (like stop strings)
+            return len(rows[row]) + 1 == (stop_after or {}).get(row)
 
         gen.step = step
         counts = []  # steps launched when each step's tokens were handed out
-        for out in gen.decode_steps(prompts, 12, 0.0, 0.9, stop_ids, on_token=on_token):
+        for out in gen.decode_steps(prompts, 12, temperature, 0.9, stop_ids,
+                                    on_token=on_token):
             counts.append(len(launched))
             for row, got in zip(rows, out):
                 if got is not None:
                     row.append(got)
         return rows, counts
 
-    free, _ = run(False, set())
+    free, free_counts = run(False, set())
     assert [len(r) for r in free] == [4, 12, 12, 12]
+    free_ahead, free_ahead_counts = run(True, set())
+    assert free_ahead == free
+    # Every row ends at its budget: no step is launched for the token after the last.
+    assert free_ahead_counts == [0] + [n + 1 for n in free_counts[1:-1]] + free_counts[-1:]
     stop = free[3][7][0]  # row 3 ends on this token (other rows may meet it sooner)
-    want, counts = run(False, {stop}, stop_row_1_after=5)
-    assert len(want[1]) <= 5 and len(want[3]) <= 7 and want[0] == free[0]
+    rules = {1: 5, 2: 9}  # rows 1 and 2 end by the caller's rule (or the token, sooner)
+    want, counts = run(False, {stop}, rules)
+    assert want[0] == free[0] and max(len(want[1]), len(want[2]), len(want[3])) <= 9
     assert counts == list(range(len(counts)))  # one step at a time
-    got, ahead_counts = run(True, {stop}, stop_row_1_after=5)
+    got, ahead_counts = run(True, {stop}, rules)
     assert [[t for t, _ in r] for r in got] == [[t for t, _ in r] for r in want]
     for g, w in zip(got, want):
         assert [lp for _, lp in g] == pytest.approx([lp for _, lp in w], abs=1e-5)
-    assert ahead_counts[:-1] == [n + 1 for n in counts[:-1]]  # the next step already runs
+    # The next step is launched before each token after the first is handed out; the
+    # last row ends by a stop rule, which wastes exactly the one step launched ahead.
+    assert ahead_counts == [0] + [n + 1 for n in counts[1:]]
