@@ -200,3 +200,13 @@ def test_host_gap_runs_on_cpu(one_thread):
     import profile_step
     gaps = profile_step.host_gap(preset="tiny", device="cpu", gen_len=6, repeats=2)
     assert len(gaps) == 2 and all(len(g) == 2 and all(map(math.isfinite, g)) for g in gaps)
+
+
+def test_ffn_swiglu_variants_agree_on_cpu(one_thread):
+    import ffn_swiglu
+    rows = ffn_swiglu.main(hidden="96,160", dim=64, layers=2, repeats=2, device="cpu",
+                           dtype="float32")
+    assert [r["hidden"] for r in rows] == [96, 160]
+    for r in rows:  # the same sums in another order
+        assert r["max_abs"] > 0.1 and r["max_abs_diff"] < 1e-5 * r["max_abs"]
+        assert r["inlined_us"] > 0 and r["written_us"] > 0

@@ -1,0 +1,116 @@
+"""Should the SwiGLU of a batch-1 decode step be written to memory once instead of being
+evaluated inside the w2 product? (benchmarks/NOTES.md, v7)
+
+With coordinate-descent tuning, inductor turns each batch-1 product into a Triton
+reduction and inlines the pointwise work before it into that reduction's loads, so every
+program of the w2 product (4 output rows each in the 13B runs) evaluates silu(gate) * up
+over the whole hidden width again. This times a stack of feed-forward blocks with 13B
+widths (hidden width per rank: 6912 at MP=2, 13824 at MP=1), compiled two ways and
+replayed from one CUDA graph:
+
+    inlined: the w1/w3 product, the SwiGLU and the w2 product in one compiled function,
+             as the model's decode step has them
+    written: two compiled functions, so the SwiGLU output is written once and the w2
+             product reads it
+
+and checks that both give the same output. Prints microseconds per block and the rate at
+which the block's weights are read. On a CPU (no CUDA graph) the times mean little; the
+agreement check still holds.
+
+    python benchmarks/ffn_swiglu.py --hidden 6912,13824
+"""
+
+import time
+
+import fire
+import torch
+import torch._inductor.config as inductor_config
+import torch.nn.functional as F
+
+
+def swiglu(x, w13):
+    gate, up = F.linear(x, w13).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def down(h, x, w2):
+    return x + F.linear(h, w2)
+
+
+def block(x, w13, w2):
+    return down(swiglu(x, w13), x, w2)
+
+
+def as_list(value) -> list:
+    """fire gives "a,b" as a tuple or a string."""
+    return [int(v) for v in (value if isinstance(value, (tuple, list)) else str(value).split(","))]
+
+
+def time_stack(run, x, repeats: int) -> float:
+    """Seconds per call of run(x): a CUDA graph replayed `repeats` times, or a plain loop
+    off CUDA. The first calls (compilation, tuning) happen before."""
+    with inductor_config.patch(coordinate_descent_tuning=True):
+        for _ in range(2):
+            run(x)
+    if x.is_cuda:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run(x)
+        call = graph.replay
+    else:
+        call = lambda: run(x)  # noqa: E731
+    call()
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def main(hidden="6912,13824", dim: int = 5120, layers: int = 16, repeats: int = 50,
+         device: str = None, dtype: str = "bfloat16"):
+    """hidden: hidden widths per rank to time. layers: blocks with their own weights (more
+    weight than the L2 cache holds, as in a model)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, dtype)
+    inlined = torch.compile(block, dynamic=False)
+    first, second = torch.compile(swiglu, dynamic=False), torch.compile(down, dynamic=False)
+    results = []
+    for width in as_list(hidden):
+        g = torch.Generator(device="cpu").manual_seed(width)
+        weights = [((torch.randn(2 * width, dim, generator=g) / dim ** 0.5).to(device, dtype),
+                    (torch.randn(dim, width, generator=g) / width ** 0.5).to(device, dtype))
+                   for _ in range(layers)]
+        x = torch.randn(1, 1, dim, generator=g).to(device, dtype)
+
+        def stack(fn):
+            def run(h):
+                for w13, w2 in weights:
+                    h = fn(h, w13, w2)
+                return h
+            return run
+
+        variants = {"inlined": stack(inlined),
+                    "written": stack(lambda h, w13, w2: second(first(h, w13), h, w2))}
+        with torch.no_grad():
+            outputs = {name: run(x).float() for name, run in variants.items()}
+            diff = (outputs["written"] - outputs["inlined"]).abs().max().item()
+            scale = outputs["inlined"].abs().max().item()
+            row = {"hidden": width, "max_abs_diff": diff, "max_abs": scale}
+            block_bytes = 3 * width * dim * weights[0][0].element_size()
+            for name, run in variants.items():
+                seconds = time_stack(run, x, repeats) / layers
+                row[f"{name}_us"] = 1e6 * seconds
+                row[f"{name}_tb_per_s"] = block_bytes / seconds / 1e12
+        results.append(row)
+        print(f"hidden {width}: inlined {row['inlined_us']:.1f} us per block "
+              f"({row['inlined_tb_per_s']:.2f} TB/s), written {row['written_us']:.1f} us "
+              f"({row['written_tb_per_s']:.2f} TB/s); outputs {diff:.3g} apart (of {scale:.3g})",
+              flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
