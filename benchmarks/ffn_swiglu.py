@@ -23,12 +23,17 @@ agreement check still holds.
     python benchmarks/ffn_swiglu.py --hidden 6912,13824
 """
 
+import sys
 import time
+from pathlib import Path
 
 import fire
 import torch
 import torch._inductor.config as inductor_config
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import DTYPES, as_list  # noqa: E402
 
 
 def swiglu(x, w13):
@@ -47,11 +52,6 @@ def block(x, w13, w2):
 def realized_block(x, w13, w2):
     h = swiglu(x, w13)
     return down(torch.as_strided(h, h.shape, h.stride()), x, w2)
-
-
-def as_list(value) -> list:
-    """fire gives "a,b" as a tuple or a string."""
-    return [int(v) for v in (value if isinstance(value, (tuple, list)) else str(value).split(","))]
 
 
 def time_stack(run, x, repeats: int) -> float:
@@ -82,7 +82,7 @@ def main(hidden="6912,13824", dim: int = 5120, layers: int = 16, repeats: int = 
     """hidden: hidden widths per rank to time. layers: blocks with their own weights (more
     weight than the L2 cache holds, as in a model)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, dtype)
+    dtype = DTYPES[dtype]
     inlined = torch.compile(block, dynamic=False)
     realized = torch.compile(realized_block, dynamic=False)
     first, second = torch.compile(swiglu, dynamic=False), torch.compile(down, dynamic=False)

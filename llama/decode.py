@@ -78,8 +78,7 @@ class HostCopy:
     launched after them."""
 
     def __init__(self, *tensors: torch.Tensor):
-        self.done = None
-        self.host = tensors
+        self.host, self.done = tensors, None  # off CUDA, the tensors are ready as they are
         if tensors[0].is_cuda:
             self.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
                          .copy_(t, non_blocking=True) for t in tensors]

@@ -418,10 +418,9 @@ class Llama:
         produced = [0] * len(lens)
         active = [b > 0 for b in budgets]
         while any(active):
-            # Rows that may need the next step: those with budget left after this token.
-            wanted = [a and n + 1 < b for a, n, b in zip(active, produced, budgets)]
             launched = None
-            if ahead and any(wanted):
+            # Launched if some row may need it: one with budget left after this token.
+            if ahead and any(a and n + 1 < b for a, n, b in zip(active, produced, budgets)):
                 launched = self.step(tokens, positions, temperature, top_p)
             step: List[Optional[Tuple[int, float]]] = [None] * len(lens)
             for i, (tok, lp) in enumerate(zip(*copied.wait())):
