@@ -253,13 +253,15 @@ def main(preset: str = "7b", ckpt_dir: str = None, device: str = None, dtype: st
     """Benchmark; see the module docstring. Lists are comma-separated; "none" skips one.
     configure: keyword arguments for `Llama.configure` (how decode steps run), e.g.
     --configure '{"compile": True}' or '{"cuda_graphs": False}' or '{"prefill_chunk": 32768}'.
-    inductor: torch._inductor.config settings for compiled steps, e.g.
-    --inductor '{"coordinate_descent_tuning": True}'."""
-    for key, value in (inductor or {}).items():
+    inductor: torch._inductor.config settings for everything compiled in this process
+    (decode steps override them with decode.COMPILE_SETTINGS), e.g.
+    --inductor '{"triton.enable_pdl": True}'."""
+    if inductor:
         import torch._inductor.config as inductor_config
-        if not hasattr(inductor_config, key):
-            raise ValueError(f"torch._inductor.config has no setting {key!r}")
-        setattr(inductor_config, key, value)
+        unknown = sorted(set(inductor) - set(inductor_config.get_config_copy()))
+        if unknown:
+            raise ValueError(f"torch._inductor.config has no setting {', '.join(unknown)}")
+        inductor_config.load_config(dict(inductor))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

@@ -7,6 +7,11 @@ Prints every run, the medians, their ratio and the ratio of each neighbouring MP
 pair; writes them to --out with the GPUs' clocks, temperatures and power before each run
 (from nvidia-smi, where there is one).
 
+The MP=1 runs take the GPUs of the MP=N runs in turn (the first MP=1 run the first GPU,
+the second the second, ...; `--mp1_on_each_gpu False`: always the first): an MP=N step
+waits for the slowest of its GPUs, so comparing it with the first GPU alone would credit
+or blame MP=N for a difference between the GPUs. The MP=1 median of each GPU is printed.
+
     python benchmarks/compare_mp.py --preset 13b --nproc 2 --rounds 3
     python benchmarks/compare_mp.py --preset tiny --device cpu --nproc 2 --rounds 1 \\
         --mp1_configure '{}' --mp_configure '{}'
@@ -54,8 +59,21 @@ def summarize(runs):
             "pair_ratios": pairs}
 
 
-def run_bench(world: int, common: list, configure: dict, device: str, timeout: int):
-    """One bench.py process (torchrun for world > 1); its decode tokens/s."""
+def nth_gpu(visible: str, n: int) -> str:
+    """The n-th GPU that MP=N runs use, as CUDA_VISIBLE_DEVICES names it (`visible`: that
+    variable's value, "" when unset: GPUs 0, 1, ...)."""
+    names = [name.strip() for name in visible.split(",")] if visible else []
+    if not names:
+        return str(n)
+    if n >= len(names):
+        raise ValueError(f"GPU {n} of CUDA_VISIBLE_DEVICES={visible!r} does not exist")
+    return names[n]
+
+
+def run_bench(world: int, common: list, configure: dict, device: str, timeout: int,
+              gpu: int = 0):
+    """One bench.py process (torchrun for world > 1); its decode tokens/s. MP=1 runs on
+    the gpu-th of the GPUs MP=N uses."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "results.json"
         # repr: fire reads Python literals (True, not JSON's true)
@@ -63,8 +81,8 @@ def run_bench(world: int, common: list, configure: dict, device: str, timeout: i
         env = dict(os.environ)
         if world == 1:
             command = [sys.executable, str(BENCH), *args]
-            if device != "cpu":  # MP=1 on the first of the GPUs MP=N uses
-                env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+            if device != "cpu":
+                env["CUDA_VISIBLE_DEVICES"] = nth_gpu(env.get("CUDA_VISIBLE_DEVICES", ""), gpu)
         else:
             command = [sys.executable, "-m", "torch.distributed.run",
                        f"--nproc_per_node={world}", str(BENCH), *args]
@@ -81,11 +99,13 @@ def run_bench(world: int, common: list, configure: dict, device: str, timeout: i
 
 def main(preset: str = "13b", nproc: int = 2, rounds: int = 3, gen_len: int = 128,
          decode_repeats: int = 3, device: str = None, dtype: str = None,
-         mp1_configure: dict = None, mp_configure: dict = None, timeout: int = 600,
-         out: str = "compare_mp.json"):
+         mp1_configure: dict = None, mp_configure: dict = None, inductor: dict = None,
+         mp1_on_each_gpu: bool = True, timeout: int = 600, out: str = "compare_mp.json"):
     """rounds: MP=1/MP=N pairs, in the order (1, N), (N, 1), (1, N), ...
     mp1_configure / mp_configure: Llama.configure settings of the two (default: compiled;
-    MP=N also with symmetric_memory). timeout: seconds per run."""
+    MP=N also with symmetric_memory). inductor: torch._inductor.config settings for both
+    (bench.py --inductor). mp1_on_each_gpu: MP=1 runs take the N GPUs in turn (else the
+    first only). timeout: seconds per run."""
     if nproc < 2 or rounds < 1:
         raise ValueError(f"--nproc must be at least 2 and --rounds at least 1, "
                          f"got {nproc} and {rounds}")
@@ -97,21 +117,33 @@ def main(preset: str = "13b", nproc: int = 2, rounds: int = 3, gen_len: int = 12
               "--decode_repeats", str(decode_repeats)]
     common += ["--device", device] if device else []
     common += ["--dtype", dtype] if dtype else []
+    common += ["--inductor", repr(inductor)] if inductor else []
     log = []
     for r in range(rounds):
         for world in ((1, nproc) if r % 2 == 0 else (nproc, 1)):
             state = gpu_state()
-            speed = run_bench(world, common, mp1_configure if world == 1 else mp_configure,
-                              device, timeout)
-            log.append({"world": world, "tokens_per_s": speed, "gpus_before": state})
-            print(f"MP={world}: {speed:.1f} tok/s", flush=True)
+            if world == 1:
+                gpu = sum(run["world"] == 1 for run in log) % nproc if mp1_on_each_gpu else 0
+                speed = run_bench(1, common, mp1_configure, device, timeout, gpu)
+                log.append({"world": 1, "gpu": gpu, "tokens_per_s": speed,
+                            "gpus_before": state})
+                print(f"MP=1 on GPU {gpu}: {speed:.1f} tok/s", flush=True)
+            else:
+                speed = run_bench(world, common, mp_configure, device, timeout)
+                log.append({"world": world, "tokens_per_s": speed, "gpus_before": state})
+                print(f"MP={world}: {speed:.1f} tok/s", flush=True)
     summary = summarize([(run["world"], run["tokens_per_s"]) for run in log])
+    by_gpu = {gpu: statistics.median(run["tokens_per_s"] for run in log
+                                     if run["world"] == 1 and run["gpu"] == gpu)
+              for gpu in sorted({run["gpu"] for run in log if run["world"] == 1})}
     medians = summary["medians"]
-    print(f"medians: MP=1 {medians[1]:.1f}, MP={nproc} {medians[nproc]:.1f} tok/s; "
-          f"ratio {summary['ratio_of_medians']:.3f}x; neighbouring pairs "
+    print(f"medians: MP=1 {medians[1]:.1f} ("
+          + ", ".join(f"GPU {gpu} {speed:.1f}" for gpu, speed in by_gpu.items())
+          + f"), MP={nproc} {medians[nproc]:.1f} tok/s; ratio "
+          f"{summary['ratio_of_medians']:.3f}x; neighbouring pairs "
           + ", ".join(f"{p:.3f}" for p in summary["pair_ratios"]), flush=True)
     Path(out).write_text(json.dumps({"preset": preset, "nproc": nproc, "runs": log,
-                                     **summary}, indent=1))
+                                     **summary, "mp1_median_by_gpu": by_gpu}, indent=1))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ sampling settings). Without it, each graph attends over a fixed number of cache 
 row has not reached.
 """
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch._inductor.config as inductor_config
@@ -105,27 +105,43 @@ def kv_bucket(kv_len: int, max_seq_len: int) -> int:
     return min(bucket, max_seq_len)
 
 
+# torch._inductor settings of compiled decode steps. Coordinate-descent tuning of the
+# generated kernels' launch settings (done in the first call of each kernel): +6% tokens/s
+# for 7B at batch 1. With it, inductor also turns batch-1 matrix products into its own
+# reductions instead of cuBLAS calls, which lets it fuse the work around them.
+COMPILE_SETTINGS = {"coordinate_descent_tuning": True}
+
+
+def compile_step(settings: Optional[dict] = None):
+    """decode_step compiled by torch.compile with COMPILE_SETTINGS updated by `settings`
+    (torch._inductor.config names, e.g. {"triton.enable_pdl": True}). The settings go with
+    this compiled function: another call of compile_step with other settings compiles
+    decode_step anew instead of reusing this one's code."""
+    options = {**COMPILE_SETTINGS, **(settings or {})}
+    known = inductor_config.get_config_copy()
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"torch._inductor.config has no setting {', '.join(unknown)}")
+    return torch.compile(decode_step, dynamic=False, options=options)
+
+
 class GraphedDecoder:
     """decode_step replayed from CUDA graphs captured on first use.
 
     With `compile`, steps are first compiled by torch.compile (inductor fuses the ~50
     small kernels per layer of RMSNorm, RoPE and the cache update into a few), and the
-    compiled kernels are what the graph captures. Compiling takes about a minute for 7B
-    and up to three for 13B (on an H200 machine) per batch size the first time (per
-    bucket up to MAX_COMPILED_BUCKET without Triton)."""
+    compiled kernels are what the graph captures; `inductor` updates COMPILE_SETTINGS for
+    them. Compiling takes about a minute for 7B and up to three for 13B (on an H200
+    machine) per batch size the first time (per bucket up to MAX_COMPILED_BUCKET without
+    Triton)."""
 
-    def __init__(self, model, compile: bool = False):
+    def __init__(self, model, compile: bool = False, inductor: Optional[dict] = None):
         self.model = model
         # Attention reads each row's length from the device: graphs span the whole cache.
         self.whole_cache = kernels.available(model.rope.device, model.params.head_dim)
-        self.compile_settings = {
-            # Coordinate-descent tuning of the generated kernels' launch settings (done
-            # while compiling, in the first warm-up step): +6% tokens/s for 7B at batch 1.
-            "coordinate_descent_tuning": True,
-        }
         self.graphs: Dict[tuple, Tuple[torch.cuda.CUDAGraph, tuple, tuple]] = {}
         self.pool = torch.cuda.graph_pool_handle()  # one memory pool shared by all graphs
-        self.compiled = torch.compile(decode_step, dynamic=False) if compile else None
+        self.compiled = compile_step(inductor) if compile else None
 
     def usable(self, kv_len: int) -> bool:
         return kv_len <= self.model.params.max_seq_len
@@ -157,7 +173,7 @@ class GraphedDecoder:
             # capturing. The warm-up writes the same cache entries the real step writes.
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), inductor_config.patch(self.compile_settings):
+            with torch.cuda.stream(side):
                 for _ in range(2):
                     step()
             torch.cuda.current_stream().wait_stream(side)

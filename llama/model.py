@@ -343,9 +343,15 @@ class FeedForward(nn.Module):
     def forward(self, x):
         """This rank's partial sum of the block's output (see RowParallelLinear)."""
         if self.w13 is None:
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+            h = F.silu(self.w1(x)) * self.w3(x)
+        else:
+            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        # An identity view whose input torch.compile must write to memory: without it, at
+        # batch 1, inductor evaluates silu(gate) * up inside the w2 product's reduction,
+        # where every program recomputes it over the whole hidden width. Writing it once
+        # makes 13B decode ~3% faster (benchmarks/NOTES.md, v8). Eager, a free view.
+        return self.w2(torch.as_strided(h, h.shape, h.stride()))
 
 
 class TransformerBlock(nn.Module):

@@ -91,6 +91,7 @@ def test_bench_in_process_without_peers(tmp_path, capsys, one_thread):
     (dict(dtype="float64"), "--dtype float64 is not supported"),
     (dict(batch_sizes="0"), "--batch_sizes must be positive"),
     (dict(prefill_lens="0"), "--prefill_lens must be positive"),
+    (dict(inductor={"triton.enable_pdll": True}), "no setting triton.enable_pdll"),
 ])
 def test_bad_sizes_are_refused(tmp_path, bad, message):
     import bench
@@ -183,15 +184,33 @@ def test_compare_mp_alternates_real_runs_on_cpu(tmp_path):
     proc = run_script(BENCH / "compare_mp.py", "--preset", "tiny", "--device", "cpu",
                       "--nproc", 2, "--rounds", 2, "--gen_len", 6, "--decode_repeats", 1,
                       "--mp1_configure", "{}", "--mp_configure", "{}", "--out", out,
-                      timeout=300)
+                      "--inductor", '{"triton.enable_pdl": True}', timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert [run["world"] for run in result["runs"]] == [1, 2, 2, 1]
+    assert [run.get("gpu") for run in result["runs"]] == [0, None, None, 1]  # in turn
+    assert set(result["mp1_median_by_gpu"]) == {"0", "1"}
     speeds = [run["tokens_per_s"] for run in result["runs"]]
     assert all(positive(s) for s in speeds)
     assert result["pair_ratios"] == pytest.approx([speeds[1] / speeds[0],
                                                    speeds[2] / speeds[3]])
     assert "ratio" in proc.stdout and "MP=2" in proc.stdout
+
+
+def test_compare_mp_picks_each_gpu_as_cuda_visible_devices_names_it():
+    from compare_mp import nth_gpu
+    assert [nth_gpu("", n) for n in (0, 1)] == ["0", "1"]
+    assert [nth_gpu("4, 6", n) for n in (0, 1)] == ["4", "6"]
+    assert nth_gpu("GPU-3f2a", 0) == "GPU-3f2a"
+    with pytest.raises(ValueError, match="GPU 2 of CUDA_VISIBLE_DEVICES='4,6'"):
+        nth_gpu("4,6", 2)
+
+
+def test_compare_mp_passes_inductor_settings_to_bench(tmp_path):
+    import compare_mp
+    with pytest.raises(RuntimeError, match="no setting no_such_setting"):
+        compare_mp.main(preset="tiny", device="cpu", rounds=1, mp1_configure={},
+                        inductor={"no_such_setting": 1}, out=str(tmp_path / "c.json"))
 
 
 def test_host_gap_runs_on_cpu(one_thread):
@@ -210,3 +229,19 @@ def test_ffn_swiglu_variants_agree_on_cpu(one_thread):
     for r in rows:  # the same sums in another order
         assert r["max_abs"] > 0.1 and r["max_abs_diff"] < 1e-5 * r["max_abs"]
         assert all(r[f"{name}_us"] > 0 for name in ("inlined", "written", "realized"))
+
+
+def test_inductor_settings_compiles_each_variant_on_cpu(one_thread):
+    import torch._dynamo
+    import inductor_settings
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    variants = [{}, {"coordinate_descent_tuning": False}]
+    rows = inductor_settings.main(preset="tiny", variants=variants, context=16, steps=6,
+                                  rounds=2, replays=3, device="cpu")
+    assert [r["settings"] for r in rows] == variants
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # one per variant
+    for r in rows:  # float32 on the CPU: the same tokens from both compilations
+        assert r["agreeing_steps"] == 6 and len(r["ms"]) == 2 and all(map(positive, r["ms"]))
+    with pytest.raises(ValueError, match="list of dicts"):
+        inductor_settings.main(preset="tiny", variants=["triton.enable_pdl"], device="cpu")

@@ -331,6 +331,31 @@ def test_compiled_prefill(make_model):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
+def test_compiled_steps_keep_their_own_inductor_settings(make_model):
+    """compile_step binds its inductor settings to the function it returns: a second one
+    with other settings compiles decode_step anew (it would otherwise reuse the first's
+    code, since torch.compile caches per Python function), one with the first's settings
+    again reuses the first's code, and all give the eager step's tokens and logprobs.
+    Unknown settings are refused by name."""
+    import torch._dynamo
+    from llama.decode import compile_step, decode_step
+    folder, _, _ = make_model()
+    gen = build(folder)
+    model, whole = gen.model, gen.model.params.max_seq_len
+    tokens, positions = torch.tensor([5]), torch.tensor([0])
+    with torch.inference_mode(False), torch.no_grad():
+        want = decode_step(model, tokens, positions, whole, 0.0, 1.0)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        for settings in ({}, {"coordinate_descent_tuning": False}, {}):
+            got = compile_step(settings)(model, tokens, positions, whole, 0.0, 1.0)
+            assert got[0].tolist() == want[0].tolist()
+            assert got[1].tolist() == pytest.approx(want[1].tolist(), abs=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    with pytest.raises(ValueError, match="no setting triton.enable_pdll"):
+        compile_step({"triton.enable_pdll": True})
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_launching_ahead_changes_no_token(make_model, temperature):
     """configure(launch_ahead=True), the default on CUDA: from the second step on, each
