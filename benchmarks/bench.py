@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llama import Llama  # noqa: E402
 from llama.checkpoint import hf_config  # noqa: E402
+from llama.decode import COMPILE_SETTINGS  # noqa: E402
 
 GiB = 2**30
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
@@ -253,14 +254,19 @@ def main(preset: str = "7b", ckpt_dir: str = None, device: str = None, dtype: st
     """Benchmark; see the module docstring. Lists are comma-separated; "none" skips one.
     configure: keyword arguments for `Llama.configure` (how decode steps run), e.g.
     --configure '{"compile": True}' or '{"cuda_graphs": False}' or '{"prefill_chunk": 32768}'.
-    inductor: torch._inductor.config settings for everything compiled in this process
-    (decode steps override them with decode.COMPILE_SETTINGS), e.g.
-    --inductor '{"triton.enable_pdl": True}'."""
+    inductor: torch._inductor.config settings for everything compiled in this process,
+    e.g. --inductor '{"triton.enable_pdl": True}'; not those of decode.COMPILE_SETTINGS,
+    which decode steps always use (benchmarks/inductor_settings.py varies those too)."""
     if inductor:
         import torch._inductor.config as inductor_config
         unknown = sorted(set(inductor) - set(inductor_config.get_config_copy()))
         if unknown:
             raise ValueError(f"torch._inductor.config has no setting {', '.join(unknown)}")
+        fixed = sorted(set(inductor) & set(COMPILE_SETTINGS))
+        if fixed:
+            raise ValueError(f"--inductor cannot change {', '.join(fixed)}: decode steps "
+                             f"always compile with {COMPILE_SETTINGS}; compare such "
+                             f"settings with benchmarks/inductor_settings.py")
         inductor_config.load_config(dict(inductor))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":

@@ -7,10 +7,11 @@ Prints every run, the medians, their ratio and the ratio of each neighbouring MP
 pair; writes them to --out with the GPUs' clocks, temperatures and power before each run
 (from nvidia-smi, where there is one).
 
-The MP=1 runs take the GPUs of the MP=N runs in turn (the first MP=1 run the first GPU,
-the second the second, ...; `--mp1_on_each_gpu False`: always the first): an MP=N step
-waits for the slowest of its GPUs, so comparing it with the first GPU alone would credit
-or blame MP=N for a difference between the GPUs. The MP=1 median of each GPU is printed.
+The MP=1 runs take the GPUs of the MP=N runs in turn (`--mp1_on_each_gpu False`: always
+the first): an MP=N step waits for the slowest of its GPUs, so comparing it with the first
+GPU alone would credit or blame MP=N for a difference between the GPUs. With two GPUs the
+MP=1 runs of rounds 1, 2, 3, 4, ... use GPUs 0, 1, 1, 0, ..., so that over four rounds
+each GPU runs as often before as after an MP=N run. The MP=1 median of each GPU is printed.
 
     python benchmarks/compare_mp.py --preset 13b --nproc 2 --rounds 3
     python benchmarks/compare_mp.py --preset tiny --device cpu --nproc 2 --rounds 1 \\
@@ -123,7 +124,7 @@ def main(preset: str = "13b", nproc: int = 2, rounds: int = 3, gen_len: int = 12
         for world in ((1, nproc) if r % 2 == 0 else (nproc, 1)):
             state = gpu_state()
             if world == 1:
-                gpu = sum(run["world"] == 1 for run in log) % nproc if mp1_on_each_gpu else 0
+                gpu = (r + r // 2) % nproc if mp1_on_each_gpu else 0
                 speed = run_bench(1, common, mp1_configure, device, timeout, gpu)
                 log.append({"world": 1, "gpu": gpu, "tokens_per_s": speed,
                             "gpus_before": state})

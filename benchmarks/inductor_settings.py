@@ -1,17 +1,18 @@
 """Which torch._inductor settings compile the fastest batch-1 decode step, measured in one
 process: every variant runs on the same weights, cache and GPUs, so that only the
-generated kernels differ. (Between processes the speed of 13B at MP=2 varies by about
-+-5% with the same kernels, benchmarks/RESULTS.md, eighth session, which hides a gain of a
-few percent unless many processes are run.)
+generated kernels differ. (Between processes the speed of 13B at MP=2 varies by up to 7%
+with the same kernels, benchmarks/RESULTS.md, eighth session, which hides a gain of a few
+percent unless many processes are run.)
 
 Each variant compiles the decode step with the library's settings (decode.COMPILE_SETTINGS)
 updated by its own and, on CUDA, captures it in a CUDA graph as generation does. Then:
 - agreement: from position 0, every variant decodes `--steps` greedy tokens, each fed back
-  as the next input; the tokens must equal the first variant's (on the GPU in bf16 the
-  kernels' different summation orders may flip a near-tie of random weights: reported as
-  the steps that agree before the first different token);
-- speed: the variants' steps run back to back at position `--context` in turns, `--rounds`
-  times, `--replays` steps each; prints ms per step per round and the medians.
+  as the next input, and reports for how many steps its tokens equal the first variant's
+  (in float32 all of them; in bf16 the kernels' different summation orders may flip a
+  near-tie of the random weights' logits after some steps);
+- speed: the variants' steps run back to back with `--context` cached positions, in turns
+  (the order reversed every other round), `--rounds` times, `--replays` steps each; prints
+  ms per step per round and the medians.
 
     torchrun --nproc_per_node 2 benchmarks/inductor_settings.py --preset 13b \\
         --symmetric_memory True --variants '[{}, {"triton.enable_pdl": True}]'
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import fire
 import torch
+import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llama import Llama  # noqa: E402
@@ -55,6 +57,12 @@ def greedy_tokens(run, steps: int, device) -> list:
     return chosen
 
 
+def agreeing_steps(tokens: list, reference: list) -> int:
+    """How many tokens equal the reference's before the first that does not."""
+    return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b),
+                min(len(tokens), len(reference)))
+
+
 def main(preset: str = "7b", variants=({},), context: int = 128, steps: int = 32,
          rounds: int = 3, replays: int = 100, symmetric_memory: bool = False,
          device: str = None):
@@ -65,6 +73,25 @@ def main(preset: str = "7b", variants=({},), context: int = 128, steps: int = 32
     if not variants or not all(isinstance(v, dict) for v in variants):
         raise ValueError(f"--variants must be a list of dicts of inductor settings, e.g. "
                          f"'[{{}}, {{\"triton.enable_pdl\": True}}]'; got {variants!r}")
+    # Every variant is one more compilation of decode_step. Past dynamo's limit of
+    # compilations per function, a call would quietly run the step uncompiled: fail
+    # instead, and allow as many as there are variants.
+    limit = max(torch._dynamo.config.recompile_limit, len(variants))
+    with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+        rows = compare(variants, preset, context, steps, rounds, replays, symmetric_memory,
+                       device)
+    if int(os.environ.get("RANK", 0)) == 0:
+        for row in rows:
+            print(f"{row['settings']}: {statistics.median(row['ms']):.3f} ms per step "
+                  f"(rounds {', '.join(f'{ms:.3f}' for ms in row['ms'])}); tokens agree "
+                  f"with the first variant's for {row['agreeing_steps']} of {steps} steps",
+                  flush=True)
+    return rows
+
+
+def compare(variants, preset, context, steps, rounds, replays, symmetric_memory,
+            device) -> list:
+    """main's rows, measured within the dynamo limits main sets."""
     gen = Llama.from_preset(preset, max_seq_len=max(context, steps) + 1, max_batch_size=1,
                             device=device)
     gen.configure(symmetric_memory=symmetric_memory)
@@ -72,30 +99,25 @@ def main(preset: str = "7b", variants=({},), context: int = 128, steps: int = 32
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     runs = [step_runner(gen, settings) for settings in variants]
     rows = []
-    with torch.inference_mode():
+    # no_grad rather than inference_mode, as the library compiles its steps (decode.py).
+    with torch.no_grad():
         tokens = [greedy_tokens(run, steps, device) for run in runs]  # also compiles
         for settings, chosen in zip(variants, tokens):
-            same = next((i for i, (a, b) in enumerate(zip(chosen, tokens[0])) if a != b),
-                        steps)
-            rows.append({"settings": settings, "agreeing_steps": same, "ms": []})
+            rows.append({"settings": settings, "ms": [],
+                         "agreeing_steps": agreeing_steps(chosen, tokens[0])})
         token = torch.ones(1, dtype=torch.long, device=device)
         position = torch.tensor([context - 1], device=device)
         for run in runs:  # a first step at this position, untimed
             run(token, position)
-        for _ in range(rounds):
-            for run, row in zip(runs, rows):
+        for r in range(rounds):
+            order = list(zip(runs, rows))
+            for run, row in (order if r % 2 == 0 else reversed(order)):
                 sync()
                 start = time.perf_counter()
                 for _ in range(replays):
                     run(token, position)
                 sync()
                 row["ms"].append(1000 * (time.perf_counter() - start) / replays)
-    if int(os.environ.get("RANK", 0)) == 0:
-        for row in rows:
-            print(f"{row['settings']}: {statistics.median(row['ms']):.3f} ms per step "
-                  f"(rounds {', '.join(f'{ms:.3f}' for ms in row['ms'])}); tokens agree "
-                  f"with the first variant's for {row['agreeing_steps']} of {steps} steps",
-                  flush=True)
     return rows
 
 

@@ -76,10 +76,14 @@ def test_bench_cpu_tiny(tmp_path):
 
 
 def test_bench_in_process_without_peers(tmp_path, capsys, one_thread):
+    import torch._inductor.config as inductor_config
     import bench
     out = tmp_path / "r.json"
-    bench.main(device="cpu", preset="tiny", prefill_lens="8", batch_sizes=2, prompt_len=4,
-               gen_len=3, peers="none", repeats=1, out=str(out))
+    with inductor_config.patch({"triton.enable_pdl": False}):  # restored afterwards
+        bench.main(device="cpu", preset="tiny", prefill_lens="8", batch_sizes=2,
+                   prompt_len=4, gen_len=3, peers="none", repeats=1, out=str(out),
+                   inductor={"triton.enable_pdl": True})
+        assert inductor_config.triton.enable_pdl  # --inductor took effect
     scen = json.loads(out.read_text())["scenarios"]
     assert set(scen) == {"prefill L=8", "decode b=2"}
     assert scen["decode b=2"]["peers"] == {} and scen["decode b=2"]["ours"]["steps"] == 2
@@ -92,6 +96,8 @@ def test_bench_in_process_without_peers(tmp_path, capsys, one_thread):
     (dict(batch_sizes="0"), "--batch_sizes must be positive"),
     (dict(prefill_lens="0"), "--prefill_lens must be positive"),
     (dict(inductor={"triton.enable_pdll": True}), "no setting triton.enable_pdll"),
+    (dict(inductor={"coordinate_descent_tuning": False}),
+     "cannot change coordinate_descent_tuning"),
 ])
 def test_bad_sizes_are_refused(tmp_path, bad, message):
     import bench
@@ -206,6 +212,26 @@ def test_compare_mp_picks_each_gpu_as_cuda_visible_devices_names_it():
         nth_gpu("4,6", 2)
 
 
+def test_compare_mp_runs_mp1_on_the_chosen_gpu(monkeypatch):
+    import compare_mp
+    seen = []
+
+    def fake_run(command, env, **kwargs):
+        seen.append((command, env.get("CUDA_VISIBLE_DEVICES")))
+        out = Path(command[command.index("--out") + 1])
+        out.write_text(json.dumps({"scenarios": {compare_mp.SCENARIO: {
+            "ours": {"tokens_per_s": 100.0}}}}))
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(compare_mp.subprocess, "run", fake_run)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    for gpu in (0, 1):
+        assert compare_mp.run_bench(1, [], {}, "cuda", 10, gpu) == 100.0
+    assert compare_mp.run_bench(2, [], {}, "cuda", 10) == 100.0
+    assert [visible for _, visible in seen] == ["5", "7", "5,7"]  # MP=2 keeps both
+    assert "torch.distributed.run" in seen[2][0]
+
+
 def test_compare_mp_passes_inductor_settings_to_bench(tmp_path):
     import compare_mp
     with pytest.raises(RuntimeError, match="no setting no_such_setting"):
@@ -229,6 +255,17 @@ def test_ffn_swiglu_variants_agree_on_cpu(one_thread):
     for r in rows:  # the same sums in another order
         assert r["max_abs"] > 0.1 and r["max_abs_diff"] < 1e-5 * r["max_abs"]
         assert all(r[f"{name}_us"] > 0 for name in ("inlined", "written", "realized"))
+    import torch
+    overflowing = {"inlined": lambda h, w13, w2: h * float("inf")}
+    with pytest.raises(ValueError, match="not finite"):
+        ffn_swiglu.time_width(overflowing, 96, 64, 2, 1, torch.device("cpu"), torch.float32)
+
+
+def test_agreeing_steps():
+    from inductor_settings import agreeing_steps
+    assert agreeing_steps([1, 2, 3], [1, 2, 3]) == 3
+    assert agreeing_steps([1, 5, 3], [1, 2, 3]) == 1
+    assert agreeing_steps([4, 2, 3], [1, 2, 3]) == 0
 
 
 def test_inductor_settings_compiles_each_variant_on_cpu(one_thread):
