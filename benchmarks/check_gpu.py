@@ -9,6 +9,11 @@ model on `--device` in `--dtype` (`checkpoint.load_into`). Then:
   change a token where two are nearly tied: at the first divergence the token the test
   model picked must be one of the float32 model's top 2 there.
 
+- sampled generation follows each call's temperature and top_p: sampling at one setting
+  and then, with the same seed, at another gives the tokens a fresh generator on the same
+  model gives at the second (on CUDA the first call captured the sampling graph, which
+  the second replays with its own settings), and not the first setting's.
+
 Exit status 1 on a real mismatch. On CPU with float32 the two runs must agree exactly.
 
     python benchmarks/check_gpu.py                   # cuda, bfloat16
@@ -70,7 +75,8 @@ def run(device: str = "cuda", dtype: str = None, preset: str = "tiny", prompts: 
     gen = dict(max_gen_len=gen_len, temperature=0.0, stop_token=-1)
     ref_out, _ = ref.generate(prompt_tokens, **gen)
     test_out, _ = test.generate(prompt_tokens, **gen)
-    rows, ok = [], logits_err <= limit
+    sampling_ok = sampling_follows_each_call(test, model, prompt_tokens, gen_len, seed)
+    rows, ok = [], logits_err <= limit and sampling_ok
     for prompt, a, b in zip(prompt_tokens, ref_out, test_out):
         agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         row = {"prompt_len": len(prompt), "agreeing_tokens": agree, "generated": len(b)}
@@ -89,7 +95,22 @@ def run(device: str = "cuda", dtype: str = None, preset: str = "tiny", prompts: 
         rows.append(row)
     return {"ok": bool(ok), "device": str(device), "dtype": str(dt).replace("torch.", ""),
             "logits_rel_err": logits_err, "max_rel_err": limit, "gen_len": gen_len,
-            "prompts": rows}
+            "sampling_follows_each_call": sampling_ok, "prompts": rows}
+
+
+def sampling_follows_each_call(test: Llama, model, prompt_tokens, gen_len: int,
+                               seed: int) -> bool:
+    """Sampled tokens at a second setting after a first (same seed) equal a fresh
+    generator's at the second setting, and differ from the first setting's."""
+    def sample(gen, temperature, top_p):
+        torch.manual_seed(seed)
+        return gen.generate(prompt_tokens, max_gen_len=gen_len, temperature=temperature,
+                            top_p=top_p, stop_token=-1)[0]
+
+    first = sample(test, 0.8, 0.9)
+    second = sample(test, 1.5, 0.97)
+    fresh = sample(Llama(model, None), 1.5, 0.97)
+    return second == fresh and second != first
 
 
 def summary(report: dict) -> str:
@@ -97,7 +118,8 @@ def summary(report: dict) -> str:
     return (f"{'OK' if report['ok'] else 'MISMATCH'}: {report['dtype']} on {report['device']} "
             f"vs float32 CPU: logits rel. error {report['logits_rel_err']:.2e} (limit "
             f"{report['max_rel_err']:.0e}); tokens agreeing before divergence {agree} of "
-            f"{report['gen_len']}")
+            f"{report['gen_len']}; sampling follows each call's settings: "
+            f"{report['sampling_follows_each_call']}")
 
 
 def main(device: str = "cuda", dtype: str = None, **kwargs):

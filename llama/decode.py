@@ -6,10 +6,10 @@ At batch 1 an eager 7B decode step is ~1,600 small kernels (about 50 per layer) 
 launch cost alone exceeds the time the GPU needs to read the weights. A CUDA graph
 launches them all at once. Graphs need fixed shapes. With the Triton decode attention
 (kernels.py), which reads each row's length from the device, one graph spans the whole
-cache and serves every context length: one graph (and one compilation) per (batch size,
-sampling settings). Without it, each graph attends over a fixed number of cache positions
-(a bucket at least as large as the longest row, see kv_bucket) and masks the positions a
-row has not reached.
+cache and serves every context length: one graph (and one compilation) per batch size
+for greedy steps and one for sampling steps, whatever their temperature and top_p. Without
+it, each graph attends over a fixed number of cache positions (a bucket at least as large
+as the longest row, see kv_bucket) and masks the positions a row has not reached.
 """
 
 from typing import Dict, List, Optional, Tuple
@@ -45,11 +45,13 @@ def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
     return torch.gather(order, -1, choice)
 
 
-def pick(logits: torch.Tensor, temperature: float, top_p: float):
-    """Next tokens (bsz,) from float32 logits (bsz, vocab): greedy when temperature <= 0,
-    else top-p sampling at that temperature; and each chosen token's log-probability
-    under the unscaled distribution."""
-    if temperature > 0:
+def pick(logits: torch.Tensor, temperature, top_p):
+    """Next tokens (bsz,) from float32 logits (bsz, vocab): greedy when temperature is a
+    number <= 0, else top-p sampling at that temperature; and each chosen token's
+    log-probability under the unscaled distribution. For sampling, temperature and top_p
+    may be 0-d tensors: a compiled step then takes them as inputs instead of compiling
+    their values in, and serves every setting."""
+    if isinstance(temperature, torch.Tensor) or temperature > 0:
         tokens = sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p)[:, 0]
     else:
         tokens = torch.argmax(logits, dim=-1)
@@ -149,12 +151,15 @@ class GraphedDecoder:
     def __call__(self, tokens, positions, kv_len: int, temperature: float, top_p: float):
         max_seq_len = self.model.params.max_seq_len
         bucket = max_seq_len if self.whole_cache else kv_bucket(kv_len, max_seq_len)
-        key = (tokens.shape[0], bucket, temperature, top_p)
+        key = (tokens.shape[0], bucket, temperature > 0)
         if key not in self.graphs:
             self.graphs[key] = self.capture(tokens, positions, bucket, temperature, top_p)
-        graph, (static_tokens, static_positions), outputs = self.graphs[key]
+        graph, (static_tokens, static_positions, sampling), outputs = self.graphs[key]
         static_tokens.copy_(tokens)
         static_positions.copy_(positions)
+        if temperature > 0:
+            sampling[0].fill_(temperature)
+            sampling[1].fill_(top_p)
         graph.replay()
         return tuple(t.clone() for t in outputs)  # the next replay overwrites outputs
 
@@ -164,11 +169,18 @@ class GraphedDecoder:
         with torch.inference_mode(False), torch.no_grad():
             static_tokens = torch.empty_like(tokens).copy_(tokens)
             static_positions = torch.empty_like(positions).copy_(positions)
+            # A sampling step reads its temperature and top_p from tensors that each call
+            # fills, so that one graph (and one compilation: recompiling 13B takes minutes)
+            # serves all settings; a greedy step reads neither.
+            sampling = (0.0, 1.0)
+            if temperature > 0:
+                sampling = tuple(torch.tensor(value, dtype=torch.float32, device=tokens.device)
+                                 for value in (temperature, top_p))
             fn = decode_step
             if self.compiled is not None and (self.whole_cache or bucket <= MAX_COMPILED_BUCKET):
                 fn = self.compiled
             step = lambda: fn(  # noqa: E731
-                self.model, static_tokens, static_positions, bucket, temperature, top_p)
+                self.model, static_tokens, static_positions, bucket, *sampling)
             # Warm up on a side stream (kernel selection, workspaces, compilation) before
             # capturing. The warm-up writes the same cache entries the real step writes.
             side = torch.cuda.Stream()
@@ -180,4 +192,4 @@ class GraphedDecoder:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 outputs = step()
-        return graph, (static_tokens, static_positions), outputs
+        return graph, (static_tokens, static_positions, sampling), outputs

@@ -149,6 +149,28 @@ def test_check_main_float32_agrees_exactly(capsys, one_thread):
     check_gpu.main(device="cpu", prompts=3, gen_len=16, long_prompt=60)
     out = capsys.readouterr().out
     assert "OK: float32 on cpu" in out and "[16, 16, 16] of 16" in out
+    assert "sampling follows each call's settings: True" in out
+
+
+def test_check_catches_sampling_that_ignores_its_settings(monkeypatch, one_thread):
+    import check_gpu
+    import llama.decode
+    import llama.generation
+    pick = llama.decode.pick
+    # A step that keeps the first sampling setting it saw, as a graph would if the
+    # settings were compiled into it.
+    first = []
+
+    def sticky_pick(logits, temperature, top_p):
+        if temperature > 0:
+            first.append((temperature, top_p))
+            temperature, top_p = first[0]
+        return pick(logits, temperature, top_p)
+
+    monkeypatch.setattr(llama.decode, "pick", sticky_pick)
+    monkeypatch.setattr(llama.generation, "pick", sticky_pick)
+    report = check_gpu.run(device="cpu", prompts=3, gen_len=16, long_prompt=60)
+    assert not report["ok"] and not report["sampling_follows_each_call"]
 
 
 def test_check_bfloat16_near_ties_and_a_real_mismatch(monkeypatch, one_thread):

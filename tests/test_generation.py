@@ -356,6 +356,35 @@ def test_compiled_steps_keep_their_own_inductor_settings(make_model):
         compile_step({"triton.enable_pdll": True})
 
 
+def test_one_compiled_step_serves_every_sampling_setting(make_model):
+    """Sampling settings given as tensors (as the CUDA graphs give them) are inputs of a
+    compiled step, not constants compiled into it: three settings, one compilation. Its
+    draws equal the eager step's with the settings as numbers (fallback_random: inductor
+    draws with eager's random generator)."""
+    import torch._dynamo
+    from llama.decode import compile_step, decode_step
+    folder, _, _ = make_model()
+    model = build(folder).model
+    whole = model.params.max_seq_len
+    tokens, positions = torch.arange(3, 7), torch.zeros(4, dtype=torch.long)
+    compiled = compile_step({"fallback_random": True})
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    drawn = []
+    with torch.inference_mode(False), torch.no_grad():
+        for temperature, top_p in ((0.8, 0.95), (3.0, 1.0), (0.3, 0.5)):
+            torch.manual_seed(3)
+            want = decode_step(model, tokens, positions, whole, temperature, top_p)
+            torch.manual_seed(3)
+            got = compiled(model, tokens, positions, whole, torch.tensor(temperature),
+                           torch.tensor(top_p))
+            assert got[0].tolist() == want[0].tolist()
+            assert got[1].tolist() == pytest.approx(want[1].tolist(), abs=1e-5)
+            drawn.append(want[0].tolist())
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert drawn[0] != drawn[1] != drawn[2]  # the settings matter: a baked-in one would fail
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_launching_ahead_changes_no_token(make_model, temperature):
     """configure(launch_ahead=True), the default on CUDA: from the second step on, each
