@@ -10,9 +10,9 @@ model on `--device` in `--dtype` (`checkpoint.load_into`). Then:
   model picked must be one of the float32 model's top 2 there.
 
 - sampled generation follows each call's temperature and top_p: sampling at one setting
-  and then, with the same seed, at another gives the tokens a fresh generator on the same
-  model gives at the second (on CUDA the first call captured the sampling graph, which
-  the second replays with its own settings), and not the first setting's.
+  and then, with the same seed, at another gives the tokens that new decode runners give
+  at the second (on CUDA the first call captured the sampling graph, which the second
+  replays with its own settings; the new runners capture anew), not the first's.
 
 Exit status 1 on a real mismatch. On CPU with float32 the two runs must agree exactly.
 
@@ -75,7 +75,7 @@ def run(device: str = "cuda", dtype: str = None, preset: str = "tiny", prompts: 
     gen = dict(max_gen_len=gen_len, temperature=0.0, stop_token=-1)
     ref_out, _ = ref.generate(prompt_tokens, **gen)
     test_out, _ = test.generate(prompt_tokens, **gen)
-    sampling_ok = sampling_follows_each_call(test, model, prompt_tokens, gen_len, seed)
+    sampling_ok = sampling_follows_each_call(test, prompt_tokens, gen_len, seed)
     rows, ok = [], logits_err <= limit and sampling_ok
     for prompt, a, b in zip(prompt_tokens, ref_out, test_out):
         agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -98,19 +98,27 @@ def run(device: str = "cuda", dtype: str = None, preset: str = "tiny", prompts: 
             "sampling_follows_each_call": sampling_ok, "prompts": rows}
 
 
-def sampling_follows_each_call(test: Llama, model, prompt_tokens, gen_len: int,
-                               seed: int) -> bool:
-    """Sampled tokens at a second setting after a first (same seed) equal a fresh
-    generator's at the second setting, and differ from the first setting's."""
-    def sample(gen, temperature, top_p):
+def sampling_follows_each_call(test: Llama, prompt_tokens, gen_len: int, seed: int) -> bool:
+    """Sampled tokens at a second setting after a first (same seed; on CUDA the second
+    replays the graph the first captured) equal those of new decode runners at the second
+    setting (which capture anew), and differ from the first setting's."""
+    def sample(temperature, top_p):
         torch.manual_seed(seed)
-        return gen.generate(prompt_tokens, max_gen_len=gen_len, temperature=temperature,
-                            top_p=top_p, stop_token=-1)[0]
+        return test.generate(prompt_tokens, max_gen_len=gen_len, temperature=temperature,
+                             top_p=top_p, stop_token=-1)[0]
 
-    first = sample(test, 0.8, 0.9)
-    second = sample(test, 1.5, 0.97)
-    fresh = sample(Llama(model, None), 1.5, 0.97)
+    renew_steps(test)
+    first = sample(0.8, 0.9)
+    second = sample(1.5, 0.97)
+    renew_steps(test)
+    fresh = sample(1.5, 0.97)
     return second == fresh and second != first
+
+
+def renew_steps(gen: Llama) -> None:
+    """New decode-step runners for `gen` (no captured graphs), with the same settings."""
+    graphs = gen.settings["cuda_graphs"]
+    gen.configure(cuda_graphs=not graphs).configure(cuda_graphs=graphs)
 
 
 def summary(report: dict) -> str:

@@ -127,6 +127,24 @@ def compile_step(settings: Optional[dict] = None):
     return torch.compile(decode_step, dynamic=False, options=options)
 
 
+def warm_up(step, device: torch.device, runs: int = 2) -> None:
+    """Run `step` before capturing it in a CUDA graph (kernel selection, workspaces,
+    compilation), on a side stream on CUDA, as capturing asks. Without moving the random
+    generators: the step's draws (sampling) would otherwise advance them, so that the same
+    seed gave other tokens when a call captured a graph than when it replayed one."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if device.type != "cuda":
+            for _ in range(runs):
+                step()
+            return
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(runs):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+
+
 class GraphedDecoder:
     """decode_step replayed from CUDA graphs captured on first use.
 
@@ -181,14 +199,8 @@ class GraphedDecoder:
                 fn = self.compiled
             step = lambda: fn(  # noqa: E731
                 self.model, static_tokens, static_positions, bucket, *sampling)
-            # Warm up on a side stream (kernel selection, workspaces, compilation) before
-            # capturing. The warm-up writes the same cache entries the real step writes.
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    step()
-            torch.cuda.current_stream().wait_stream(side)
+            # The warm-up writes the same cache entries the real step writes.
+            warm_up(step, tokens.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 outputs = step()
