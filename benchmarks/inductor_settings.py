@@ -73,11 +73,9 @@ def main(preset: str = "7b", variants=({},), context: int = 128, steps: int = 32
     if not variants or not all(isinstance(v, dict) for v in variants):
         raise ValueError(f"--variants must be a list of dicts of inductor settings, e.g. "
                          f"'[{{}}, {{\"triton.enable_pdl\": True}}]'; got {variants!r}")
-    # Every variant is one more compilation of decode_step. Past dynamo's limit of
-    # compilations per function, a call would quietly run the step uncompiled: fail
-    # instead, and allow as many as there are variants.
-    limit = max(torch._dynamo.config.recompile_limit, len(variants))
-    with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+    # Every variant is one more compilation of decode_step. Past the limit of compilations
+    # (decode.MAX_STEP_COMPILATIONS), a call would quietly run the step uncompiled: fail.
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         rows = compare(variants, preset, context, steps, rounds, replays, symmetric_memory,
                        device)
     if int(os.environ.get("RANK", 0)) == 0:

@@ -15,6 +15,7 @@ as the longest row, see kv_bucket) and masks the positions a row has not reached
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch._dynamo
 import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 
@@ -107,6 +108,9 @@ def kv_bucket(kv_len: int, max_seq_len: int) -> int:
     return min(bucket, max_seq_len)
 
 
+# Compilations of decode_step allowed in one process (dynamo's default is 8 per function).
+MAX_STEP_COMPILATIONS = 64
+
 # torch._inductor settings of compiled decode steps. Coordinate-descent tuning of the
 # generated kernels' launch settings (done in the first call of each kernel): +6% tokens/s
 # for 7B at batch 1. With it, inductor also turns batch-1 matrix products into its own
@@ -124,7 +128,18 @@ def compile_step(settings: Optional[dict] = None):
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(f"torch._inductor.config has no setting {', '.join(unknown)}")
-    return torch.compile(decode_step, dynamic=False, options=options)
+    compiled = torch.compile(decode_step, dynamic=False, options=options)
+
+    def step(*args):
+        # Every batch size, greedy or sampling (and bucket, without Triton) compiles
+        # decode_step once more. Past dynamo's default limit of 8 compilations per function
+        # the step would quietly run uncompiled; compile those too, as configure(compile=
+        # True) promises. (Graphs call this only while capturing: no cost per token.)
+        with torch._dynamo.config.patch(recompile_limit=max(
+                torch._dynamo.config.recompile_limit, MAX_STEP_COMPILATIONS)):
+            return compiled(*args)
+
+    return step
 
 
 def warm_up(step, device: torch.device, runs: int = 2) -> None:

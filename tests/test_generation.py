@@ -356,6 +356,27 @@ def test_compiled_steps_keep_their_own_inductor_settings(make_model):
         compile_step({"triton.enable_pdll": True})
 
 
+def test_compiled_steps_compile_past_dynamos_default_limit(make_model):
+    """Each batch size, greedy or sampling (and cache bucket) compiles decode_step once
+    more; dynamo's default of 8 per function would run the ninth uncompiled. Nine
+    different cache lengths: nine compilations, each equal to the eager step."""
+    import torch._dynamo
+    from llama.decode import compile_step, decode_step
+    folder, _, _ = make_model()
+    model = build(folder).model
+    tokens, positions = torch.tensor([5]), torch.tensor([0])
+    step = compile_step()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.inference_mode(False), torch.no_grad():
+        for kv_len in range(1, 10):
+            want = decode_step(model, tokens, positions, kv_len, 0.0, 1.0)
+            got = step(model, tokens, positions, kv_len, 0.0, 1.0)
+            assert got[1].tolist() == pytest.approx(want[1].tolist(), abs=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 9
+    assert torch._dynamo.config.recompile_limit == 8  # only while compiling steps
+
+
 def test_one_compiled_step_serves_every_sampling_setting(make_model):
     """Sampling settings given as tensors (as the CUDA graphs give them) are inputs of a
     compiled step, not constants compiled into it: three settings, one compilation. Its
