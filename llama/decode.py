@@ -12,7 +12,7 @@ it, each graph attends over a fixed number of cache positions (a bucket at least
 as the longest row, see kv_bucket) and masks the positions a row has not reached.
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch._dynamo
@@ -174,7 +174,7 @@ class GraphedDecoder:
         self.model = model
         # Attention reads each row's length from the device: graphs span the whole cache.
         self.whole_cache = kernels.available(model.rope.device, model.params.head_dim)
-        self.graphs: Dict[tuple, Tuple[torch.cuda.CUDAGraph, tuple, tuple]] = {}
+        self.graphs: Dict[tuple, Tuple[Callable[[], None], tuple, tuple]] = {}
         self.pool = torch.cuda.graph_pool_handle()  # one memory pool shared by all graphs
         self.compiled = compile_step(inductor) if compile else None
 
@@ -187,13 +187,13 @@ class GraphedDecoder:
         key = (tokens.shape[0], bucket, temperature > 0)
         if key not in self.graphs:
             self.graphs[key] = self.capture(tokens, positions, bucket, temperature, top_p)
-        graph, (static_tokens, static_positions, sampling), outputs = self.graphs[key]
+        replay, (static_tokens, static_positions, sampling), outputs = self.graphs[key]
         static_tokens.copy_(tokens)
         static_positions.copy_(positions)
         if temperature > 0:
             sampling[0].fill_(temperature)
             sampling[1].fill_(top_p)
-        graph.replay()
+        replay()
         return tuple(t.clone() for t in outputs)  # the next replay overwrites outputs
 
     def capture(self, tokens, positions, bucket, temperature, top_p):
@@ -216,7 +216,13 @@ class GraphedDecoder:
                 self.model, static_tokens, static_positions, bucket, *sampling)
             # The warm-up writes the same cache entries the real step writes.
             warm_up(step, tokens.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                outputs = step()
-        return graph, (static_tokens, static_positions, sampling), outputs
+            outputs, replay = self.record(step)
+        return replay, (static_tokens, static_positions, sampling), outputs
+
+    def record(self, step):
+        """(outputs, replay): `step` captured in a CUDA graph; each replay runs it again
+        on the static inputs and writes its outputs into the same tensors."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = step()
+        return outputs, graph.replay

@@ -272,6 +272,54 @@ class PaddedSteps:
         return decode_step(self.model, tokens, positions, bucket, temperature, top_p)
 
 
+class ReplayedSteps:
+    """decode.GraphedDecoder with its CUDA graph swapped for running the step again: each
+    replay runs it on the static inputs and copies the results into the first outputs, as
+    a graph replay writes them (recording draws no random numbers, as capturing does not).
+    The rest (keys, static inputs, sampling settings, warm-up) is the real class, here on
+    the CPU."""
+
+    @staticmethod
+    def make(model):
+        from llama.decode import GraphedDecoder
+
+        class Replayed(GraphedDecoder):
+            def record(self, step):
+                with torch.random.fork_rng(devices=[]):
+                    outputs = step()
+
+                def replay():
+                    for out, new in zip(outputs, step()):
+                        out.copy_(new)
+                return outputs, replay
+
+        return Replayed(model)
+
+
+def test_graphed_decoder_bookkeeping_on_cpu(make_model, monkeypatch):
+    """Greedy and sampled generation through GraphedDecoder's keys and static inputs give
+    the plain path's tokens; one captured sampling step serves two sampling settings; a
+    call that captures draws what a call that replays would (the same seed, the same
+    tokens)."""
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)  # no CUDA here
+    folder, _, _ = make_model()
+    plain, graphed = build(folder), build(folder)
+    graphed.graphed = ReplayedSteps.make(graphed.model)
+    prompts = [[1, 5, 9, 3], [1, 7], [1, 2, 3, 4, 5, 6]]
+
+    def run(gen, temperature, top_p):
+        torch.manual_seed(7)
+        return gen.generate(prompts, max_gen_len=10, temperature=temperature, top_p=top_p,
+                            logprobs=True, stop_token=-1)
+
+    for temperature, top_p in ((0.0, 1.0), (0.8, 0.9), (1.5, 0.97), (0.8, 0.9)):
+        want, got = run(plain, temperature, top_p), run(graphed, temperature, top_p)
+        assert got[0] == want[0]
+        for w, g in zip(want[1], got[1]):
+            assert g == pytest.approx(w, abs=1e-4)
+    assert sorted(key[2] for key in graphed.graphed.graphs) == [False, True]
+
+
 def test_kv_buckets():
     from llama.decode import kv_bucket
     assert [kv_bucket(n, 200_000) for n in (1, 512, 513, 5000, 16384)] == [
