@@ -160,6 +160,19 @@ def warm_up(step, device: torch.device, runs: int = 2) -> None:
         torch.cuda.current_stream(device).wait_stream(side)
 
 
+def batch_bucket(rows: int, max_batch_size: int) -> int:
+    """Rows a graphed step runs for a batch of `rows`: the next power of two, at most
+    max_batch_size. The padding costs little in a step that mostly reads weights, and
+    batches of 5 to 8 prompts share one graph and one compilation (minutes for 13B):
+    at most log2(max_batch_size) + 2 per kind of step instead of one per batch size.
+    The padding rows draw random numbers too, so a padded batch samples other tokens than
+    an eager run with the same seed (as reproducibly)."""
+    bucket = 1
+    while bucket < rows:
+        bucket *= 2
+    return min(bucket, max_batch_size)
+
+
 class GraphedDecoder:
     """decode_step replayed from CUDA graphs captured on first use.
 
@@ -167,8 +180,8 @@ class GraphedDecoder:
     small kernels per layer of RMSNorm, RoPE and the cache update into a few), and the
     compiled kernels are what the graph captures; `inductor` updates COMPILE_SETTINGS for
     them. Compiling takes about a minute for 7B and up to three for 13B (on an H200
-    machine) per batch size the first time (per bucket up to MAX_COMPILED_BUCKET without
-    Triton)."""
+    machine) per batch bucket (batch_bucket) the first time, for greedy and for sampled
+    steps (per cache bucket up to MAX_COMPILED_BUCKET without Triton)."""
 
     def __init__(self, model, compile: bool = False, inductor: Optional[dict] = None):
         self.model = model
@@ -184,17 +197,26 @@ class GraphedDecoder:
     def __call__(self, tokens, positions, kv_len: int, temperature: float, top_p: float):
         max_seq_len = self.model.params.max_seq_len
         bucket = max_seq_len if self.whole_cache else kv_bucket(kv_len, max_seq_len)
-        key = (tokens.shape[0], bucket, temperature > 0)
+        n = tokens.shape[0]
+        rows = batch_bucket(n, self.model.params.max_batch_size)
+        key = (rows, bucket, temperature > 0)
         if key not in self.graphs:
-            self.graphs[key] = self.capture(tokens, positions, bucket, temperature, top_p)
+            padding = rows - n
+            self.graphs[key] = self.capture(F.pad(tokens, (0, padding)),
+                                            F.pad(positions, (0, padding)), bucket,
+                                            temperature, top_p)
         replay, (static_tokens, static_positions, sampling), outputs = self.graphs[key]
-        static_tokens.copy_(tokens)
-        static_positions.copy_(positions)
+        static_tokens[:n].copy_(tokens)
+        static_positions[:n].copy_(positions)
+        # Padding rows decode at position 0 of cache rows that this batch does not use (a
+        # generation's rows are the cache's first rows): one key to attend to, whatever an
+        # earlier, larger batch left in them.
+        static_positions[n:].zero_()
         if temperature > 0:
             sampling[0].fill_(temperature)
             sampling[1].fill_(top_p)
         replay()
-        return tuple(t.clone() for t in outputs)  # the next replay overwrites outputs
+        return tuple(t[:n].clone() for t in outputs)  # the next replay overwrites outputs
 
     def capture(self, tokens, positions, bucket, temperature, top_p):
         # Traced and captured under no_grad rather than inference_mode, which inductor

@@ -297,27 +297,37 @@ class ReplayedSteps:
 
 
 def test_graphed_decoder_bookkeeping_on_cpu(make_model, monkeypatch):
-    """Greedy and sampled generation through GraphedDecoder's keys and static inputs give
-    the plain path's tokens; one captured sampling step serves two sampling settings; a
-    call that captures draws what a call that replays would (the same seed, the same
-    tokens)."""
+    """Greedy and sampled generation through GraphedDecoder's keys, static inputs and
+    padded batches give the plain path's tokens; one captured sampling step serves two
+    sampling settings; batches of 3 and 4 prompts share one graph; a call that captures
+    draws what a call that replays would (the same seed, the same tokens). (A padded
+    batch samples other tokens than the plain path: its padding rows draw random numbers
+    too; so sampling is compared on batches that need no padding.)"""
+    from llama.decode import batch_bucket
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)  # no CUDA here
     folder, _, _ = make_model()
-    plain, graphed = build(folder), build(folder)
+    plain, graphed = build(folder), build(folder)  # max_batch_size 4
     graphed.graphed = ReplayedSteps.make(graphed.model)
-    prompts = [[1, 5, 9, 3], [1, 7], [1, 2, 3, 4, 5, 6]]
+    prompts = [[1, 5, 9, 3], [1, 7], [1, 2, 3, 4, 5, 6], [1, 8, 8]]
 
-    def run(gen, temperature, top_p):
+    def run(gen, batch, temperature, top_p):
         torch.manual_seed(7)
-        return gen.generate(prompts, max_gen_len=10, temperature=temperature, top_p=top_p,
-                            logprobs=True, stop_token=-1)
+        return gen.generate(prompts[:batch], max_gen_len=10, temperature=temperature,
+                            top_p=top_p, logprobs=True, stop_token=-1)
 
-    for temperature, top_p in ((0.0, 1.0), (0.8, 0.9), (1.5, 0.97), (0.8, 0.9)):
-        want, got = run(plain, temperature, top_p), run(graphed, temperature, top_p)
+    for batch, temperature, top_p in ((3, 0.0, 1.0), (4, 0.0, 1.0), (4, 0.8, 0.9),
+                                      (4, 1.5, 0.97), (2, 0.8, 0.9), (2, 0.0, 1.0),
+                                      (3, 0.0, 1.0)):
+        want = run(plain, batch, temperature, top_p)
+        got = run(graphed, batch, temperature, top_p)
         assert got[0] == want[0]
         for w, g in zip(want[1], got[1]):
             assert g == pytest.approx(w, abs=1e-4)
-    assert sorted(key[2] for key in graphed.graphed.graphs) == [False, True]
+    assert sorted((rows, sampling) for rows, _, sampling in graphed.graphed.graphs) == [
+        (2, False), (2, True), (4, False), (4, True)]
+    assert [batch_bucket(n, 32) for n in (1, 2, 3, 5, 8, 9, 17, 32)] == [
+        1, 2, 4, 8, 8, 16, 32, 32]
+    assert batch_bucket(5, 6) == 6 and batch_bucket(3, 3) == 3
 
 
 def test_kv_buckets():
