@@ -57,7 +57,10 @@ def run(device: str = "cuda", dtype: str = None, preset: str = "tiny", prompts: 
     # Short prompts of random lengths and a long one whose decode crosses 256 cached
     # positions (where a bucketed CUDA-graph decode switches to a longer bucket).
     lens = [int(n) for n in torch.randint(3, 40, (prompts - 1,), generator=g)] + [long_prompt]
-    kw = dict(max_seq_len=max(max(lens) + gen_len, 64), max_batch_size=prompts, seed=seed)
+    # Room for more rows than prompts: CUDA graphs run the batch padded to a power of two
+    # (6 prompts as 8 rows), which the check should go through.
+    kw = dict(max_seq_len=max(max(lens) + gen_len, 64), max_batch_size=prompts + 2,
+              seed=seed)
     ref = Llama.from_preset(preset, device="cpu", dtype=torch.float32, **kw, **shapes)
     # Load before wrapping in Llama, as Llama.build does: on CUDA the wrapper fuses the
     # projections from the weights the model holds at that moment.

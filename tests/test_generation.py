@@ -325,6 +325,11 @@ def test_graphed_decoder_bookkeeping_on_cpu(make_model, monkeypatch):
             assert g == pytest.approx(w, abs=1e-4)
     assert sorted((rows, sampling) for rows, _, sampling in graphed.graphed.graphs) == [
         (2, False), (2, True), (4, False), (4, True)]
+    # The last batch (3 rows, after one of 4) left its padding row at position 0.
+    (static_tokens, static_positions, _), = [
+        inputs for (rows, _, sampling), (_, inputs, _) in graphed.graphed.graphs.items()
+        if rows == 4 and not sampling]
+    assert static_positions[3].item() == 0 and static_positions[:3].min().item() > 0
     assert [batch_bucket(n, 32) for n in (1, 2, 3, 5, 8, 9, 17, 32)] == [
         1, 2, 4, 8, 8, 16, 32, 32]
     assert batch_bucket(5, 6) == 6 and batch_bucket(3, 3) == 3
