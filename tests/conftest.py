@@ -140,6 +140,39 @@ def build(folder, max_seq_len=64, max_batch_size=4, **kw):
                        device="cpu", **kw)
 
 
+def replayed_decoder(model, baked: bool = False):
+    """decode.GraphedDecoder on the CPU, with only its CUDA graph swapped for running the
+    step again: each replay runs it on the static inputs and copies the results into the
+    first outputs, as a graph replay writes them (recording draws no random numbers, as
+    capturing does not). Keys, static inputs, padding, sampling settings and warm-up are
+    the real class's. `baked`: sampling steps keep the settings of the first sampling
+    call, as a graph with the settings compiled in would (a bug for checks to catch)."""
+    from unittest import mock
+
+    from llama.decode import GraphedDecoder
+
+    class Replayed(GraphedDecoder):
+        first_sampling = None
+
+        def record(self, step):
+            with torch.random.fork_rng(devices=[]):
+                outputs = step()
+
+            def replay():
+                for out, new in zip(outputs, step()):
+                    out.copy_(new)
+            return outputs, replay
+
+        def __call__(self, tokens, positions, kv_len, temperature, top_p):
+            if baked and temperature > 0:
+                self.first_sampling = self.first_sampling or (temperature, top_p)
+                temperature, top_p = self.first_sampling
+            return super().__call__(tokens, positions, kv_len, temperature, top_p)
+
+    with mock.patch.object(torch.cuda, "graph_pool_handle", lambda: None):  # no CUDA here
+        return Replayed(model)
+
+
 def hf_model(args: ModelArgs, state: dict):
     """Hugging Face's LlamaForCausalLM with the same weights (float32, eager attention)."""
     from transformers import LlamaConfig, LlamaForCausalLM

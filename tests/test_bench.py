@@ -152,40 +152,16 @@ def test_check_main_float32_agrees_exactly(capsys, one_thread):
     assert "sampling follows each call's settings: True" in out
 
 
-class CapturedSteps:
-    """Stands in for decode.GraphedDecoder on the CPU: the first call of each (batch size,
-    greedy or sampling) warms up the way it does (decode.warm_up, whose runs draw random
-    numbers when sampling) before its step; `baked` keeps that first call's sampling
-    settings for later calls, as a graph with the settings compiled in would."""
-
-    def __init__(self, model, baked: bool):
-        self.model, self.baked, self.captured = model, baked, {}
-
-    def usable(self, kv_len):
-        return True
-
-    def __call__(self, tokens, positions, kv_len, temperature, top_p):
-        from llama.decode import decode_step, warm_up
-        whole = self.model.params.max_seq_len
-        key = (tokens.shape[0], temperature > 0)
-        if key not in self.captured:
-            warm_up(lambda: decode_step(self.model, tokens, positions, whole, temperature,
-                                        top_p), tokens.device)
-            self.captured[key] = (temperature, top_p)
-        if self.baked:
-            temperature, top_p = self.captured[key]
-        return decode_step(self.model, tokens, positions, whole, temperature, top_p)
-
-
 @pytest.mark.parametrize("baked", [False, True])
 def test_check_sees_whether_captured_steps_follow_each_calls_sampling(monkeypatch, baked,
                                                                       one_thread):
-    """With steps that capture per key and warm up (drawing random numbers) like the CUDA
-    graphs, the check passes when each call's settings are used, and fails when the first
-    captured settings stick."""
+    """Through GraphedDecoder (its graph swapped for re-running the step on the CPU), the
+    check passes when each call's settings are used, and fails when the first sampling
+    settings stick."""
     import check_gpu
+    from conftest import replayed_decoder
     monkeypatch.setattr(check_gpu, "renew_steps",
-                        lambda gen: setattr(gen, "graphed", CapturedSteps(gen.model, baked)))
+                        lambda gen: setattr(gen, "graphed", replayed_decoder(gen.model, baked)))
     report = check_gpu.run(device="cpu", prompts=3, gen_len=16, long_prompt=60)
     assert report["sampling_follows_each_call"] is not baked
     assert report["ok"] is not baked

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build, hf_model
+from conftest import build, hf_model, replayed_decoder
 from llama import Llama
 
 
@@ -272,31 +272,7 @@ class PaddedSteps:
         return decode_step(self.model, tokens, positions, bucket, temperature, top_p)
 
 
-class ReplayedSteps:
-    """decode.GraphedDecoder with its CUDA graph swapped for running the step again: each
-    replay runs it on the static inputs and copies the results into the first outputs, as
-    a graph replay writes them (recording draws no random numbers, as capturing does not).
-    The rest (keys, static inputs, sampling settings, warm-up) is the real class, here on
-    the CPU."""
-
-    @staticmethod
-    def make(model):
-        from llama.decode import GraphedDecoder
-
-        class Replayed(GraphedDecoder):
-            def record(self, step):
-                with torch.random.fork_rng(devices=[]):
-                    outputs = step()
-
-                def replay():
-                    for out, new in zip(outputs, step()):
-                        out.copy_(new)
-                return outputs, replay
-
-        return Replayed(model)
-
-
-def test_graphed_decoder_bookkeeping_on_cpu(make_model, monkeypatch):
+def test_graphed_decoder_bookkeeping_on_cpu(make_model):
     """Greedy and sampled generation through GraphedDecoder's keys, static inputs and
     padded batches give the plain path's tokens; one captured sampling step serves two
     sampling settings; batches of 3 and 4 prompts share one graph; a call that captures
@@ -304,10 +280,9 @@ def test_graphed_decoder_bookkeeping_on_cpu(make_model, monkeypatch):
     batch samples other tokens than the plain path: its padding rows draw random numbers
     too; so sampling is compared on batches that need no padding.)"""
     from llama.decode import batch_bucket
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)  # no CUDA here
     folder, _, _ = make_model()
     plain, graphed = build(folder), build(folder)  # max_batch_size 4
-    graphed.graphed = ReplayedSteps.make(graphed.model)
+    graphed.graphed = replayed_decoder(graphed.model)
     prompts = [[1, 5, 9, 3], [1, 7], [1, 2, 3, 4, 5, 6], [1, 8, 8]]
 
     def run(gen, batch, temperature, top_p):
