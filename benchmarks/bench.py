@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llama import Llama  # noqa: E402
 from llama.checkpoint import hf_config  # noqa: E402
-from llama.decode import COMPILE_SETTINGS  # noqa: E402
+from llama.decode import COMPILE_SETTINGS, check_inductor_settings  # noqa: E402
 
 GiB = 2**30
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
@@ -259,9 +259,7 @@ def main(preset: str = "7b", ckpt_dir: str = None, device: str = None, dtype: st
     which decode steps always use (benchmarks/inductor_settings.py varies those too)."""
     if inductor:
         import torch._inductor.config as inductor_config
-        unknown = sorted(set(inductor) - set(inductor_config.get_config_copy()))
-        if unknown:
-            raise ValueError(f"torch._inductor.config has no setting {', '.join(unknown)}")
+        check_inductor_settings(inductor)
         fixed = sorted(set(inductor) & set(COMPILE_SETTINGS))
         if fixed:
             raise ValueError(f"--inductor cannot change {', '.join(fixed)}: decode steps "

@@ -118,16 +118,20 @@ MAX_STEP_COMPILATIONS = 64
 COMPILE_SETTINGS = {"coordinate_descent_tuning": True}
 
 
+def check_inductor_settings(settings: dict) -> None:
+    """Refuse names that torch._inductor.config does not have (dotted, as it lists them)."""
+    unknown = sorted(set(settings) - set(inductor_config.get_config_copy()))
+    if unknown:
+        raise ValueError(f"torch._inductor.config has no setting {', '.join(unknown)}")
+
+
 def compile_step(settings: Optional[dict] = None):
     """decode_step compiled by torch.compile with COMPILE_SETTINGS updated by `settings`
     (torch._inductor.config names, e.g. {"triton.enable_pdl": True}). The settings go with
     this compiled function: another call of compile_step with other settings compiles
     decode_step anew instead of reusing this one's code."""
     options = {**COMPILE_SETTINGS, **(settings or {})}
-    known = inductor_config.get_config_copy()
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ValueError(f"torch._inductor.config has no setting {', '.join(unknown)}")
+    check_inductor_settings(options)
     compiled = torch.compile(decode_step, dynamic=False, options=options)
 
     def step(*args):
@@ -211,7 +215,8 @@ class GraphedDecoder:
         # Padding rows decode at position 0 of cache rows that this batch does not use (a
         # generation's rows are the cache's first rows): one key to attend to, whatever an
         # earlier, larger batch left in them.
-        static_positions[n:].zero_()
+        if n < rows:
+            static_positions[n:].zero_()
         if temperature > 0:
             sampling[0].fill_(temperature)
             sampling[1].fill_(top_p)

@@ -224,9 +224,10 @@ class Llama:
         compile: compile decode steps with torch.compile before capturing them (fastest;
         compilation on first use of each batch size rounded up to a power of two, greedy
         or sampled (one for any temperature and top_p), takes about a minute for 7B and
-        three for 13B on an H200 machine), and compile the prefill forward pass of each prompt's first chunk, on
-        any device, with dynamic shapes (one compilation serves every prompt length; a
-        16k-token 7B prefill takes 470 ms instead of 610 on an H200).
+        three for 13B on an H200 machine), and compile the prefill forward pass of each
+        prompt's first chunk, on any device, with dynamic shapes (one compilation serves
+        every prompt length; a 16k-token 7B prefill takes 470 ms instead of 610 on an
+        H200).
         prefill_chunk: prompt positions per forward pass (default 16384); larger chunks
         prefill long prompts faster and need more activation memory (a 100k-token prompt
         on 7B: 7.4 s in one pass, 10.8 s in 8k chunks, on an H200).
