@@ -244,6 +244,22 @@ def hf_decode_once(model, clock: Clock, prompts, gen_len: int, static: bool):
 
 # ---- the scenarios ------------------------------------------------------------------------
 
+def use_inductor_settings(settings: dict = None) -> None:
+    """Set torch._inductor.config `settings` (dotted names) for everything this process
+    compiles from now on; not those of decode.COMPILE_SETTINGS, which decode steps always
+    use (benchmarks/inductor_settings.py varies those too)."""
+    if not settings:
+        return
+    import torch._inductor.config as inductor_config
+    check_inductor_settings(settings)
+    fixed = sorted(set(settings) & set(COMPILE_SETTINGS))
+    if fixed:
+        raise ValueError(f"--inductor cannot change {', '.join(fixed)}: decode steps "
+                         f"always compile with {COMPILE_SETTINGS}; compare such "
+                         f"settings with benchmarks/inductor_settings.py")
+    inductor_config.load_config(dict(settings))
+
+
 def main(preset: str = "7b", ckpt_dir: str = None, device: str = None, dtype: str = None,
          prefill_lens="512,4096,16384", batch_sizes="1,32", prompt_len: int = 16,
          gen_len: int = 256, ragged: bool = False, long: bool = False,
@@ -257,15 +273,7 @@ def main(preset: str = "7b", ckpt_dir: str = None, device: str = None, dtype: st
     inductor: torch._inductor.config settings for everything compiled in this process,
     e.g. --inductor '{"triton.enable_pdl": True}'; not those of decode.COMPILE_SETTINGS,
     which decode steps always use (benchmarks/inductor_settings.py varies those too)."""
-    if inductor:
-        import torch._inductor.config as inductor_config
-        check_inductor_settings(inductor)
-        fixed = sorted(set(inductor) & set(COMPILE_SETTINGS))
-        if fixed:
-            raise ValueError(f"--inductor cannot change {', '.join(fixed)}: decode steps "
-                             f"always compile with {COMPILE_SETTINGS}; compare such "
-                             f"settings with benchmarks/inductor_settings.py")
-        inductor_config.load_config(dict(inductor))
+    use_inductor_settings(inductor)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

@@ -5,6 +5,8 @@ logits.
     python benchmarks/check_mp.py write --out_dir /tmp/ck13 --preset 13b --n_layers 8 --shards 2
     python benchmarks/check_mp.py run --ckpt_dir /tmp/ck13 --out mp1.json
     torchrun --nproc_per_node 2 benchmarks/check_mp.py run --ckpt_dir /tmp/ck13 --out mp2.json
+    (both runs may add e.g. --dtype float32 --configure '{"compile": True}'
+     --inductor '{"triton.enable_pdl": True}')
     python benchmarks/check_mp.py compare mp1.json mp2.json
 
 Real widths with fewer layers keep the files small. The tokenizer is Meta's Llama 2 one
@@ -22,7 +24,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench import use_inductor_settings  # noqa: E402
 from llama import Llama  # noqa: E402
 from llama.checkpoint import split_dim  # noqa: E402
 from llama.convert import check_split, new_out_dir  # noqa: E402
@@ -55,12 +59,15 @@ def write(out_dir: str, preset: str = "13b", n_layers: int = 8, shards: int = 2,
 
 
 def run(ckpt_dir: str, out: str, gen_len: int = 32, dtype: str = None,
-        configure: dict = None):
+        configure: dict = None, inductor: dict = None):
     """Greedy tokens and last-position logits of PROMPTS at the launched world size.
     dtype: e.g. float32 (default: the library's, bf16 on CUDA). Random weights give flat
     next-token distributions full of near-ties, which bf16 rounding flips; in float32 the
     only difference between world sizes is the order of the sums.
-    configure: keyword arguments for `Llama.configure`, e.g. '{"compile": True}'."""
+    configure: keyword arguments for `Llama.configure`, e.g. '{"compile": True}'.
+    inductor: torch._inductor.config settings for what is compiled, as bench.py --inductor
+    takes them, e.g. '{"triton.enable_pdl": True}'."""
+    use_inductor_settings(inductor)
     gen = Llama.build(ckpt_dir, max_seq_len=128, max_batch_size=len(PROMPTS),
                       dtype=getattr(torch, dtype) if dtype else None)
     if configure:

@@ -14,8 +14,15 @@ updated by its own and, on CUDA, captures it in a CUDA graph as generation does.
   (the order reversed every other round), `--rounds` times, `--replays` steps each; prints
   ms per step per round and the medians.
 
+`--rank_of N` builds, in one process on one GPU, the layers that one rank of MP=N holds (its
+heads, its share of the feed-forward width and of the output rows): the step's kernels at
+MP=N widths without the exchange between ranks. It compares settings for MP=N when only one
+GPU is at hand, and the difference to a real MP=N run is what the exchange costs.
+
     torchrun --nproc_per_node 2 benchmarks/inductor_settings.py --preset 13b \\
         --symmetric_memory True --variants '[{}, {"triton.enable_pdl": True}]'
+    python benchmarks/inductor_settings.py --preset 13b --rank_of 2 \\
+        --variants '[{}, {"triton.enable_pdl": True}]'
     python benchmarks/inductor_settings.py --preset tiny --device cpu \\
         --variants '[{}, {"coordinate_descent_tuning": False}]' --rounds 1
 """
@@ -25,12 +32,15 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import fire
 import torch
 import torch._dynamo
+from fairscale.nn.model_parallel import layers as fairscale_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import llama.model  # noqa: E402
 from llama import Llama  # noqa: E402
 from llama.decode import GraphedDecoder, compile_step  # noqa: E402
 
@@ -45,6 +55,29 @@ def step_runner(gen: Llama, settings: dict):
         return lambda tokens, positions: decoder(tokens, positions, whole, 0.0, 1.0)
     compiled = compile_step(settings)
     return lambda tokens, positions: compiled(gen.model, tokens, positions, whole, 0.0, 1.0)
+
+
+def one_rank_of(world: int, preset: str, **kwargs) -> Llama:
+    """Llama.from_preset(preset, **kwargs) in this process alone, with the shapes one rank of
+    MP=`world` holds: the layers are built as if `world` processes shared the model, while
+    the process group (one process) makes the sum over ranks and the gathers identities.
+    The input embedding is made whole (random, as from_preset makes it), as a rank has it
+    after its gather; the logits cover this rank's share of the vocabulary."""
+    if world > 1 and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ValueError("--rank_of builds one rank's share in a single process; run it "
+                         "with python, not torchrun")
+    if world == 1:
+        return Llama.from_preset(preset, **kwargs)
+    as_if = lambda: world  # noqa: E731
+    with mock.patch.object(llama.model, "get_model_parallel_world_size", as_if), \
+            mock.patch.object(fairscale_layers, "get_model_parallel_world_size", as_if):
+        gen = Llama.from_preset(preset, **kwargs)
+    table = gen.model.tok_embeddings.weight
+    g = torch.Generator(device=table.device).manual_seed(world)  # the same for every copy
+    whole = torch.randn(table.shape[0], table.shape[1] * world, generator=g,
+                        device=table.device, dtype=table.dtype)
+    gen.model.tok_embeddings = torch.nn.Embedding.from_pretrained(whole)
+    return gen
 
 
 def greedy_tokens(run, steps: int, device) -> list:
@@ -65,22 +98,28 @@ def agreeing_steps(tokens: list, reference: list) -> int:
 
 def main(preset: str = "7b", variants=({},), context: int = 128, steps: int = 32,
          rounds: int = 3, replays: int = 100, symmetric_memory: bool = False,
-         device: str = None):
+         device: str = None, rank_of: int = 1, copies: int = 1):
     """variants: a list of dicts of torch._inductor.config settings ({} is the library's
     own). Returns one dict per variant: its settings, the steps whose tokens agree with the
-    first variant's before the first difference, and ms per step in each round."""
+    first variant's before the first difference, and ms per step in each round.
+    rank_of: N > 1 times one rank's share of MP=N in this single process (see one_rank_of).
+    copies: models built one after another with the same weights (each in memory of its
+    own), every variant timed on each: the same kernels on other memory."""
     variants = list(variants)
     if not variants or not all(isinstance(v, dict) for v in variants):
         raise ValueError(f"--variants must be a list of dicts of inductor settings, e.g. "
                          f"'[{{}}, {{\"triton.enable_pdl\": True}}]'; got {variants!r}")
+    if copies < 1:
+        raise ValueError(f"--copies must be at least 1, got {copies}")
     # Every variant is one more compilation of decode_step. Past the limit of compilations
     # (decode.MAX_STEP_COMPILATIONS), a call would quietly run the step uncompiled: fail.
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         rows = compare(variants, preset, context, steps, rounds, replays, symmetric_memory,
-                       device)
+                       device, rank_of, copies)
     if int(os.environ.get("RANK", 0)) == 0:
         for row in rows:
-            print(f"{row['settings']}: {statistics.median(row['ms']):.3f} ms per step "
+            copy = f" (model copy {row['copy']})" if copies > 1 else ""
+            print(f"{row['settings']}{copy}: {statistics.median(row['ms']):.3f} ms per step "
                   f"(rounds {', '.join(f'{ms:.3f}' for ms in row['ms'])}); tokens agree "
                   f"with the first variant's for {row['agreeing_steps']} of {steps} steps",
                   flush=True)
@@ -88,20 +127,23 @@ def main(preset: str = "7b", variants=({},), context: int = 128, steps: int = 32
 
 
 def compare(variants, preset, context, steps, rounds, replays, symmetric_memory,
-            device) -> list:
+            device, rank_of, copies) -> list:
     """main's rows, measured within the dynamo limits main sets."""
-    gen = Llama.from_preset(preset, max_seq_len=max(context, steps) + 1, max_batch_size=1,
-                            device=device)
-    gen.configure(symmetric_memory=symmetric_memory)
-    device = gen.model.rope.device
+    gens = []
+    for _ in range(copies):  # the same seed: the same weights
+        gens.append(one_rank_of(rank_of, preset, max_seq_len=max(context, steps) + 1,
+                                max_batch_size=1, device=device))
+        gens[-1].configure(symmetric_memory=symmetric_memory)
+    device = gens[0].model.rope.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    runs = [step_runner(gen, settings) for settings in variants]
+    cases = [(copy, settings) for copy in range(copies) for settings in variants]
+    runs = [step_runner(gens[copy], settings) for copy, settings in cases]
     rows = []
     # no_grad rather than inference_mode, as the library compiles its steps (decode.py).
     with torch.no_grad():
         tokens = [greedy_tokens(run, steps, device) for run in runs]  # also compiles
-        for settings, chosen in zip(variants, tokens):
-            rows.append({"settings": settings, "ms": [],
+        for (copy, settings), chosen in zip(cases, tokens):
+            rows.append({"settings": settings, "copy": copy, "ms": [],
                          "agreeing_steps": agreeing_steps(chosen, tokens[0])})
         token = torch.ones(1, dtype=torch.long, device=device)
         position = torch.tensor([context - 1], device=device)

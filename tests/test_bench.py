@@ -298,3 +298,48 @@ def test_inductor_settings_compiles_each_variant_on_cpu(one_thread):
         assert r["agreeing_steps"] == 6 and len(r["ms"]) == 2 and all(map(positive, r["ms"]))
     with pytest.raises(ValueError, match="list of dicts"):
         inductor_settings.main(preset="tiny", variants=["triton.enable_pdl"], device="cpu")
+
+
+def test_one_rank_of_builds_one_ranks_share_in_one_process(one_thread, monkeypatch):
+    from inductor_settings import one_rank_of
+    import torch
+    gen = one_rank_of(2, "tiny", max_seq_len=16, max_batch_size=1, device="cpu")
+    args, layer = gen.model.params, gen.model.layers[0]
+    hidden = args.ffn_hidden_dim
+    # Half the heads, half the feed-forward width, half the output rows...
+    assert layer.attention.n_local_heads == args.n_heads // 2
+    assert tuple(layer.attention.wq.weight.shape) == (args.dim // 2, args.dim)
+    assert tuple(layer.attention.wo.weight.shape) == (args.dim, args.dim // 2)
+    assert tuple(layer.feed_forward.w1.weight.shape) == (hidden // 2, args.dim)
+    assert tuple(layer.feed_forward.w2.weight.shape) == (args.dim, hidden // 2)
+    assert layer.attention.cache.k.shape[1] == args.kv_heads // 2  # (batch, heads, ...)
+    # ...but the whole residual stream, as a rank has it after the embedding's gather.
+    assert tuple(gen.model.tok_embeddings.weight.shape) == (args.vocab_size, args.dim)
+    logits = gen.model.forward(torch.tensor([[1, 2, 3]]), 0)
+    assert logits.shape == (1, 3, args.vocab_size // 2) and logits.isfinite().all()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="not torchrun"):
+        one_rank_of(2, "tiny", max_seq_len=16, max_batch_size=1, device="cpu")
+
+
+def test_inductor_settings_times_each_variant_on_each_copy(one_thread):
+    import torch._dynamo
+    import inductor_settings
+    torch._dynamo.reset()
+    variants = [{}, {"coordinate_descent_tuning": False}]
+    rows = inductor_settings.main(preset="tiny", variants=variants, context=16, steps=6,
+                                  rounds=1, replays=2, device="cpu", rank_of=2, copies=2)
+    assert [(r["copy"], r["settings"]) for r in rows] == [
+        (0, variants[0]), (0, variants[1]), (1, variants[0]), (1, variants[1])]
+    # The copies hold the same weights (embedding included): the same tokens everywhere.
+    assert all(r["agreeing_steps"] == 6 and len(r["ms"]) == 1 for r in rows)
+    with pytest.raises(ValueError, match="at least 1"):
+        inductor_settings.main(preset="tiny", device="cpu", copies=0)
+
+
+def test_check_mp_takes_inductor_settings(tmp_path):
+    import check_mp
+    # Checked before anything is loaded (the checkpoint directory does not even exist).
+    with pytest.raises(ValueError, match="no setting no_such_setting"):
+        check_mp.run(ckpt_dir=str(tmp_path / "none"), out=str(tmp_path / "o.json"),
+                     inductor={"no_such_setting": 1})
