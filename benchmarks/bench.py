@@ -23,6 +23,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 import fire
 import torch
@@ -244,10 +245,11 @@ def hf_decode_once(model, clock: Clock, prompts, gen_len: int, static: bool):
 
 # ---- the scenarios ------------------------------------------------------------------------
 
-def use_inductor_settings(settings: dict = None) -> None:
+def use_inductor_settings(settings: Optional[dict] = None) -> None:
     """Set torch._inductor.config `settings` (dotted names) for everything this process
-    compiles from now on; not those of decode.COMPILE_SETTINGS, which decode steps always
-    use (benchmarks/inductor_settings.py varies those too)."""
+    compiles from now on (for good: the process's global config); not those of
+    decode.COMPILE_SETTINGS, which decode steps always use (benchmarks/inductor_settings.py
+    varies those too)."""
     if not settings:
         return
     import torch._inductor.config as inductor_config

@@ -60,7 +60,9 @@ def write(out_dir: str, preset: str = "13b", n_layers: int = 8, shards: int = 2,
 
 def run(ckpt_dir: str, out: str, gen_len: int = 32, dtype: str = None,
         configure: dict = None, inductor: dict = None):
-    """Greedy tokens and last-position logits of PROMPTS at the launched world size.
+    """Greedy tokens and last-position logits of PROMPTS at the launched world size. The
+    tokens come from generation (decode steps as `configure` makes them: compiled, fused
+    sums...), the logits from one plain forward pass over the whole prompts.
     dtype: e.g. float32 (default: the library's, bf16 on CUDA). Random weights give flat
     next-token distributions full of near-ties, which bf16 rounding flips; in float32 the
     only difference between world sizes is the order of the sums.
@@ -81,6 +83,7 @@ def run(ckpt_dir: str, out: str, gen_len: int = 32, dtype: str = None,
     if torch.distributed.get_rank() == 0:
         Path(out).write_text(json.dumps({
             "world": torch.distributed.get_world_size(), "dtype": str(next(gen.model.parameters()).dtype),
+            "configure": configure, "inductor": inductor,
             "tokens": [r["tokens"] for r in results],
             "logits": last.tolist()}))
         print(f"wrote {out}")
@@ -96,6 +99,9 @@ def compare(a: str, b: str):
         n = next((i for i, (p, q) in enumerate(zip(ta, tb)) if p != q), min(len(ta), len(tb)))
         agree.append(n)
     same_top1 = (la.argmax(-1) == lb.argmax(-1)).all().item()
+    for run in (x, y):
+        print(f"MP={run['world']}: {run.get('dtype')}, configure {run.get('configure')}, "
+              f"inductor {run.get('inductor')}")
     print(f"MP={x['world']} vs MP={y['world']} ({x.get('dtype')}, {y.get('dtype')}): "
           f"all greedy tokens equal {x['tokens'] == y['tokens']}; logits rel. diff {rel:.2e}, same top-1 "
           f"{same_top1}, greedy tokens agreeing before the first difference {agree} of "

@@ -17,7 +17,8 @@ updated by its own and, on CUDA, captures it in a CUDA graph as generation does.
 `--rank_of N` builds, in one process on one GPU, the layers that one rank of MP=N holds (its
 heads, its share of the feed-forward width and of the output rows): the step's kernels at
 MP=N widths without the exchange between ranks. It compares settings for MP=N when only one
-GPU is at hand, and the difference to a real MP=N run is what the exchange costs.
+GPU is at hand; what the exchange costs is the difference to real MP=N runs on the same
+machine, over several processes (a process's tuning moves a step by a few percent).
 
     torchrun --nproc_per_node 2 benchmarks/inductor_settings.py --preset 13b \\
         --symmetric_memory True --variants '[{}, {"triton.enable_pdl": True}]'
@@ -41,7 +42,7 @@ from fairscale.nn.model_parallel import layers as fairscale_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama.model  # noqa: E402
-from llama import Llama  # noqa: E402
+from llama import Llama, distributed  # noqa: E402
 from llama.decode import GraphedDecoder, compile_step  # noqa: E402
 
 
@@ -59,18 +60,23 @@ def step_runner(gen: Llama, settings: dict):
 
 def one_rank_of(world: int, preset: str, **kwargs) -> Llama:
     """Llama.from_preset(preset, **kwargs) in this process alone, with the shapes one rank of
-    MP=`world` holds: the layers are built as if `world` processes shared the model, while
-    the process group (one process) makes the sum over ranks and the gathers identities.
-    The input embedding is made whole (random, as from_preset makes it), as a rank has it
-    after its gather; the logits cover this rank's share of the vocabulary."""
+    MP=`world` holds: the layers are built as if `world` processes shared the model (and
+    the memory check before allocating asks for one rank's share), while the process group
+    (one process) makes the sum over ranks and the gathers identities. The input embedding
+    is made whole (random, as from_preset makes it), as a rank has it after its gather; the
+    logits cover this rank's share of the vocabulary."""
+    if world < 1:
+        raise ValueError(f"--rank_of must be at least 1, got {world}")
     if world > 1 and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ValueError("--rank_of builds one rank's share in a single process; run it "
                          "with python, not torchrun")
     if world == 1:
         return Llama.from_preset(preset, **kwargs)
     as_if = lambda: world  # noqa: E731
+    # Every place that reads the world size while a model is built.
     with mock.patch.object(llama.model, "get_model_parallel_world_size", as_if), \
-            mock.patch.object(fairscale_layers, "get_model_parallel_world_size", as_if):
+            mock.patch.object(fairscale_layers, "get_model_parallel_world_size", as_if), \
+            mock.patch.object(distributed, "model_parallel_world_size", as_if):
         gen = Llama.from_preset(preset, **kwargs)
     table = gen.model.tok_embeddings.weight
     g = torch.Generator(device=table.device).manual_seed(world)  # the same for every copy
@@ -100,17 +106,22 @@ def main(preset: str = "7b", variants=({},), context: int = 128, steps: int = 32
          rounds: int = 3, replays: int = 100, symmetric_memory: bool = False,
          device: str = None, rank_of: int = 1, copies: int = 1):
     """variants: a list of dicts of torch._inductor.config settings ({} is the library's
-    own). Returns one dict per variant: its settings, the steps whose tokens agree with the
-    first variant's before the first difference, and ms per step in each round.
+    own). Returns one dict per variant and model copy: its settings, the copy, the steps
+    whose tokens agree with the first row's before the first difference, and ms per step
+    in each round.
     rank_of: N > 1 times one rank's share of MP=N in this single process (see one_rank_of).
     copies: models built one after another with the same weights (each in memory of its
-    own), every variant timed on each: the same kernels on other memory."""
+    own), every variant timed on each: the same kernels on other memory (as long as
+    inductor's caches are on, so that later copies take the first one's tuned kernels)."""
     variants = list(variants)
     if not variants or not all(isinstance(v, dict) for v in variants):
         raise ValueError(f"--variants must be a list of dicts of inductor settings, e.g. "
                          f"'[{{}}, {{\"triton.enable_pdl\": True}}]'; got {variants!r}")
     if copies < 1:
         raise ValueError(f"--copies must be at least 1, got {copies}")
+    if rank_of > 1 and symmetric_memory:
+        raise ValueError("--rank_of runs without any exchange between ranks, so it has no "
+                         "use for --symmetric_memory; leave one of them out")
     # Every variant is one more compilation of decode_step. Past the limit of compilations
     # (decode.MAX_STEP_COMPILATIONS), a call would quietly run the step uncompiled: fail.
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):

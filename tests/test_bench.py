@@ -300,41 +300,72 @@ def test_inductor_settings_compiles_each_variant_on_cpu(one_thread):
         inductor_settings.main(preset="tiny", variants=["triton.enable_pdl"], device="cpu")
 
 
-def test_one_rank_of_builds_one_ranks_share_in_one_process(one_thread, monkeypatch):
+@pytest.mark.parametrize("heads", [dict(), dict(n_heads=8, n_kv_heads=2, dim=128)])
+def test_one_rank_of_builds_one_ranks_share_in_one_process(one_thread, monkeypatch, heads):
     from inductor_settings import one_rank_of
     import torch
-    gen = one_rank_of(2, "tiny", max_seq_len=16, max_batch_size=1, device="cpu")
-    args, layer = gen.model.params, gen.model.layers[0]
-    hidden = args.ffn_hidden_dim
-    # Half the heads, half the feed-forward width, half the output rows...
-    assert layer.attention.n_local_heads == args.n_heads // 2
-    assert tuple(layer.attention.wq.weight.shape) == (args.dim // 2, args.dim)
-    assert tuple(layer.attention.wo.weight.shape) == (args.dim, args.dim // 2)
-    assert tuple(layer.feed_forward.w1.weight.shape) == (hidden // 2, args.dim)
-    assert tuple(layer.feed_forward.w2.weight.shape) == (args.dim, hidden // 2)
-    assert layer.attention.cache.k.shape[1] == args.kv_heads // 2  # (batch, heads, ...)
-    # ...but the whole residual stream, as a rank has it after the embedding's gather.
-    assert tuple(gen.model.tok_embeddings.weight.shape) == (args.vocab_size, args.dim)
+    from llama import Llama
+    from llama.checkpoint import split_dim, split_range
+    kw = dict(max_seq_len=16, max_batch_size=1, device="cpu", **heads)
+    gen, whole = one_rank_of(2, "tiny", **kw), Llama.from_preset("tiny", **kw)
+    shapes = {key: tuple(t.shape) for key, t in gen.model.state_dict().items()}
+    for key, full in whole.model.state_dict().items():
+        dim = split_dim(key)
+        if key == "tok_embeddings.weight" or dim is None:
+            # Whole, as a rank has its embedding after the gather; norms are replicated.
+            assert shapes[key] == tuple(full.shape), key
+        else:  # exactly rank 0's part of the whole layer, as a checkpoint shard has it
+            start, stop = split_range(full.shape[dim], 2, 0, key, dim)
+            part = list(full.shape)
+            part[dim] = stop - start
+            assert shapes[key] == tuple(part), key
+    args, attention = gen.model.params, gen.model.layers[0].attention
+    assert (attention.n_local_heads, attention.n_local_kv_heads) == (
+        args.n_heads // 2, args.kv_heads // 2)
+    assert attention.cache.k.shape[1] == args.kv_heads // 2  # (batch, heads, ...)
     logits = gen.model.forward(torch.tensor([[1, 2, 3]]), 0)
     assert logits.shape == (1, 3, args.vocab_size // 2) and logits.isfinite().all()
+    # The world size is patched only while the rank's share is built.
+    assert whole.model.layers[0].attention.n_local_heads == args.n_heads
+    again = Llama.from_preset("tiny", **kw).model.layers[0].attention
+    assert again.n_local_heads == args.n_heads
+    with pytest.raises(ValueError, match="at least 1"):
+        one_rank_of(0, "tiny", **kw)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="not torchrun"):
-        one_rank_of(2, "tiny", max_seq_len=16, max_batch_size=1, device="cpu")
+        one_rank_of(2, "tiny", **kw)
 
 
-def test_inductor_settings_times_each_variant_on_each_copy(one_thread):
+def test_inductor_settings_times_each_variant_on_each_copy(one_thread, monkeypatch):
     import torch._dynamo
     import inductor_settings
+    built, build = [], inductor_settings.one_rank_of
+
+    def recording(world, preset, **kwargs):
+        built.append(build(world, preset, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(inductor_settings, "one_rank_of", recording)
     torch._dynamo.reset()
     variants = [{}, {"coordinate_descent_tuning": False}]
     rows = inductor_settings.main(preset="tiny", variants=variants, context=16, steps=6,
                                   rounds=1, replays=2, device="cpu", rank_of=2, copies=2)
     assert [(r["copy"], r["settings"]) for r in rows] == [
         (0, variants[0]), (0, variants[1]), (1, variants[0]), (1, variants[1])]
-    # The copies hold the same weights (embedding included): the same tokens everywhere.
+    # Two models of one rank's share, each in its own memory...
+    assert len(built) == 2
+    assert all(g.model.layers[0].attention.n_local_heads == g.model.params.n_heads // 2
+               for g in built)
+    first, second = (g.model.layers[0].feed_forward.w2.weight for g in built)
+    assert first.data_ptr() != second.data_ptr()
+    # each of them decoded: its own cache was written
+    assert all(g.model.layers[0].attention.cache.k.abs().sum() > 0 for g in built)
+    # ...holding the same weights (embedding included): the same tokens everywhere.
     assert all(r["agreeing_steps"] == 6 and len(r["ms"]) == 1 for r in rows)
     with pytest.raises(ValueError, match="at least 1"):
         inductor_settings.main(preset="tiny", device="cpu", copies=0)
+    with pytest.raises(ValueError, match="no use for --symmetric_memory"):
+        inductor_settings.main(preset="tiny", device="cpu", rank_of=2, symmetric_memory=True)
 
 
 def test_check_mp_takes_inductor_settings(tmp_path):
