@@ -123,16 +123,13 @@ def main(preset: str = "13b", nproc: int = 2, rounds: int = 3, gen_len: int = 12
     for r in range(rounds):
         for world in ((1, nproc) if r % 2 == 0 else (nproc, 1)):
             state = gpu_state()
-            if world == 1:
-                gpu = (r + r // 2) % nproc if mp1_on_each_gpu else 0
-                speed = run_bench(1, common, mp1_configure, device, timeout, gpu)
-                log.append({"world": 1, "gpu": gpu, "tokens_per_s": speed,
-                            "gpus_before": state})
-                print(f"MP=1 on GPU {gpu}: {speed:.1f} tok/s", flush=True)
-            else:
-                speed = run_bench(world, common, mp_configure, device, timeout)
-                log.append({"world": world, "tokens_per_s": speed, "gpus_before": state})
-                print(f"MP={world}: {speed:.1f} tok/s", flush=True)
+            mp1 = world == 1
+            gpu = (r + r // 2) % nproc if mp1 and mp1_on_each_gpu else 0
+            speed = run_bench(world, common, mp1_configure if mp1 else mp_configure, device,
+                              timeout, gpu)
+            log.append({"world": world, "tokens_per_s": speed, "gpus_before": state,
+                        **({"gpu": gpu} if mp1 else {})})
+            print(f"MP={world}{f' on GPU {gpu}' if mp1 else ''}: {speed:.1f} tok/s", flush=True)
     summary = summarize([(run["world"], run["tokens_per_s"]) for run in log])
     by_gpu = {gpu: statistics.median(run["tokens_per_s"] for run in log
                                      if run["world"] == 1 and run["gpu"] == gpu)

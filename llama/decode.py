@@ -192,6 +192,9 @@ class GraphedDecoder:
         # Attention reads each row's length from the device: graphs span the whole cache.
         self.whole_cache = kernels.available(model.rope.device, model.params.head_dim)
         self.graphs: Dict[tuple, Tuple[Callable[[], None], tuple, tuple]] = {}
+        # Per graph, the batch size and sampling settings its inputs were last given: the
+        # padding rows and the settings are written only when they change, not every token.
+        self.last_call: Dict[tuple, tuple] = {}
         self.pool = torch.cuda.graph_pool_handle()  # one memory pool shared by all graphs
         self.compiled = compile_step(inductor) if compile else None
 
@@ -212,14 +215,16 @@ class GraphedDecoder:
         replay, (static_tokens, static_positions, sampling), outputs = self.graphs[key]
         static_tokens[:n].copy_(tokens)
         static_positions[:n].copy_(positions)
+        last_rows, *last_settings = self.last_call.get(key, (0, None, None))
         # Padding rows decode at position 0 of cache rows that this batch does not use (a
-        # generation's rows are the cache's first rows): one key to attend to, whatever an
-        # earlier, larger batch left in them.
-        if n < rows:
+        # generation's rows are the cache's first rows): one key to attend to. They are
+        # zero from the capture on, until a larger batch writes some of them.
+        if n < last_rows:
             static_positions[n:].zero_()
-        if temperature > 0:
+        if temperature > 0 and last_settings != [temperature, top_p]:
             sampling[0].fill_(temperature)
             sampling[1].fill_(top_p)
+        self.last_call[key] = (n, temperature, top_p)
         replay()
         return tuple(t[:n].clone() for t in outputs)  # the next replay overwrites outputs
 
