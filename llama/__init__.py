@@ -6,7 +6,7 @@ from .generation import (
     InfillingPrediction,
     Llama,
 )
-from .decode import sample_top_p
+from .sampling import sample_top_p
 from .model import ModelArgs, Transformer
 from .prompts import Dialog, Message, dialog_prompt_tokens, infilling_prompt_tokens
 from .tokenizer import Tokenizer

@@ -4,11 +4,10 @@ memory, for decoding at MP>1 on CUDA (`configure(symmetric_memory=True)`).
 
 A transformer layer ends its attention and its feed-forward block with a row-parallel
 product: every rank holds a partial sum of the output, the ranks add them up (an
-all-reduce), then add the residual and normalise for the next product. Decoding a batch
-of one, the partials are 10 KB (13B); what such an all-reduce costs is latency, and 13B
-has 80 of them per token. On two H200s an NCCL all-reduce plus the add and the norm took
-26 us per call, PyTorch's one-shot symmetric-memory all-reduce (two barriers) plus the
-add and the norm 21.5 us, this kernel 4.2 us (benchmarks/allreduce_check.py). It does:
+all-reduce), then add the residual and normalise for the next product. Decoding a small
+batch, the partials are a few kilobytes, so such an all-reduce costs latency, twice per
+layer; an NCCL all-reduce plus the add and the norm is several times slower than this
+kernel (docs/design.md has the measurements). The kernel:
 
 1. each rank writes its partial into every peer's buffer (symmetric memory: allocations
    that the GPUs of the group map into each other's address space; the writes go over
@@ -31,18 +30,18 @@ makes pairs (slot 0, slot 1), one per layer, also when a CUDA graph replays them
 exception inside a forward pass on one rank leaves its peers waiting (as it would in an
 NCCL all-reduce).
 
-Tried and measured slower (benchmarks/RESULTS.md): raising a flag after the data with a
-release atomic (4.8 us per call), pulling the peers' partials instead of pushing them
-(5.3 us), and extra programs that ask the L2 cache to fetch the start of the next weight
-matrix while the ranks wait (1.4 us more per call, and whole steps no faster).
+Measured slower and dropped (docs/design.md): a flag raised after the data with a
+release atomic, pulling the peers' partials instead of pushing them, and extra programs
+that prefetch the next weight matrix into L2 while the ranks wait.
 """
 
+import functools
 from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from .distributed import symmetric_memory_group
+from .distributed import all_reduce, symmetric_memory_group
 
 try:
     import triton
@@ -127,7 +126,7 @@ def _addresses(tensor: torch.Tensor, group) -> Tuple[torch.Tensor, int]:
 # next call, which keeps all of them, in the model's order (tests/kernels_worker.py counts
 # the epochs of a compiled pass). For the same reason the step must not be compiled with
 # mode="reduce-overhead", whose CUDA graphs would count epochs in a copy: the library
-# captures its own graphs (decode.py).
+# captures its own graphs (graphs.py).
 @torch.library.custom_op("llama::sum_add_norm", mutates_args=())
 def sum_add_norm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float, data_ptrs: torch.Tensor, epochs: torch.Tensor, rank: int,
@@ -234,9 +233,10 @@ if triton is not None:
 
 
 def enable(model) -> Optional[PeerBuffers]:
-    """Buffers for `model`'s decoding steps (max_batch_size rows), or None where the fused
-    path cannot run: MP=1, no CUDA or Triton, a PyTorch without symmetric memory, a
-    dtype other than 2 or 4 bytes, or a model width that is not a multiple of 16 bytes.
+    """Install the fused sums on `model` for its decoding steps (max_batch_size rows) and
+    return their buffers, or return None and leave the model as it is where the fused
+    path cannot run: MP=1, no CUDA or Triton, a PyTorch without symmetric memory, a dtype
+    other than 2 or 4 bytes, or a model width that is not a multiple of 16 bytes.
     Collective: every model-parallel rank must call it."""
     dtype = model.norm.weight.dtype
     if (triton is None or model.rope.device.type != "cuda"
@@ -245,5 +245,54 @@ def enable(model) -> Optional[PeerBuffers]:
     group = symmetric_memory_group()
     if group is None:
         return None
-    return PeerBuffers.allocate(group, model.params.max_batch_size, model.params.dim, dtype,
-                                model.rope.device)
+    peers = PeerBuffers.allocate(group, model.params.max_batch_size, model.params.dim, dtype,
+                                 model.rope.device)
+    install(model, peers)
+    return peers
+
+
+def install(model, peers: PeerBuffers) -> None:
+    """Make `model` end each attention and feed-forward block with sum_add_norm: its
+    row-parallel products (wo, w2) stop summing over the ranks, and its forward_hidden
+    becomes fused_forward_hidden. The model's own code and weights are unchanged."""
+    for layer in model.layers:
+        layer.attention.wo.reduce_output = False
+        layer.feed_forward.w2.reduce_output = False
+    model.forward_hidden = functools.partial(fused_forward_hidden, model, peers)
+
+
+def uninstall(model) -> None:
+    """Undo install: the model's plain forward_hidden and summing products again."""
+    for layer in model.layers:
+        layer.attention.wo.reduce_output = True
+        layer.feed_forward.w2.reduce_output = True
+    vars(model).pop("forward_hidden", None)
+
+
+def installed(model) -> bool:
+    return "forward_hidden" in vars(model)
+
+
+def fused_forward_hidden(model, peers: PeerBuffers, tokens, start_pos, kv_len=None):
+    """Transformer.forward_hidden with each block's sum over ranks fused with the residual
+    add and the norm that follows it: the next block's attention_norm, or the final norm.
+    So each block takes the residual stream and its normed copy, made by the block before.
+    A forward pass with more rows than the buffers hold (a prefill) sums through NCCL."""
+    inputs = model.step_inputs(tokens, start_pos, kv_len)
+    x = model.tok_embeddings(tokens)
+    normed = model.layers[0].attention_norm(x)
+    norms = [layer.attention_norm for layer in model.layers[1:]] + [model.norm]
+    for layer, next_norm in zip(model.layers, norms):
+        partial = layer.attention(normed, inputs)
+        h, normed = _add_summed(peers, partial, x, layer.ffn_norm, slot=0)
+        x, normed = _add_summed(peers, layer.feed_forward(normed), h, next_norm, slot=1)
+    return normed
+
+
+def _add_summed(peers: PeerBuffers, partial, residual, norm, slot: int):
+    """(h, norm(h)) where h = residual + partial summed over the ranks; `slot` alternates
+    between a layer's two calls (see the module docstring)."""
+    if peers.fits(partial, norm.weight):
+        return peers.sum_add_norm(partial, residual, norm.weight, norm.eps, slot)
+    h = residual + all_reduce(partial)
+    return h, norm(h)

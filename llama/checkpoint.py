@@ -623,15 +623,41 @@ def load_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: st
     pages it was read from are released.
     """
     check_state(model, state, source)
+    stack_fused(model, state)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     for key in progress(list(state), f"loading {source}", rank):
         part = state.pop(key)
-        tensor = part.load() if isinstance(part, Deferred) else part
+        lazy = isinstance(part, (Deferred, Stacked))
+        tensor = part.load() if lazy else part
         moved = tensor.to(device=device, dtype=dtype)
-        if moved is not tensor and isinstance(part, Deferred):
+        if moved is not tensor and lazy:
             part.release()
         assign(model, key, moved)
     trim_heap()
+
+
+class Stacked:
+    """The parts of a fused weight (tensors or Deferred), concatenated when loaded."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+
+    def load(self) -> torch.Tensor:
+        return torch.cat([p.load() if isinstance(p, Deferred) else p for p in self.parts])
+
+    def release(self) -> None:
+        for p in self.parts:
+            if isinstance(p, Deferred):
+                p.release()
+
+
+def stack_fused(model: torch.nn.Module, state: dict) -> None:
+    """Replace, in `state` (Meta's key names), the parts of each fused parameter of the
+    model (model.stack_meta_parts) with one Stacked entry under the fused name."""
+    for name, module in model.named_modules():
+        for fused, parts in getattr(module, "meta_parts", {}).items():
+            prefix = f"{name}." if name else ""
+            state[prefix + fused] = Stacked([state.pop(prefix + p) for p in parts])
 
 
 def assign(model: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:

@@ -1,28 +1,33 @@
 """The Code Llama Transformer, model-parallel through fairscale.
 
-The parameter names, shapes and parallel split of every layer are those of Meta's
-reference, so `consolidated.NN.pth` shards load as they are. Three things differ inside:
+The textbook Llama: each block is `h = x + attention(attention_norm(x))` followed by
+`h + feed_forward(ffn_norm(h))`. Parameter names, shapes and the parallel split are
+those of Meta's reference, with one difference in layout: the query, key and value
+projections are stored as one matrix (`attention.wqkv`), and so are the two input
+projections of the feed-forward block (`feed_forward.w13`), so every step runs one
+product where the reference runs three or two. Loading and saving keep Meta's names:
+`load_state_dict` fuses them and `state_dict` splits them again (stack_meta_parts).
 
-- the KV cache is a small module whose rows can sit at different positions, so a ragged
-  batch is prefilled in one pass and decoded without teacher forcing;
-- attention goes through `torch.nn.functional.scaled_dot_product_attention`, which never
-  materialises the (seqlen x cache length) score matrix on GPU backends and takes a mask
-  that is correct for any `start_pos` (chunked prefill works); decoding steps on CUDA use
-  the Triton kernel of kernels.py, which reads each row's length from the device;
-- each block's sum over model-parallel ranks comes together with the residual add and the
-  next RMSNorm (add_summed), so that at MP>1 one kernel can do all three (allreduce.py).
+The KV cache is a small module whose rows can sit at different positions, so a ragged
+batch is prefilled in one pass and decoded without teacher forcing. Attention goes
+through `torch.nn.functional.scaled_dot_product_attention`, with a mask that is correct
+for any `start_pos` (chunked prefill works); one-token steps on CUDA use the Triton
+kernel of kernels.py, which reads each row's length from the device.
+
+Everything that makes decoding fast on a GPU is applied from outside, on a model built
+from this file: CUDA graphs and torch.compile (graphs.py), the fused sum over ranks at
+MP>1 (allreduce.py).
 """
 
-from dataclasses import dataclass, fields
-from typing import Optional, Union
-
 import contextlib
+from dataclasses import dataclass, fields
+from typing import Dict, NamedTuple, Optional, Union
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from fairscale.nn.model_parallel import layers as fairscale
+from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
@@ -115,10 +120,8 @@ def skip_fairscale_init():
         yield
 
 
-# fairscale's layers, for their sharded parameters (names and shapes of the reference's),
-# with forwards for inference: the local matmul, then the gather a column-parallel layer
-# needs, written so that torch.compile traces it (see distributed.all_reduce). A
-# row-parallel layer leaves its partial sum to add_summed, which sums over the ranks.
+# fairscale's layers, for their sharded parameters, with forwards for inference whose
+# collectives torch.compile can trace (see distributed.all_reduce).
 class ColumnParallelLinear(fairscale.ColumnParallelLinear):
     """Output features split over ranks; gathered only with gather_output."""
 
@@ -128,12 +131,15 @@ class ColumnParallelLinear(fairscale.ColumnParallelLinear):
 
 
 class RowParallelLinear(fairscale.RowParallelLinear):
-    """Input features split over ranks (the input arrives split). Returns this rank's
-    partial sum of the output: the caller adds the ranks' partials up together with the
-    residual and the next norm (see add_summed)."""
+    """Input features split over ranks (the input arrives split); the ranks' partial
+    products are summed. allreduce.enable turns `reduce_output` off and sums them itself,
+    together with the residual add and the next norm."""
+
+    reduce_output = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        y = F.linear(x, self.weight)
+        return all_reduce(y) if self.reduce_output else y
 
 
 class ParallelEmbedding(fairscale.ParallelEmbedding):
@@ -141,6 +147,17 @@ class ParallelEmbedding(fairscale.ParallelEmbedding):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return all_gather_last_dim(F.embedding(tokens, self.weight))
+
+
+def column(in_features: int, out_features: int, gather_output: bool = False):
+    # Weights come from strict loading, never from fairscale's init (see skip_fairscale_init).
+    return ColumnParallelLinear(in_features, out_features, bias=False,
+                                gather_output=gather_output, init_method=lambda x: x)
+
+
+def row(in_features: int, out_features: int):
+    return RowParallelLinear(in_features, out_features, bias=False, input_is_parallel=True,
+                             init_method=lambda x: x)
 
 
 class RMSNorm(nn.Module):
@@ -202,6 +219,18 @@ class KVCache(nn.Module):
         return self.k[:bsz, :, :kv_len], self.v[:bsz, :, :kv_len]
 
 
+CAUSAL = object()  # mask sentinel: causal attention aligned to the end of the keys
+
+
+class StepInputs(NamedTuple):
+    """What every layer's attention needs about the tokens of a forward pass."""
+
+    positions: torch.Tensor  # (bsz, seqlen) absolute positions
+    cos_sin: torch.Tensor  # their rows of the RoPE table
+    mask: object  # see attend
+    kv_len: int  # cache positions attention reads
+
+
 def attend(q, k, v, mask) -> torch.Tensor:
     """Scaled dot-product attention with grouped-query heads.
 
@@ -212,178 +241,15 @@ def attend(q, k, v, mask) -> torch.Tensor:
     one query per row, which sees its row's first counts[b] keys), or a boolean
     (bsz, 1, seqlen, kv_len) tensor, True where visible.
     """
-    seqlen, kv_len = q.shape[2], k.shape[2]
-    if isinstance(mask, torch.Tensor) and mask.dtype in (torch.int32, torch.int64):
+    if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
         return kernels.decode_attention(q, k, v, mask)
-    if seqlen == 1 and kv_len > MASKED_SDPA_MAX_LEN and isinstance(mask, torch.Tensor):
-        return attend_one_query(q, k, v, mask)
+    seqlen, kv_len = q.shape[2], k.shape[2]
     gqa = k.shape[1] != q.shape[1]
     if mask is CAUSAL:
         if seqlen == kv_len:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         mask = causal_lower_right(seqlen, kv_len)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-
-
-# Without Triton (so without kernels.decode_attention), a masked decoding step over more
-# cache positions than this uses attend_one_query. Without
-# a mask, SDPA's flash kernels read a 100k-token cache near the copy bandwidth (4.5 TB/s on
-# an H200); with one, it falls back to kernels that give each (row, head) pair one thread
-# block, so at batch 1 most of the GPU idles (benchmarks/decode_attention.py measures both).
-MASKED_SDPA_MAX_LEN = 16384
-_BMM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)
-
-
-def attend_one_query(q, k, v, mask) -> torch.Tensor:
-    """attend() for one query position per row (decoding), as two batched matrix products
-    that cuBLAS spreads over the whole GPU along the keys. The scores and softmax are
-    float32 (only the probabilities are rounded to the model dtype for the product with
-    the values). Shapes as in attend(); mask None or (bsz, 1, 1, kv_len)."""
-    bsz, heads, _, hd = q.shape
-    kv_heads, kv_len = k.shape[1], k.shape[2]
-    group = heads // kv_heads
-    # Query heads that share a key/value head are adjacent (SDPA's enable_gqa layout),
-    # so each group is the rows of one product: keys are read once per group.
-    qg = q.reshape(bsz * kv_heads, group, hd)
-    kt = k.reshape(bsz * kv_heads, kv_len, hd).transpose(1, 2)
-    if q.dtype == torch.float32:
-        scores = torch.bmm(qg, kt)
-    elif q.is_cuda and _BMM_OUT_DTYPE:
-        scores = torch.bmm(qg, kt, out_dtype=torch.float32)
-    else:
-        scores = torch.bmm(qg.float(), kt.float())
-    scores = scores.view(bsz, kv_heads, group, kv_len) * hd ** -0.5
-    if mask is not None:
-        scores = scores.masked_fill(~mask.view(bsz, 1, 1, kv_len), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(bsz * kv_heads, group, kv_len)
-    out = torch.bmm(probs, v.reshape(bsz * kv_heads, kv_len, hd))
-    return out.view(bsz, heads, 1, hd)
-
-
-CAUSAL = object()  # sentinel: causal attention aligned to the end of the keys
-
-
-class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        world = get_model_parallel_world_size()
-        self.n_local_heads = args.n_heads // world
-        self.n_local_kv_heads = args.kv_heads // world
-        self.head_dim = args.head_dim
-        identity = lambda x: x  # weights come from the checkpoint; loading is strict
-
-        def column(out_features):
-            return ColumnParallelLinear(
-                args.dim, out_features, bias=False, gather_output=False, init_method=identity
-            )
-
-        self.wq = column(args.n_heads * self.head_dim)
-        self.wk = column(args.kv_heads * self.head_dim)
-        self.wv = column(args.kv_heads * self.head_dim)
-        self.wo = RowParallelLinear(
-            args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True,
-            init_method=identity,
-        )
-        self.cache = KVCache(
-            args.max_batch_size, args.max_seq_len, self.n_local_kv_heads, self.head_dim
-        )
-        self.wqkv: Optional[torch.Tensor] = None  # set by fuse(): wq, wk, wv in one matrix
-
-    def fuse(self) -> None:
-        """Concatenate wq, wk, wv into one matrix (one matmul instead of three, which
-        matters when decoding is bound by launches and memory reads); the three weights
-        become views into it, so the state dict is unchanged."""
-        self.wqkv = fuse_weights(self.wq, self.wk, self.wv)
-
-    def forward(self, x, cos_sin, positions, mask, kv_len):
-        """This rank's partial sum of the attention output (see RowParallelLinear)."""
-        bsz, seqlen, _ = x.shape
-        n_q, n_kv, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
-        if self.wqkv is None:
-            xqkv = torch.cat([self.wq(x), self.wk(x), self.wv(x)], dim=-1)
-        else:
-            xqkv = F.linear(x, self.wqkv)
-        # q and k sit side by side: rotate them in one pass.
-        qk, v = xqkv.split([(n_q + n_kv) * hd, n_kv * hd], dim=-1)
-        qk = apply_rope(qk.view(bsz, seqlen, n_q + n_kv, hd), cos_sin)
-        q, k = qk.split([n_q, n_kv], dim=2)
-        keys, values = self.cache.update(positions, k, v.view(bsz, seqlen, n_kv, hd), kv_len)
-        out = attend(q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), mask)
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
-
-
-def fuse_weights(*layers: nn.Module) -> torch.Tensor:
-    """One tensor holding the weights of `layers` stacked along dim 0; each layer's
-    weight is re-pointed at its rows of it (no extra memory once the old ones are freed)."""
-    fused = torch.cat([layer.weight.detach() for layer in layers])
-    start = 0
-    for layer in layers:
-        rows = layer.weight.shape[0]
-        layer.weight.data = fused[start:start + rows]
-        start += rows
-    return fused
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        identity = lambda x: x
-        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False,
-                                       init_method=identity)
-        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True,
-                                    init_method=identity)
-        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False,
-                                       init_method=identity)
-
-        self.w13: Optional[torch.Tensor] = None  # set by fuse(): w1 and w3 in one matrix
-
-    def fuse(self) -> None:
-        self.w13 = fuse_weights(self.w1, self.w3)
-
-    def forward(self, x):
-        """This rank's partial sum of the block's output (see RowParallelLinear)."""
-        if self.w13 is None:
-            h = F.silu(self.w1(x)) * self.w3(x)
-        else:
-            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        # An identity view whose input torch.compile must write to memory: without it, at
-        # batch 1, inductor evaluates silu(gate) * up inside the w2 product's reduction,
-        # where every program recomputes it over the whole hidden width. Writing it once
-        # made 13B decode 3.7% (MP=1) and 4.5% (MP=2) faster on H200s (benchmarks/NOTES.md,
-        # v8). Eager, a free view.
-        return self.w2(torch.as_strided(h, h.shape, h.stride()))
-
-
-class TransformerBlock(nn.Module):
-    def __init__(self, layer_id: int, args: ModelArgs):
-        super().__init__()
-        self.layer_id = layer_id
-        self.attention = Attention(args)
-        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
-        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
-
-    def forward(self, x, normed, next_norm, cos_sin, positions, mask, kv_len, peers=None):
-        """x: the residual stream; normed: attention_norm(x), made by the step before.
-        Returns this block's output and next_norm of it (the next block's attention_norm,
-        or the final norm), so that each sum over ranks is fused with the norm after it."""
-        partial = self.attention(normed, cos_sin, positions, mask, kv_len)
-        h, normed = add_summed(partial, x, self.ffn_norm, peers, slot=0)
-        return add_summed(self.feed_forward(normed), h, next_norm, peers, slot=1)
-
-
-def add_summed(partial, residual, norm: RMSNorm, peers=None, slot: int = 0):
-    """(h, norm(h)) where h = residual + partial summed over the model-parallel ranks.
-
-    With `peers` (allreduce.PeerBuffers, from configure(symmetric_memory=True) at MP>1)
-    and a batch that fits them, one kernel does the sum, the add and the norm; `slot`
-    alternates between a layer's two calls (see allreduce.py). Otherwise an all-reduce
-    (nothing at MP=1), an add and the norm."""
-    if peers is not None and peers.fits(partial, norm.weight):
-        return peers.sum_add_norm(partial, residual, norm.weight, norm.eps, slot)
-    h = residual + all_reduce(partial)
-    return h, norm(h)
 
 
 def attention_mask(start_pos, positions: torch.Tensor, seqlen: int, kv_len: int,
@@ -396,6 +262,103 @@ def attention_mask(start_pos, positions: torch.Tensor, seqlen: int, kv_len: int,
         return positions[:, 0] + 1  # decoding: each row sees the keys up to its position
     key_pos = torch.arange(kv_len, device=positions.device)
     return (key_pos <= positions[..., None])[:, None]
+
+
+def stack_meta_parts(module: nn.Module, parts: Dict[str, tuple]) -> None:
+    """Let `module` load and save its fused weights under Meta's names.
+
+    parts: for each fused parameter (relative name), the Meta keys stacked in it, in
+    order. `load_state_dict` given the Meta keys concatenates them (the reference's
+    checkpoints load as they are); `state_dict` splits the fused weight into views with
+    Meta's names and shapes, in Meta's key order, so what it returns is what the
+    reference would save. checkpoint.load_into reads `module.meta_parts` to do the same
+    while loading tensor by tensor."""
+    module.meta_parts = parts
+
+    def fuse(module, state, prefix, *_):
+        for fused, names in parts.items():
+            keys = [prefix + n for n in names]
+            if all(k in state for k in keys):
+                state[prefix + fused] = torch.cat([state.pop(k) for k in keys])
+
+    def split(module, state, prefix, *_):
+        ours = [k for k in state if k.startswith(prefix)]
+        items = [(k, state.pop(k)) for k in ours]
+        for key, value in items:
+            names = parts.get(key[len(prefix):])
+            if names is None or not isinstance(value, torch.Tensor):
+                state[key] = value
+                continue
+            rows = [module.meta_rows(name) for name in names]
+            for name, piece in zip(names, value.split(rows)):
+                state[prefix + name] = piece
+
+    module.register_load_state_dict_pre_hook(fuse)
+    module.register_state_dict_post_hook(split)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        world = get_model_parallel_world_size()
+        self.n_local_heads = args.n_heads // world
+        self.n_local_kv_heads = args.kv_heads // world
+        self.head_dim = hd = args.head_dim
+        self.wqkv = column(args.dim, (args.n_heads + 2 * args.kv_heads) * hd)
+        self.wo = row(args.n_heads * hd, args.dim)
+        self.cache = KVCache(args.max_batch_size, args.max_seq_len, self.n_local_kv_heads, hd)
+        stack_meta_parts(self, {"wqkv.weight": ("wq.weight", "wk.weight", "wv.weight")})
+
+    def meta_rows(self, name: str) -> int:
+        """This rank's rows of Meta's wq, wk or wv."""
+        heads = self.n_local_heads if name == "wq.weight" else self.n_local_kv_heads
+        return heads * self.head_dim
+
+    def forward(self, x: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        n_q, n_kv, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
+        # q and k sit side by side: rotate them in one pass.
+        qk, v = self.wqkv(x).split([(n_q + n_kv) * hd, n_kv * hd], dim=-1)
+        qk = apply_rope(qk.view(bsz, seqlen, n_q + n_kv, hd), inputs.cos_sin)
+        q, k = qk.split([n_q, n_kv], dim=2)
+        keys, values = self.cache.update(inputs.positions, k, v.view(bsz, seqlen, n_kv, hd),
+                                         inputs.kv_len)
+        out = attend(q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), inputs.mask)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w13 = column(dim, 2 * hidden_dim)
+        self.w2 = row(hidden_dim, dim)
+        self.hidden_local = hidden_dim // get_model_parallel_world_size()
+        stack_meta_parts(self, {"w13.weight": ("w1.weight", "w3.weight")})
+
+    def meta_rows(self, name: str) -> int:
+        return self.hidden_local
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        h = F.silu(gate) * up
+        # An identity view that torch.compile must write to memory: otherwise, at batch 1,
+        # inductor computes silu(gate) * up inside the w2 product's reduction, where every
+        # program recomputes it over the whole hidden width. Eager, a free view.
+        return self.w2(torch.as_strided(h, h.shape, h.stride()))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), inputs)
+        return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
@@ -415,42 +378,28 @@ class Transformer(nn.Module):
                     f"{name} = {size} is not divisible by the model-parallel size {world}; "
                     f"run with a number of processes that divides it"
                 )
-        identity = lambda x: x
         self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim,
-                                                init_method=identity)
+                                                init_method=lambda x: x)
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
-        self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False,
-                                           init_method=identity)
-        # Symmetric-memory buffers for fused sums over ranks (allreduce.py); set by
-        # Llama.configure(symmetric_memory=True) at MP>1 on CUDA.
-        self.peers = None
+        self.output = column(params.dim, params.vocab_size, gather_output=True)
         # One row per cache position (the reference made twice as many, never read).
         self.register_buffer(
             "rope", rope_table(params.head_dim, params.max_seq_len, params.rope_theta),
             persistent=False,
         )
 
-    def positions(self, start_pos: Union[int, torch.Tensor], bsz: int, seqlen: int):
-        """Absolute positions (bsz, seqlen) of the tokens, from one start or one per row."""
-        device = self.rope.device
-        offsets = torch.arange(seqlen, device=device)
-        if isinstance(start_pos, int):
-            return (start_pos + offsets).expand(bsz, seqlen)
-        return start_pos.to(device)[:, None] + offsets
-
-    def forward_hidden(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor],
-                       kv_len: Optional[int] = None) -> torch.Tensor:
-        """Final normalised hidden states (bsz, seqlen, dim) for `tokens` placed at
-        `start_pos` (an int, or a tensor with one start per row), updating the KV cache.
-
-        kv_len: how many cache positions attention reads; at least the largest position
-        plus one. Computed when not given (which costs a host sync for tensor starts).
-        Not wrapped in inference_mode itself, so that torch.compile can trace it (inductor
-        mishandles some views under inference_mode); callers disable autograd.
-        """
+    def step_inputs(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor],
+                    kv_len: Optional[int] = None) -> StepInputs:
+        """Positions, RoPE rows and mask for `tokens` placed at `start_pos` (an int, or a
+        tensor with one start per row). kv_len is computed when not given, which costs a
+        host sync for tensor starts."""
         bsz, seqlen = tokens.shape
-        positions = self.positions(start_pos, bsz, seqlen)
+        offsets = torch.arange(seqlen, device=self.rope.device)
+        if isinstance(start_pos, int):
+            positions = (start_pos + offsets).expand(bsz, seqlen)
+        else:
+            positions = start_pos.to(self.rope.device)[:, None] + offsets
         if kv_len is None:
             lowest, highest = (int(v) for v in torch.aminmax(positions))
             if lowest < 0:  # would index the RoPE table and the cache from their ends
@@ -466,21 +415,21 @@ class Transformer(nn.Module):
             )
         mask = attention_mask(start_pos, positions, seqlen, kv_len, self.params.head_dim)
         cos_sin = self.rope[positions].float()  # float32 even after a model-wide .to(dtype)
-        h = self.tok_embeddings(tokens)
-        normed = self.layers[0].attention_norm(h)
-        for i, layer in enumerate(self.layers):
-            last = i + 1 == len(self.layers)
-            next_norm = self.norm if last else self.layers[i + 1].attention_norm
-            h, normed = layer(h, normed, next_norm, cos_sin, positions, mask, kv_len,
-                              self.peers)
-        return normed
+        return StepInputs(positions, cos_sin, mask, kv_len)
 
-    def fuse(self) -> "Transformer":
-        """Fuse each layer's q/k/v and w1/w3 projections (see Attention.fuse)."""
+    def forward_hidden(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor],
+                       kv_len: Optional[int] = None) -> torch.Tensor:
+        """Final normalised hidden states (bsz, seqlen, dim), updating the KV cache.
+
+        kv_len: how many cache positions attention reads; at least the largest position
+        plus one (see step_inputs). Not wrapped in inference_mode itself, so that
+        torch.compile can trace it (inductor mishandles some views under inference_mode);
+        callers disable autograd."""
+        inputs = self.step_inputs(tokens, start_pos, kv_len)
+        h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            layer.attention.fuse()
-            layer.feed_forward.fuse()
-        return self
+            h = layer(h, inputs)
+        return self.norm(h)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor]):

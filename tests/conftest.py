@@ -141,36 +141,26 @@ def build(folder, max_seq_len=64, max_batch_size=4, **kw):
 
 
 def replayed_decoder(model, baked: bool = False):
-    """decode.GraphedDecoder on the CPU, with only its CUDA graph swapped for running the
-    step again: each replay runs it on the static inputs and copies the results into the
-    first outputs, as a graph replay writes them (recording draws no random numbers, as
-    capturing does not). Keys, static inputs, padding, sampling settings and warm-up are
-    the real class's. `baked`: sampling steps keep the settings of the first sampling
+    """graphs.GraphedDecoder on the CPU, where it runs its fixed-shape steps without
+    capturing them: keys, static inputs, padding, sampling settings and warm-up are those
+    the CUDA graphs use. `baked`: sampling steps keep the settings of the first sampling
     call, as a graph with the settings compiled in would (a bug for checks to catch)."""
-    from unittest import mock
+    import dataclasses
 
-    from llama.decode import GraphedDecoder
+    from llama.graphs import GraphedDecoder
 
-    class Replayed(GraphedDecoder):
+    class Baked(GraphedDecoder):
         first_sampling = None
 
-        def record(self, step):
-            with torch.random.fork_rng(devices=[]):
-                outputs = step()
+        def __call__(self, tokens, positions, sampling):
+            if not sampling.greedy:
+                self.first_sampling = self.first_sampling or sampling
+                sampling = dataclasses.replace(sampling,
+                                               temperature=self.first_sampling.temperature,
+                                               top_p=self.first_sampling.top_p)
+            return super().__call__(tokens, positions, sampling)
 
-            def replay():
-                for out, new in zip(outputs, step()):
-                    out.copy_(new)
-            return outputs, replay
-
-        def __call__(self, tokens, positions, kv_len, temperature, top_p):
-            if baked and temperature > 0:
-                self.first_sampling = self.first_sampling or (temperature, top_p)
-                temperature, top_p = self.first_sampling
-            return super().__call__(tokens, positions, kv_len, temperature, top_p)
-
-    with mock.patch.object(torch.cuda, "graph_pool_handle", lambda: None):  # no CUDA here
-        return Replayed(model)
+    return (Baked if baked else GraphedDecoder)(model, capture=False)
 
 
 def hf_model(args: ModelArgs, state: dict):

@@ -212,8 +212,8 @@ def model_with_fused_sums():
     with torch.no_grad():
         plain = model.forward_hidden(tokens[:, :1], 0)
         dim = model.params.dim
-        model.peers = rank_buffers(host_buffers(1, 2, dim, torch.float32), 0, dim,
-                                   torch.float32)
+        peers = rank_buffers(host_buffers(1, 2, dim, torch.float32), 0, dim, torch.float32)
+        allreduce.install(model, peers)
         launches = []
         launch = allreduce.sum_add_norm
 
@@ -226,15 +226,17 @@ def model_with_fused_sums():
             decode_calls = len(launches)
             model.forward_hidden(tokens, 0)  # 8 rows: more than the buffers hold
             prefill_calls = len(launches) - decode_calls
-        epochs_eager = model.peers.epochs.tolist()
+        epochs_eager = peers.epochs.tolist()
         # Compiled, the op is opaque and declared pure: every call must still run once.
         compiled = torch.compile(model.forward_hidden, dynamic=False)(tokens[:, :1], 0)
-        epochs_compiled = model.peers.epochs.tolist()
-        model.peers = None
+        epochs_compiled = peers.epochs.tolist()
+        allreduce.uninstall(model)
+        unfused = model.forward_hidden(tokens[:, :1], 0)
     return {"error": (fused - plain).abs().max().item(), "decode_calls": decode_calls,
             "prefill_calls": prefill_calls, "epochs_eager": epochs_eager,
             "epochs_compiled": epochs_compiled,
-            "compiled_error": (compiled - plain).abs().max().item()}
+            "compiled_error": (compiled - plain).abs().max().item(),
+            "uninstalled_error": (unfused - plain).abs().max().item()}
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import sys
 import torch
 
 from llama import Llama
-from llama.decode import decode_step
+from llama.sampling import decode_step
 
 
 def compiled_step(gen: Llama, out_path: str):

@@ -64,19 +64,34 @@ def test_reference_signatures():
 def test_configure_keeps_options_it_is_not_given():
     gen = Llama.from_preset("tiny", max_seq_len=32, max_batch_size=2, device="cpu",
                             dtype=torch.float32)
-    assert gen.settings == dict(cuda_graphs=True, compile=False, symmetric_memory=False,
-                                launch_ahead=False)  # on the CPU a step runs in its call
-    assert gen.compiled_prefill is None and gen.graphed is None  # no graphs off CUDA
-    gen.configure(compile=True)
-    compiled = gen.compiled_prefill
+    engine = gen.engine
+    assert gen.settings == dict(decode="eager", prefill_chunk=16384,
+                                symmetric_memory=False)  # no CUDA graphs off CUDA
+    assert engine.compiled_prefill is None
+    gen.configure(decode="compiled")
+    compiled, decoder = engine.compiled_prefill, engine.decoder
     assert compiled is not None
     gen.configure(prefill_chunk=8)  # changes the chunk only
-    assert gen.prefill_chunk == 8 and gen.settings["compile"]
-    assert gen.compiled_prefill is compiled  # not rebuilt: nothing to compile again
-    gen.configure(launch_ahead=True)
-    assert gen.settings["launch_ahead"] and gen.compiled_prefill is compiled
-    gen.configure(compile=False)
-    assert gen.compiled_prefill is None and gen.prefill_chunk == 8
+    assert gen.prefill_chunk == 8 and gen.settings["decode"] == "compiled"
+    assert engine.compiled_prefill is compiled and engine.decoder is decoder  # not rebuilt
+    gen.configure(decode="eager")
+    assert engine.compiled_prefill is None and gen.prefill_chunk == 8
+    with pytest.warns(DeprecationWarning, match="decode="):
+        gen.configure(compile=True)
+    assert gen.settings["decode"] == "compiled"
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(decode="graphs"), "needs a CUDA device"), (dict(decode="fast"), "one of eager"),
+    (dict(prefill_chunk=2.5), "prefill_chunk"), (dict(prefill_chunk=0), "prefill_chunk"),
+    (dict(symmetric_memory="yes"), "symmetric_memory")])
+def test_invalid_configure_values_are_refused(bad, match):
+    gen = Llama.from_preset("tiny", max_seq_len=32, max_batch_size=2, device="cpu",
+                            dtype=torch.float32)
+    with pytest.raises(ValueError, match=match):
+        gen.configure(**bad)
+    assert gen.settings == dict(decode="eager", prefill_chunk=16384, symmetric_memory=False)
+    assert gen.generate([[1, 2]], max_gen_len=2, temperature=0)[0][0]  # still works
 
 
 def test_a_failed_configure_changes_nothing(monkeypatch):
@@ -88,12 +103,9 @@ def test_a_failed_configure_changes_nothing(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", unsupported)
     with pytest.raises(RuntimeError, match="not supported"):
-        gen.configure(compile=True, launch_ahead=True, prefill_chunk=8)
-    assert not gen.settings["compile"] and gen.compiled_prefill is None
-    assert not gen.settings["launch_ahead"] and gen.prefill_chunk == 16384
-    with pytest.raises(ValueError, match="prefill_chunk"):
-        gen.configure(prefill_chunk=0, launch_ahead=True)
-    assert not gen.settings["launch_ahead"]
+        gen.configure(decode="compiled", prefill_chunk=8)
+    assert gen.settings["decode"] == "eager" and gen.engine.compiled_prefill is None
+    assert gen.prefill_chunk == 16384
     monkeypatch.undo()
-    gen.configure(compile=True)  # a retry does the work instead of finding nothing to change
-    assert gen.compiled_prefill is not None
+    gen.configure(decode="compiled")  # a retry does the work instead of finding nothing to change
+    assert gen.engine.compiled_prefill is not None

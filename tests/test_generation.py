@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import build, hf_model, replayed_decoder
+from llama.sampling import Sampling
 from llama import Llama
 
 
@@ -256,33 +257,18 @@ def test_llama_is_exported():
     assert Llama.build.__kwdefaults__ == {"seed": 1, "device": None, "dtype": None}
 
 
-class PaddedSteps:
-    """What the CUDA graphs compute (a masked step over a fixed bucket of cache
-    positions), run eagerly so that CPU tests cover the same function."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def usable(self, kv_len):
-        return True
-
-    def __call__(self, tokens, positions, kv_len, temperature, top_p):
-        from llama.decode import decode_step, kv_bucket
-        bucket = kv_bucket(kv_len, self.model.params.max_seq_len)
-        return decode_step(self.model, tokens, positions, bucket, temperature, top_p)
-
-
 def test_graphed_decoder_bookkeeping_on_cpu(make_model):
     """Greedy and sampled generation through GraphedDecoder's keys, static inputs and
-    padded batches give the plain path's tokens; one captured sampling step serves two
-    sampling settings; batches of 3 and 4 prompts share one graph; a call that captures
-    draws what a call that replays would (the same seed, the same tokens). (A padded
-    batch samples other tokens than the plain path: its padding rows draw random numbers
-    too; so sampling is compared on batches that need no padding.)"""
-    from llama.decode import batch_bucket
+    padded batches (the steps CUDA graphs capture, run directly here) give the plain
+    path's tokens; one sampling step serves two sampling settings; batches of 3 and 4
+    prompts share one graph; a call that captures draws what a call that replays would
+    (the same seed, the same tokens). (A padded batch samples other tokens than the
+    plain path: its padding rows draw random numbers too; so sampling is compared on
+    batches that need no padding.)"""
+    from llama.graphs import batch_bucket
     folder, _, _ = make_model()
     plain, graphed = build(folder), build(folder)  # max_batch_size 4
-    graphed.graphed = replayed_decoder(graphed.model)
+    graphed.engine.decoder = replayed_decoder(graphed.model)
     prompts = [[1, 5, 9, 3], [1, 7], [1, 2, 3, 4, 5, 6], [1, 8, 8]]
 
     def run(gen, batch, temperature, top_p):
@@ -298,64 +284,40 @@ def test_graphed_decoder_bookkeeping_on_cpu(make_model):
         assert got[0] == want[0]
         for w, g in zip(want[1], got[1]):
             assert g == pytest.approx(w, abs=1e-4)
-    assert sorted((rows, sampling) for rows, _, sampling in graphed.graphed.graphs) == [
-        (2, False), (2, True), (4, False), (4, True)]
+    graphs = graphed.engine.decoder.graphs
+    assert sorted(graphs) == [(2, False), (2, True), (4, False), (4, True)]
     # The last batch (3 rows, after one of 4) left its padding row at position 0.
-    (static_tokens, static_positions, _), = [
-        inputs for (rows, _, sampling), (_, inputs, _) in graphed.graphed.graphs.items()
-        if rows == 4 and not sampling]
+    _, (static_tokens, static_positions, _), _ = graphs[(4, False)]
     assert static_positions[3].item() == 0 and static_positions[:3].min().item() > 0
     assert [batch_bucket(n, 32) for n in (1, 2, 3, 5, 8, 9, 17, 32)] == [
         1, 2, 4, 8, 8, 16, 32, 32]
     assert batch_bucket(5, 6) == 6 and batch_bucket(3, 3) == 3
 
 
-def test_kv_buckets():
-    from llama.decode import kv_bucket
-    assert [kv_bucket(n, 200_000) for n in (1, 512, 513, 5000, 16384)] == [
-        512, 512, 1024, 8192, 16384]
-    # Past 16k, steps of 8k: at most 8k padded positions instead of up to twice the context.
-    assert [kv_bucket(n, 200_000) for n in (16385, 24576, 24577, 100_000)] == [
-        24576, 24576, 32768, 106496]
-    assert kv_bucket(100_000, 100_032) == 100_032 and kv_bucket(300, 256) == 256
-
-
-@pytest.mark.parametrize("long_buckets", [False, True])
-def test_fast_path_gives_the_plain_path_tokens(make_model, monkeypatch, long_buckets):
-    """Fused projections, chunked prefill and padded, masked decode steps (the GPU fast
-    path) produce the plain path's greedy tokens and logprobs. long_buckets shrinks the
-    limits so that the steps use the long-context buckets and attend_one_query."""
-    if long_buckets:
-        import llama.decode
-        import llama.model
-        monkeypatch.setattr(llama.decode, "MIN_BUCKET", 4)
-        monkeypatch.setattr(llama.decode, "MAX_COMPILED_BUCKET", 8)
-        monkeypatch.setattr(llama.decode, "LONG_BUCKET_STEP", 4)
-        monkeypatch.setattr(llama.model, "MASKED_SDPA_MAX_LEN", 8)
+def test_chunked_prefill_and_fixed_shape_steps_give_the_plain_tokens(make_model):
+    """Chunked prefill and fixed-shape steps over the whole cache with a mask (what the
+    GPU runs) produce the plain path's greedy tokens and logprobs."""
     folder, _, _ = make_model()
     plain, fast = build(folder), build(folder)
-    fast.model.fuse()
     fast.configure(prefill_chunk=4)
-    with pytest.raises(ValueError, match="prefill_chunk"):
-        fast.configure(prefill_chunk=0)
-    fast.graphed = PaddedSteps(fast.model)
+    fast.engine.decoder = replayed_decoder(fast.model)
     prompts = ["def add(a, b):", "import os\nimport sys\n\nclass Config:\n    ", "x"]
     args = dict(temperature=0, max_gen_len=12, logprobs=True, echo=True)
     want, got = plain.text_completion(prompts, **args), fast.text_completion(prompts, **args)
     for w, g in zip(want, got):
         assert g["tokens"] == w["tokens"]
         assert g["logprobs"] == pytest.approx(w["logprobs"], abs=1e-4)
-    assert fast.model.layers[0].attention.wq.weight.data_ptr() == (
-        fast.model.layers[0].attention.wqkv.data_ptr())  # views, not copies
 
 
-def test_compiled_prefill(make_model):
-    """configure(compile=True) compiles each prompt's first prefill chunk (dynamic shapes:
-    one graph for every length, no graph break); answers equal the eager ones."""
+def test_compiled_mode(make_model):
+    """configure(decode="compiled") compiles each prompt's first prefill chunk (dynamic
+    shapes: one graph for every length, no graph break) and the fixed-shape decode step
+    (one graph per batch bucket and kind); answers equal the eager ones."""
     import torch._dynamo
     folder, _, _ = make_model()
     plain, fast = build(folder), build(folder)
-    fast.configure(compile=True, prefill_chunk=8)
+    fast.configure(decode="compiled", prefill_chunk=8)
+    torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     args = dict(temperature=0, max_gen_len=6, logprobs=True, echo=True)
     # Batches whose longest prompts differ in length; the first takes two chunks.
@@ -366,7 +328,7 @@ def test_compiled_prefill(make_model):
             assert g["tokens"] == w["tokens"]
             assert g["logprobs"] == pytest.approx(w["logprobs"], abs=1e-4)
     assert not torch._dynamo.utils.counters["graph_break"]
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # prefill, step
 
 
 def test_compiled_steps_keep_their_own_inductor_settings(make_model):
@@ -376,7 +338,8 @@ def test_compiled_steps_keep_their_own_inductor_settings(make_model):
     again reuses the first's code, and all give the eager step's tokens and logprobs.
     Unknown settings are refused by name."""
     import torch._dynamo
-    from llama.decode import compile_step, decode_step
+    from llama.graphs import compile_step
+    from llama.sampling import decode_step
     folder, _, _ = make_model()
     gen = build(folder)
     model, whole = gen.model, gen.model.params.max_seq_len
@@ -399,7 +362,8 @@ def test_compiled_steps_compile_past_dynamos_default_limit(make_model):
     more; dynamo's default of 8 per function would run the ninth uncompiled. Nine
     different cache lengths: nine compilations, each equal to the eager step."""
     import torch._dynamo
-    from llama.decode import compile_step, decode_step
+    from llama.graphs import compile_step
+    from llama.sampling import decode_step
     folder, _, _ = make_model()
     model = build(folder).model
     tokens, positions = torch.tensor([5]), torch.tensor([0])
@@ -421,7 +385,8 @@ def test_one_compiled_step_serves_every_sampling_setting(make_model):
     draws equal the eager step's with the settings as numbers (fallback_random: inductor
     draws with eager's random generator)."""
     import torch._dynamo
-    from llama.decode import compile_step, decode_step
+    from llama.graphs import compile_step
+    from llama.sampling import decode_step
     folder, _, _ = make_model()
     model = build(folder).model
     whole = model.params.max_seq_len
@@ -446,7 +411,7 @@ def test_one_compiled_step_serves_every_sampling_setting(make_model):
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_launching_ahead_changes_no_token(make_model, temperature):
-    """configure(launch_ahead=True), the default on CUDA: from the second step on, each
+    """Launching ahead, as on CUDA: from the second step on, each
     step is launched before the previous step's tokens are read. The rows are those of one
     step at a time: rows that end on a stop token, on the caller's stop rule, at their
     budget and at the end of the cache; no step writes past the cache; and the next step
@@ -455,21 +420,22 @@ def test_launching_ahead_changes_no_token(make_model, temperature):
     prompts = [list(range(3, 47)), [1, 2], [5, 6, 7], [9]]  # 44 of 48 positions: 4 tokens
 
     def run(ahead, stop_ids, stop_after=None):
-        gen = build(folder, max_seq_len=48).configure(launch_ahead=ahead)
-        launched, rows, real_step = [], [[] for _ in prompts], gen.step
+        gen = build(folder, max_seq_len=48)
+        gen.engine.launch_ahead = ahead
+        launched, rows, real_step = [], [[] for _ in prompts], gen.engine.decoder
 
-        def step(tokens, positions, *rest):
+        def step(tokens, positions, sampling):
             assert max(positions) < 48, positions  # never past the cache
             launched.append(list(positions))
-            return real_step(tokens, positions, *rest)
+            return real_step(tokens, positions, sampling)
 
         def on_token(row, token, logprob):  # the caller's stop rule (like stop strings)
             return len(rows[row]) + 1 == (stop_after or {}).get(row)
 
-        gen.step = step
+        gen.engine.decoder = step
         counts = []  # steps launched when each step's tokens were handed out
-        for out in gen.decode_steps(prompts, 12, temperature, 0.9, stop_ids,
-                                    on_token=on_token):
+        sampling = Sampling(temperature, 0.9, 12, stop_ids)
+        for out in gen.engine.generate(prompts, sampling, on_token=on_token):
             counts.append(len(launched))
             for row, got in zip(rows, out):
                 if got is not None:

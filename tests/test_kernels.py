@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama import Llama
+from llama import Llama, allreduce
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,6 +88,7 @@ def test_forward_pass_through_fused_sums(worker_results):
     assert run["epochs_eager"] == [[2, 2], [2, 2]]
     assert run["epochs_compiled"] == [[4, 4], [4, 4]]
     assert run["compiled_error"] < 1e-5
+    assert run["uninstalled_error"] == 0  # uninstall gives the plain model back
 
 
 def test_fused_sums_are_chosen_by_shape_and_dtype_only():
@@ -113,6 +114,6 @@ def test_symmetric_memory_is_ignored_where_it_cannot_run():
     gen = Llama.from_preset("tiny", max_seq_len=32, max_batch_size=2, device="cpu",
                             dtype=torch.float32)
     gen.configure(symmetric_memory=True)
-    assert gen.settings["symmetric_memory"] and gen.model.peers is None
+    assert gen.settings["symmetric_memory"] and not allreduce.installed(gen.model)
     tokens, _ = gen.generate([[5, 9, 14]], max_gen_len=3, temperature=0.0)
     assert len(tokens[0]) == 3

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-import llama.model as model_module
 from conftest import build, hf_model
 from llama import ModelArgs
 from llama.checkpoint import read_params
@@ -67,39 +66,34 @@ def test_rows_at_different_positions(make_model):
 
 
 @pytest.mark.parametrize("kv_heads", [2, 4])
-def test_long_context_decode_attention(make_model, monkeypatch, kv_heads):
-    """A masked decoding step over a long cache (lowered threshold here) goes through
-    attend_one_query, an unmasked one through SDPA, and both give the full forward's
-    logits."""
+def test_ragged_decoding_with_a_boolean_mask(make_model, kv_heads):
+    """Decoding steps with one start per row (a boolean mask on the CPU) and with one
+    start for all rows (no mask) give the full forward's logits."""
     folder, args, _ = make_model(n_kv_heads=kv_heads)
     model = build(folder).model
     tokens = torch.randint(0, args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
     full = model.forward(tokens, 0)
-    calls = []
-    real = model_module.attend_one_query
-    monkeypatch.setattr(model_module, "MASKED_SDPA_MAX_LEN", 8)
-    monkeypatch.setattr(model_module, "attend_one_query",
-                        lambda q, k, v, mask: calls.append(k.shape[2]) or real(q, k, v, mask))
     model.forward(tokens[:, :10], 0)
     same = [model.forward(tokens[:, i:i + 1], i) for i in range(10, 17)]
     per_row = [model.forward(tokens[:, i:i + 1], torch.tensor([i, i])) for i in range(17, 24)]
     assert rel_err(torch.cat(same + per_row, dim=1), full[:, 10:]) < 1e-5
-    # Positions 10..16 (one start for all rows): no mask, SDPA. 17..23 (a start per row):
-    # the boolean mask over 18..24 > 8 positions, one call per layer.
-    assert calls == [n for n in range(18, 25) for _ in range(args.n_layers)]
 
 
-def test_one_query_attention_matches_sdpa():
-    g = torch.Generator().manual_seed(6)
-    for heads, kv_heads in [(8, 8), (8, 2), (6, 1)]:
-        q = torch.randn(3, heads, 1, 16, generator=g)
-        k, v = (torch.randn(3, kv_heads, 50, 16, generator=g) for _ in range(2))
-        mask = torch.rand(3, 1, 1, 50, generator=g) > 0.4
-        mask[..., 0] = True
-        for m in (None, mask):
-            want = torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, attn_mask=m, enable_gqa=heads != kv_heads)
-            assert (model_module.attend_one_query(q, k, v, m) - want).abs().max() < 1e-5
+def test_state_dict_keeps_metas_names_and_loads_them(make_model):
+    """The fused projections save as Meta's wq/wk/wv and w1/w3 (same tensors as the
+    checkpoint), and load_state_dict of Meta's names fuses them again."""
+    folder, args, state = make_model()
+    model = build(folder).model
+    saved = model.state_dict()
+    assert set(saved) == set(state) - {"rope.freqs"}
+    for key, value in saved.items():
+        assert torch.equal(value, state[key]), key
+    tokens = torch.randint(0, args.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
+    want = model.forward(tokens, 0)
+    other = build(make_model(seed=3)[0]).model
+    assert rel_err(other.forward(tokens, 0), want) > 1e-2
+    other.load_state_dict({k: v.clone() for k, v in saved.items()})
+    assert torch.equal(other.forward(tokens, 0), want)
 
 
 def test_cache_overflow_is_an_error(make_model):

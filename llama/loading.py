@@ -1,0 +1,115 @@
+"""Building a model on a device: from a checkpoint folder, or with random weights and the
+shapes of a released size (for benchmarks). Used by `Llama.build` and `Llama.from_preset`."""
+
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from . import checkpoint, distributed
+from .model import ModelArgs, Transformer, skip_fairscale_init
+from .tokenizer import Tokenizer
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def check_fits(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, before allocating, a model whose weights plus KV cache exceed the free
+    memory of a CUDA device, saying both numbers and what to lower."""
+    if device.type != "cuda":
+        return
+    world = distributed.model_parallel_world_size()
+    size = torch.finfo(dtype).bits // 8
+    weights = args.num_params() * size // world
+    cache = args.kv_cache_bytes(size) // world
+    free, _ = torch.cuda.mem_get_info(device)
+    if weights + cache > free:
+        gib = 2**30
+        raise MemoryError(
+            f"this rank needs {weights / gib:.1f} GiB of weights plus {cache / gib:.1f} GiB of "
+            f"KV cache ({args.max_batch_size} x {args.max_seq_len} tokens) but the GPU has "
+            f"{free / gib:.1f} GiB free; lower max_seq_len or max_batch_size, or use more GPUs"
+        )
+
+
+def empty_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """A Transformer whose KV cache and RoPE table are on `device`; its parameters are
+    placeholders until `checkpoint.load_into` assigns the real ones."""
+    check_fits(args, device, dtype)
+    with default_dtype(dtype), torch.device(device), skip_fairscale_init():
+        return Transformer(args).requires_grad_(False)  # inference only
+
+
+def setup(model_parallel_size, seed: int, device, dtype) -> Tuple[torch.device, torch.dtype]:
+    """The process group, the seed and the device and dtype in force."""
+    device = torch.device(device) if device is not None else distributed.default_device()
+    dtype = dtype or distributed.default_dtype(device)
+    distributed.initialize(model_parallel_size, device)
+    torch.manual_seed(seed)
+    return device, dtype
+
+
+def from_checkpoint(ckpt_dir, tokenizer_path, max_seq_len: int, max_batch_size: int,
+                    model_parallel_size, seed: int, device, dtype):
+    """(model, tokenizer) of a Meta or Hugging Face folder (see Llama.build)."""
+    if max_seq_len < 1 or max_batch_size < 1:
+        raise ValueError(f"max_seq_len ({max_seq_len}) and max_batch_size "
+                         f"({max_batch_size}) must be at least 1")
+    device, dtype = setup(model_parallel_size, seed, device, dtype)
+    mp_size = distributed.model_parallel_world_size()
+    if distributed.local_rank() > 0:
+        sys.stdout = open(os.devnull, "w")
+
+    start = time.time()
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {ckpt_dir} does not exist")
+    rank = distributed.model_parallel_rank()
+    params, state, default_tokenizer = checkpoint.load_folder(ckpt_dir, rank, mp_size)
+    tokenizer = Tokenizer(str(tokenizer_path or default_tokenizer))
+    if params.get("vocab_size", -1) > 0 and params["vocab_size"] != tokenizer.n_words:
+        raise ValueError(
+            f"{ckpt_dir} says vocab_size {params['vocab_size']} but the tokenizer has "
+            f"{tokenizer.n_words} pieces; use the tokenizer.model of this model"
+        )
+    params["vocab_size"] = tokenizer.n_words
+    rows = state["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in state else None
+    if rows is not None and rows != tokenizer.n_words:
+        raise ValueError(
+            f"the checkpoint in {ckpt_dir} embeds {rows} tokens but the tokenizer has "
+            f"{tokenizer.n_words} pieces; use the tokenizer.model shipped with these weights"
+        )
+    args = ModelArgs(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **params)
+    model = empty_model(args, device, dtype)
+    checkpoint.load_into(model, state, str(ckpt_dir), device, dtype)
+    print(f"Loaded in {time.time() - start:.2f} seconds")
+    return model, tokenizer
+
+
+def from_preset(name: str, max_seq_len: int, max_batch_size: int, model_parallel_size,
+                tokenizer_path: Optional[str], seed: int, device, dtype, **overrides):
+    """(model, tokenizer or None) with a released size's shapes and random weights made on
+    the device (see Llama.from_preset)."""
+    device, dtype = setup(model_parallel_size, seed, device, dtype)
+    tokenizer = Tokenizer(tokenizer_path) if tokenizer_path else None
+    if tokenizer is not None:
+        overrides["vocab_size"] = tokenizer.n_words
+    args = ModelArgs.from_name(name, max_seq_len=max_seq_len,
+                               max_batch_size=max_batch_size, **overrides)
+    model = empty_model(args, device, dtype)
+    state = checkpoint.random_state(model, seed + distributed.model_parallel_rank(),
+                                    device, dtype)
+    checkpoint.load_into(model, state, f"random {name}", device, dtype)
+    return model, tokenizer
