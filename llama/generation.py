@@ -153,48 +153,6 @@ class Llama:
     def prefill_chunk(self) -> int:
         return self.engine.settings["prefill_chunk"]
 
-    # ---- one call of the engine, as rows of text ----
-
-    def _run(self, prompt_tokens, sampling: Sampling, decode, stop=None, echo=False,
-             prompt_logprobs=None) -> List[TextRow]:
-        """One TextRow (tokens, logprobs, text cut at the first stop string) per prompt."""
-        rows = [TextRow(decode, check_stop(stop), p if echo else ()) for p in prompt_tokens]
-        if prompt_tokens:
-            for _ in self.engine.generate(prompt_tokens, sampling, prompt_logprobs,
-                                          on_token=lambda i, tok, lp: rows[i].add(tok, lp)):
-                pass
-        return rows
-
-    def _echoed(self, prompt_tokens, sampling: Sampling, decode, stop, echo: bool,
-                logprobs: bool):
-        """_run, plus each row's returned tokens and logprobs: with `echo` the prompt's
-        come first (the prompt scored by the model, 0.0 for its first token)."""
-        prompt_lp = [] if logprobs and echo else None
-        rows = self._run(prompt_tokens, sampling, decode, stop, echo, prompt_lp)
-        tokens = [(list(p) if echo else []) + r.tokens for p, r in zip(prompt_tokens, rows)]
-        lps = [(prompt_lp[i] if prompt_lp is not None else []) + r.logprobs
-               for i, r in enumerate(rows)]
-        return rows, tokens, lps
-
-    def _stream(self, prompt_tokens, sampling: Sampling, decode, stop=None) -> Iterator[str]:
-        """One prompt's new text as it becomes final (the pieces concatenate to the text
-        _run returns). Arguments are checked now, not at the first next()."""
-        row = TextRow(decode, check_stop(stop))
-        steps = self.engine.generate([prompt_tokens], sampling,
-                                     on_token=lambda i, tok, lp: row.add(tok, lp))
-
-        def pieces():
-            for _ in steps:
-                delta = row.delta()
-                if delta:
-                    yield delta
-            tail = row.delta(final=True)
-            if tail:
-                yield tail
-        return pieces()
-
-    # ---- public API ----
-
     def generate(
         self,
         prompt_tokens: List[List[int]],
@@ -216,8 +174,8 @@ class Llama:
         prompt_tokens = [p.tolist() if hasattr(p, "tolist") else p for p in as_batch(
             prompt_tokens, "prompt_tokens", "wrap a single prompt's tokens in a list")]
         sampling = Sampling(temperature, top_p, max_gen_len, stop_ids)
-        _, tokens, lps = self._echoed(prompt_tokens, sampling, lambda t: "", None, echo,
-                                      logprobs)
+        _, tokens, lps = echoed_rows(self.engine, prompt_tokens, sampling, lambda t: "",
+                                     None, echo, logprobs)
         return tokens, (lps if logprobs else None)
 
     def pieces(self, tokens: List[int]) -> List[str]:
@@ -241,8 +199,8 @@ class Llama:
                            "wrap a single prompt in a list, or use stream_completion")
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
         sampling = Sampling(temperature, top_p, max_gen_len, {self.tokenizer.eos_id})
-        rows, tokens, lps = self._echoed(prompt_tokens, sampling, self.tokenizer.decode,
-                                         stop, echo, logprobs)
+        rows, tokens, lps = echoed_rows(self.engine, prompt_tokens, sampling,
+                                        self.tokenizer.decode, stop, echo, logprobs)
         if logprobs:
             return [{"generation": row.text, "tokens": self.pieces(t), "logprobs": lp}
                     for row, t, lp in zip(rows, tokens, lps)]
@@ -253,19 +211,8 @@ class Llama:
                           stop: Optional[List[str]] = None) -> Iterator[str]:
         """text_completion for one prompt, yielding the new text as it is produced."""
         sampling = Sampling(temperature, top_p, max_gen_len, {self.tokenizer.eos_id})
-        return self._stream(self.tokenizer.encode(prompt, bos=True, eos=False), sampling,
-                            self.tokenizer.decode, stop)
-
-    def infilling_prompts(self, prefixes: List[str], suffixes: List[str], suffix_first: bool):
-        require_infilling(self.tokenizer)
-        fix = "wrap a single prefix and suffix in lists, or use stream_infilling"
-        prefixes = as_batch(prefixes, "prefixes", fix)
-        suffixes = as_batch(suffixes, "suffixes", fix)
-        if len(prefixes) != len(suffixes):
-            raise ValueError(f"got {len(prefixes)} prefixes but {len(suffixes)} suffixes; "
-                             f"pass one suffix per prefix")
-        return [infilling_prompt_tokens(self.tokenizer, pre, suf, suffix_first)
-                for pre, suf in zip(prefixes, suffixes)]
+        prompt_tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
+        return stream_text(self.engine, prompt_tokens, sampling, self.tokenizer.decode, stop)
 
     def text_infilling(
         self,
@@ -280,9 +227,10 @@ class Llama:
     ) -> List[InfillingPrediction]:
         """Fill the middle between each prefix and suffix (PSM format, or SPM with
         `suffix_first`). A row ends at <EOT>, EOS, `max_gen_len` or a `stop` string."""
-        prompt_tokens = self.infilling_prompts(prefixes, suffixes, suffix_first)
+        prompt_tokens = infilling_batch(self.tokenizer, prefixes, suffixes, suffix_first)
         sampling = Sampling(temperature, top_p, max_gen_len, self.infill_stop_ids)
-        rows = self._run(prompt_tokens, sampling, self.tokenizer.decode_infilling, stop)
+        rows = text_rows(self.engine, prompt_tokens, sampling,
+                         self.tokenizer.decode_infilling, stop)
         results = []
         for row, pre, suf in zip(rows, prefixes, suffixes):
             result = {"generation": row.text}
@@ -301,9 +249,10 @@ class Llama:
                          suffix_first: bool = False,
                          stop: Optional[List[str]] = None) -> Iterator[str]:
         """text_infilling for one prefix/suffix pair, yielding the middle as it is made."""
-        (prompt,) = self.infilling_prompts([prefix], [suffix], suffix_first)
+        (prompt,) = infilling_batch(self.tokenizer, [prefix], [suffix], suffix_first)
         sampling = Sampling(temperature, top_p, max_gen_len, self.infill_stop_ids)
-        return self._stream(prompt, sampling, self.tokenizer.decode_infilling, stop)
+        return stream_text(self.engine, prompt, sampling, self.tokenizer.decode_infilling,
+                           stop)
 
     def chat_prompt(self, dialog: Dialog) -> Tuple[List[int], bool]:
         """(prompt tokens, unsafe) of a dialog in the tokenizer's chat format: the
@@ -342,8 +291,8 @@ class Llama:
         rows = [TextRow(self.tokenizer.decode) for _ in dialogs]
         if safe:
             sampling = Sampling(temperature, top_p, max_gen_len, self.chat_stop_ids)
-            ran = self._run([prompts[i][0] for i in safe], sampling, self.tokenizer.decode,
-                            stop)
+            ran = text_rows(self.engine, [prompts[i][0] for i in safe], sampling,
+                            self.tokenizer.decode, stop)
             for i, row in zip(safe, ran):
                 rows[i] = row
         results = []
@@ -366,7 +315,63 @@ class Llama:
         if unsafe:
             return iter([UNSAFE_ERROR])
         sampling = Sampling(temperature, top_p, max_gen_len, self.chat_stop_ids)
-        return self._stream(prompt, sampling, self.tokenizer.decode, stop)
+        return stream_text(self.engine, prompt, sampling, self.tokenizer.decode, stop)
+
+
+def text_rows(engine: Engine, prompt_tokens, sampling: Sampling, decode, stop=None,
+              echo=False, prompt_logprobs=None) -> List[TextRow]:
+    """One engine call as one TextRow (tokens, logprobs, text cut at the first stop
+    string) per prompt."""
+    rows = [TextRow(decode, check_stop(stop), p if echo else ()) for p in prompt_tokens]
+    if prompt_tokens:
+        for _ in engine.generate(prompt_tokens, sampling, prompt_logprobs,
+                                 on_token=lambda i, tok, lp: rows[i].add(tok, lp)):
+            pass
+    return rows
+
+
+def echoed_rows(engine: Engine, prompt_tokens, sampling: Sampling, decode, stop,
+                echo: bool, logprobs: bool):
+    """text_rows, plus each row's returned tokens and logprobs: with `echo` the prompt's
+    come first (the prompt scored by the model, 0.0 for its first token)."""
+    prompt_lp = [] if logprobs and echo else None
+    rows = text_rows(engine, prompt_tokens, sampling, decode, stop, echo, prompt_lp)
+    tokens = [(list(p) if echo else []) + r.tokens for p, r in zip(prompt_tokens, rows)]
+    lps = [(prompt_lp[i] if prompt_lp is not None else []) + r.logprobs
+           for i, r in enumerate(rows)]
+    return rows, tokens, lps
+
+
+def stream_text(engine: Engine, prompt_tokens, sampling: Sampling, decode,
+                stop=None) -> Iterator[str]:
+    """One prompt's new text as it becomes final (the pieces concatenate to the text
+    text_rows gives). Arguments are checked now, not at the first next()."""
+    row = TextRow(decode, check_stop(stop))
+    steps = engine.generate([prompt_tokens], sampling,
+                            on_token=lambda i, tok, lp: row.add(tok, lp))
+
+    def pieces():
+        for _ in steps:
+            delta = row.delta()
+            if delta:
+                yield delta
+        tail = row.delta(final=True)
+        if tail:
+            yield tail
+    return pieces()
+
+
+def infilling_batch(tokenizer: Tokenizer, prefixes, suffixes, suffix_first: bool):
+    """Prompt tokens of each (prefix, suffix) pair in PSM or SPM format."""
+    require_infilling(tokenizer)
+    fix = "wrap a single prefix and suffix in lists, or use stream_infilling"
+    prefixes = as_batch(prefixes, "prefixes", fix)
+    suffixes = as_batch(suffixes, "suffixes", fix)
+    if len(prefixes) != len(suffixes):
+        raise ValueError(f"got {len(prefixes)} prefixes but {len(suffixes)} suffixes; "
+                         f"pass one suffix per prefix")
+    return [infilling_prompt_tokens(tokenizer, pre, suf, suffix_first)
+            for pre, suf in zip(prefixes, suffixes)]
 
 
 def as_batch(value, name: str, fix: str) -> list:

@@ -52,3 +52,37 @@ def test_compiled_decode_step_at_mp2(make_model, tmp_path):
     (eager_tok, eager_lp), (comp_tok, comp_lp) = got["eager"], got["compiled"]
     assert comp_tok.tolist() == eager_tok.tolist()
     assert torch.allclose(comp_lp, eager_lp, atol=1e-4)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_localhost_equal_one_process(make_model, tmp_path):
+    """The README's multi-node launch (torchrun --nnodes 2 with c10d rendezvous), as two
+    "nodes" of one process each on this machine: MP=2 across them gives MP=1's greedy
+    tokens."""
+    import os
+    import subprocess
+    import sys
+    folder, _, _ = make_model(shards=1, n_heads=4, n_kv_heads=2)
+    out = tmp_path / "out.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(conftest.ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+           "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_id", "two-nodes",
+           "--rdzv_endpoint", f"127.0.0.1:{free_port()}", str(WORKER), str(folder), str(out)]
+    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(log[-2000:] for log in logs)
+    got = torch.load(out, weights_only=False)
+    assert got["local_heads"] == 2  # split over the two nodes
+    greedy = build(folder).text_completion(["def fib(n):", "import re\n"], temperature=0,
+                                           max_gen_len=16, logprobs=True)
+    for g, w in zip(got["greedy"], greedy):
+        assert g["tokens"] == w["tokens"]
+        assert g["logprobs"] == pytest.approx(w["logprobs"], abs=1e-4)
