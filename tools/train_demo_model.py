@@ -816,9 +816,10 @@ def load_state(path: Path) -> dict:
     except (RuntimeError, EOFError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SystemExit(f"{path} cannot be read ({first}); {advice}") from None
-    if not isinstance(saved, dict) or not set(STATE_FIELDS) <= set(saved):
-        raise SystemExit(f"{path} is not a training state of this script (it lacks "
-                         f"{', '.join(STATE_FIELDS)}); {advice}")
+    if (not isinstance(saved, dict) or not set(STATE_FIELDS) <= set(saved)
+            or not all(isinstance(saved[k], dict) for k in ("config", "progress", "rng"))):
+        raise SystemExit(f"{path} is not a training state of this script (that is a "
+                         f"dictionary of {', '.join(STATE_FIELDS)}); {advice}")
     return saved
 
 
