@@ -7,12 +7,17 @@
 #                   MODEL_SIZE=7b,13b-Instruct TARGET_FOLDER=/data/codellama ./download.sh
 #                   (MODEL_SIZE set but empty means every model)
 #
-# Every file is resumed if a partial copy exists, checked for being an HTML page or empty,
-# and the model files are compared with the md5 sums in each model's checklist.chk.
+# Every file is resumed if a partial copy exists (or downloaded again from the start when the
+# server cannot resume), checked for being an HTML page or empty, and the model files are
+# compared with the md5 sums in each model's checklist.chk, which is downloaded anew on every
+# run. Files that are not the model's own are never deleted or overwritten: a different
+# LICENSE or USE_POLICY.md already in TARGET_FOLDER is kept and Meta's copy is saved beside
+# it as LICENSE.codellama (the script stops if a different file of that name is there).
 #
 # Settings (environment variables):
 #   PRESIGNED_URL   the link from the e-mail; asked for when unset or empty
-#   MODEL_SIZE      comma-separated model names; asked for when unset; empty = all models
+#   MODEL_SIZE      comma-separated model names (exactly the names below, in any letter case);
+#                   asked for when unset; empty = all models
 #   TARGET_FOLDER   where the files go (default: the current directory)
 #   DOWNLOADER      wget or curl (default: wget when installed, otherwise curl)
 #   CHECKSUM_TOOL   md5sum, md5 (macOS) or openssl (default: the first one installed)
@@ -31,7 +36,7 @@ META_HOST_TEXT="https://download.llamameta.net"
 REQUEST_PAGE="https://www.llama.com/llama-downloads/"
 
 TMP_LOG=""
-PARTIAL=""  # a temporary download (fetch_whole) to remove if the script stops early
+PARTIAL=""  # a temporary download (fetch_anew) to remove if the script stops early
 FAILED_FILES=()
 FAILED_COUNT=0
 
@@ -260,27 +265,39 @@ estimated_shard_bytes() {
     esac
 }
 
-parse_models() {
-    # Fill MODELS with the canonical names from the comma-separated list $1 (empty = all).
-    local list=$1 name known found m
-    list=${list//[[:space:]]/}
-    [[ -n ${list//,/} ]] || list=$ALL_MODELS
-    MODELS=()
+unknown_model() {
+    printf '%s\n' "$1" >&2
+    printf 'Valid models: %s\n' "$ALL_MODELS" >&2
+    exit 1
+}
+
+canonical_model() {
+    # canonical_model NAME: print the entry of ALL_MODELS that NAME spells, apart from letter case.
+    local LC_ALL=C name=$1 known
+    [[ $name =~ ^[A-Za-z0-9-]+$ ]] || return 1
     local IFS=,
-    for name in $list; do
-        [[ -n $name ]] || continue
-        found=""
-        for known in $ALL_MODELS; do
-            if same_ignoring_case "$name" "$known"; then
-                found=$known
-                break
-            fi
-        done
-        if [[ -z $found ]]; then
-            printf 'Unknown model: %s\n' "$name" >&2
-            printf 'Valid models: %s\n' "$ALL_MODELS" >&2
-            exit 1
+    for known in $ALL_MODELS; do
+        if same_ignoring_case "$name" "$known"; then
+            printf '%s' "$known"
+            return 0
         fi
+    done
+    return 1
+}
+
+parse_models() {
+    # Fill MODELS with the canonical names from the comma-separated list $1 (blank = all). The list is
+    # split with read, never by unquoted expansion: a '*' or '?' in it must not match file names.
+    local list=$1 name found m
+    local items=()
+    [[ -n ${list//[[:space:]]/} ]] || list=$ALL_MODELS
+    IFS=, read -r -d '' -a items <<<"$list" || true
+    MODELS=()
+    for name in ${items[@]+"${items[@]}"}; do
+        name=${name#"${name%%[![:space:]]*}"}
+        name=${name%"${name##*[![:space:]]}"}
+        [[ -n $name ]] || continue
+        found=$(canonical_model "$name") || unknown_model "Unknown model: $name"
         for m in ${MODELS[@]+"${MODELS[@]}"}; do
             if [[ $m == "$found" ]]; then
                 found=""
@@ -291,6 +308,7 @@ parse_models() {
             MODELS+=("$found")
         fi
     done
+    [[ ${#MODELS[@]} -gt 0 ]] || unknown_model "No model name in the list: $list"
 }
 
 # ----------------------------------------------------------------------------- downloading
@@ -364,10 +382,21 @@ check_free_space() {
     fi
 }
 
+curl_fetch() {
+    # curl_fetch URL DEST: download URL to DEST, resuming it; print the last HTTP status, return curl's.
+    local progress=(--silent --show-error)
+    if [[ -t 2 ]]; then
+        progress=(--progress-bar)
+    fi
+    curl --fail --location --retry 3 "${progress[@]}" --continue-at - \
+        --output "$2" --write-out '%{http_code}' "$1"
+}
+
 fetch() {
     # fetch REL_PATH DEST: download one file, resuming a partial copy; stop with an explanation on failure.
     local rel=$1 dest=$2 url rc code
     url="${URL_HEAD}${rel}${URL_TAIL}"
+    refuse_folder "$dest"
 
     # A partial file that is an HTML page (for example from an earlier run of Meta's script) cannot be resumed.
     if [[ -s $dest ]] && looks_like_html "$dest"; then
@@ -378,12 +407,15 @@ fetch() {
     rc=0
     code=""
     if [[ $DOWNLOADER == curl ]]; then
-        local curl_progress=(--silent --show-error)
-        if [[ -t 2 ]]; then
-            curl_progress=(--progress-bar)
+        code=$(curl_fetch "$url" "$dest") || rc=$?
+        if [[ $rc == 33 ]]; then
+            # The server ignored the range request: this copy can never be resumed, so start over
+            # (wget does that by itself).
+            note "The server cannot resume $rel; downloading it again from the start."
+            rm -f "$dest"
+            rc=0
+            code=$(curl_fetch "$url" "$dest") || rc=$?
         fi
-        code=$(curl --fail --location --retry 3 "${curl_progress[@]}" --continue-at - \
-            --output "$dest" --write-out '%{http_code}' "$url") || rc=$?
         [[ $rc != 23 ]] || explain_write_error "$dest"
     else
         local wget_progress=--progress=dot:giga
@@ -436,20 +468,65 @@ fetch() {
     fi
 }
 
+refuse_folder() {
+    # refuse_folder PATH: stop when PATH is a folder, where a download would go into, not in its place.
+    if [[ -d $1 ]]; then
+        die "$1 is a folder, but the script downloads a file of that name." \
+            "Move the folder away, then run the script again."
+    fi
+}
+
+new_temp_file() {
+    # new_temp_file DEST: create an empty, unused file beside DEST and print its name. Not mktemp: its
+    # files are private (mode 0600), and the download should get the usual permissions (the umask's).
+    local name tries=0
+    while [[ $tries -lt 100 ]]; do
+        name="${1%/*}/.${1##*/}.download-$$-$RANDOM"
+        if (set -C && : >"$name") 2>/dev/null; then
+            printf '%s' "$name"
+            return 0
+        fi
+        tries=$((tries + 1))
+    done
+    die "Could not create a temporary file in ${1%/*}; check that the folder is writable."
+}
+
+fetch_anew() {
+    # fetch_anew REL_PATH DEST: download REL_PATH whole into a new temporary file beside DEST, left in
+    # PARTIAL (removed on exit unless moved): a local file named DEST is never resumed or replaced here.
+    refuse_folder "$2"
+    PARTIAL=$(new_temp_file "$2")
+    fetch "$1" "$PARTIAL"
+}
+
+fetch_fresh() {
+    # fetch_fresh REL_PATH DEST: replace DEST with the server's current copy. For checklist.chk: a
+    # complete but stale copy would otherwise be kept forever (resuming it gets "nothing left"), and
+    # every shard would be compared with the wrong sums on every run.
+    fetch_anew "$1" "$2"
+    mv -f "$PARTIAL" "$2"
+    PARTIAL=""
+}
+
 fetch_whole() {
-    # fetch_whole REL_PATH DEST: download a file that has no checksum (LICENSE, USE_POLICY.md) anew,
-    # through a temporary file: a local file of that name cannot be trusted to be a partial copy of it.
-    # An existing DEST that is not a first part of it (such as a source checkout's own LICENSE when the
-    # target is the checkout) is kept, and the download is saved beside it as DEST.codellama.
-    local rel=$1 dest=$2
-    PARTIAL="$dest.part"
-    rm -f "$PARTIAL"
-    fetch "$rel" "$PARTIAL"
-    if [[ -f $dest ]] && ! cmp -s -n "$(file_size "$dest")" "$dest" "$PARTIAL"; then
-        mv -f "$PARTIAL" "$dest.codellama"
-        note "Kept the existing $dest (its content differs); Meta's $rel is saved as $dest.codellama."
-    else
+    # fetch_whole REL_PATH DEST: for a file that has no checksum (LICENSE, USE_POLICY.md) and may share
+    # its name with a user's file (a source checkout's own LICENSE when the target is the checkout).
+    # DEST is replaced only when it is a first part of the download (an earlier, cut-off run); otherwise
+    # it is kept and the download goes to DEST.codellama, unless a different file has that name.
+    local rel=$1 dest=$2 beside=$2.codellama
+    fetch_anew "$rel" "$dest"
+    if [[ ! -f $dest ]] || cmp -s -n "$(file_size "$dest")" "$dest" "$PARTIAL"; then
         mv -f "$PARTIAL" "$dest"
+    elif [[ ! -e $beside && ! -L $beside ]]; then
+        mv -f "$PARTIAL" "$beside"
+        note "Kept the existing $dest (its content differs); Meta's $rel is saved as $beside."
+    elif [[ -f $beside ]] && cmp -s "$beside" "$PARTIAL"; then
+        rm -f "$PARTIAL"
+        note "Kept the existing $dest (its content differs); Meta's $rel is in $beside."
+    else
+        die "$beside already exists and is not Meta's $rel; it is kept." \
+            "$dest differs from Meta's $rel too, so there is no place left to save Meta's copy." \
+            "Move one of them away, then run the script again."
     fi
     PARTIAL=""
 }
@@ -477,7 +554,7 @@ verify_model() {
             count=$((count + 1))
         else
             printf '%s\n' "$dir/checklist.chk: FAILED (not a checksum line: $line)"
-            record_failure "$dir/checklist.chk (unreadable line; delete it and run again)"
+            record_failure "$dir/checklist.chk (a line is not an md5 sum and a file name)"
             return 0
         fi
     done <"$dir/checklist.chk"
@@ -552,6 +629,8 @@ main() {
         fi
     fi
     parse_models "$models"
+    # A name starting with '-' would be read as an option by mkdir, rm, cmp, md5 and the others.
+    [[ $target != -* ]] || target=./$target
 
     mkdir -p "$target" || die "Could not create the folder $target."
     [[ -w $target ]] || die "The folder $target is not writable."
@@ -567,9 +646,10 @@ main() {
         mkdir -p "$target/$folder" || die "Could not create the folder $target/$folder."
         shards=$(shard_count "$m")
         # The small files first: a bad link or a model missing from it shows up before the big shards.
-        for s in params.json tokenizer.model checklist.chk; do
+        for s in params.json tokenizer.model; do
             fetch "$folder/$s" "$target/$folder/$s"
         done
+        fetch_fresh "$folder/checklist.chk" "$target/$folder/checklist.chk"
         files=()
         for ((i = 0; i < shards; i++)); do
             s=$(printf 'consolidated.%02d.pth' "$i")

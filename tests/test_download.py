@@ -82,6 +82,7 @@ class FakeMetaServer:
     def __init__(self):
         self.files = dict(SITE)
         self.fail = {}  # path -> 403 | 404 | "html" | "empty"
+        self.ranges = True  # False: ignore Range headers (200 with the whole file), as some servers do
         self.log = []  # (path, Range header or None, status)
         self.lock = threading.Lock()
         owner = self
@@ -146,6 +147,9 @@ class FakeMetaServer:
             return 404
         data = self.files[path]
         octet = [("Content-Type", "binary/octet-stream"), ("Accept-Ranges", "bytes")]
+        if not self.ranges:
+            self.reply(handler, 200, data, octet[:1])
+            return 200
         if range_header and range_header.startswith("bytes="):
             first, _, last = range_header[len("bytes="):].partition("-")
             start = int(first)
@@ -203,9 +207,10 @@ def base_env(tmp_path, srv=None, **extra):
     return env
 
 
-def run_script(env, stdin=subprocess.DEVNULL):
+def run_script(env, stdin=subprocess.DEVNULL, cwd=None):
     kwargs = {"input": stdin} if isinstance(stdin, str) else {"stdin": stdin}
-    proc = subprocess.run([str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60, **kwargs)
+    proc = subprocess.run([str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60, cwd=cwd,
+                          **kwargs)
     proc.output = proc.stdout + proc.stderr
     return proc
 
@@ -258,6 +263,10 @@ def test_full_download_7b_and_13b(server, downloader, tmp_path):
     assert_model_complete(target, "7b")
     assert_model_complete(target, "13b")
     assert sorted(p.name for p in target.iterdir()) == ["CodeLlama-13b", "CodeLlama-7b", "LICENSE", "USE_POLICY.md"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (target / "LICENSE", target / "CodeLlama-7b" / "checklist.chk"):  # went through a temporary file
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
     assert f"Using {downloader}" in proc.output
     assert "Downloading LICENSE and Acceptable Usage Policy" in proc.output
     assert "Downloading CodeLlama-7b" in proc.output and "Downloading CodeLlama-13b" in proc.output
@@ -343,9 +352,10 @@ def test_second_run_downloads_nothing_again(server, downloader, tmp_path):
     assert proc.returncode == 0, proc.output
     assert_model_complete(tmp_path / "weights", "7b")
     # Every checked file was already complete: each request asked for the bytes after the end
-    # and got 416. The two files without a checksum are fetched whole again.
+    # and got 416. The two files without a checksum, and the checksums, are fetched whole again.
     again = {path: status for path, _, status in server.log}
     assert again.pop("LICENSE") == 200 and again.pop("USE_POLICY.md") == 200
+    assert again.pop("CodeLlama-7b/checklist.chk") == 200
     assert again and set(again.values()) == {416}, server.log
 
 
@@ -366,6 +376,46 @@ def test_an_existing_license_is_not_resumed_or_replaced(server, downloader, tmp_
     assert not list(target.glob("*.part"))
 
 
+def test_a_second_run_keeps_the_saved_license_copy(server, tmp_path):
+    _require("curl")
+    target = tmp_path / "weights"
+    target.mkdir()
+    (target / "LICENSE").write_bytes(b"MIT License\n")
+    env = base_env(tmp_path, server, MODEL_SIZE="7b", DOWNLOADER="curl")
+    assert run_script(env).returncode == 0
+    proc = run_script(env)  # LICENSE.codellama is there and holds Meta's text: nothing to do
+    assert proc.returncode == 0, proc.output
+    assert (target / "LICENSE").read_bytes() == b"MIT License\n"
+    assert (target / "LICENSE.codellama").read_bytes() == SITE["LICENSE"]
+
+
+def test_user_files_beside_the_license_are_not_touched(server, downloader, tmp_path):
+    """LICENSE.part and LICENSE.codellama may be the user's own files: neither is deleted
+    or overwritten; a LICENSE.codellama that differs stops the script with a message."""
+    target = tmp_path / "weights"
+    target.mkdir()
+    mine = {"LICENSE": b"MIT License\n", "LICENSE.part": b"my notes\n", "LICENSE.codellama": b"mine\n"}
+    for name, data in mine.items():
+        (target / name).write_bytes(data)
+    proc = run_script(base_env(tmp_path, server, MODEL_SIZE="7b", DOWNLOADER=downloader))
+    assert proc.returncode == 1
+    assert f"{target}/LICENSE.codellama already exists" in proc.output
+    assert "Move one of them away" in proc.output
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == mine  # no temporary file left
+    assert not server.requested("CodeLlama-7b/params.json")
+
+
+@pytest.mark.parametrize("path", ["USE_POLICY.md", "CodeLlama-7b/params.json", "CodeLlama-7b/checklist.chk"])
+def test_a_folder_where_a_file_goes_is_refused(server, tmp_path, path):
+    _require("curl")
+    target = tmp_path / "weights"
+    (target / path).mkdir(parents=True)
+    proc = run_script(base_env(tmp_path, server, MODEL_SIZE="7b", DOWNLOADER="curl"))
+    assert proc.returncode == 1
+    assert f"{target}/{path} is a folder" in proc.output
+    assert list((target / path).iterdir()) == []
+
+
 # --------------------------------------------------------------------------- resume
 
 
@@ -380,6 +430,41 @@ def test_resume_after_interrupted_download(server, downloader, tmp_path):
     assert partial.read_bytes() == data
     assert_model_complete(tmp_path / "weights", "13b")
     assert (path, "bytes=12345-", 206) in server.requested(path), server.requested(path)
+
+
+def test_server_without_resume_support_downloads_again(server, downloader, tmp_path):
+    """A server that ignores Range answers 200 with the whole file: curl stops with exit
+    status 33, and resuming can never work, so the file is fetched anew."""
+    server.ranges = False
+    path = "CodeLlama-7b/consolidated.00.pth"
+    partial = tmp_path / "weights" / path
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(SITE[path][:12_345])
+    proc = run_script(base_env(tmp_path, server, MODEL_SIZE="7b", DOWNLOADER=downloader))
+    assert proc.returncode == 0, proc.output
+    assert_model_complete(tmp_path / "weights", "7b")
+    assert "run the script again to resume" not in proc.output
+
+
+def test_stale_checklist_is_replaced_by_the_servers(server, downloader, tmp_path):
+    """A complete checklist.chk from an earlier download (here: other sums, same size)
+    must not be kept: its shards would fail on every run, however often they are fetched."""
+    env = base_env(tmp_path, server, MODEL_SIZE="7b", DOWNLOADER=downloader)
+    assert run_script(env).returncode == 0
+    checklist = tmp_path / "weights" / "CodeLlama-7b" / "checklist.chk"
+    checklist.write_bytes(SITE["CodeLlama-7b/checklist.chk"].replace(b"a", b"b").replace(b"0", b"1"))
+    proc = run_script(env)
+    assert proc.returncode == 0, proc.output
+    assert_model_complete(tmp_path / "weights", "7b")
+    assert not list(checklist.parent.glob(".*"))
+
+
+def test_target_folder_starting_with_a_dash(server, downloader, tmp_path):
+    env = base_env(tmp_path, server, MODEL_SIZE="7b", DOWNLOADER=downloader, TARGET_FOLDER="-weights")
+    proc = run_script(env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.output
+    assert_common_files(tmp_path / "-weights")
+    assert_model_complete(tmp_path / "-weights", "7b")
 
 
 def test_html_page_from_an_earlier_attempt_is_replaced(server, tmp_path):
@@ -514,6 +599,19 @@ def test_unknown_model(server, tmp_path):
     assert server.log == []  # nothing was fetched, not even LICENSE
 
 
+@pytest.mark.parametrize("models", ["7?", "[7]b", "7*", "*", "7 b", "./7b", "7b/", "7b/../13b", "~", ","])
+def test_model_names_must_be_exact(server, tmp_path, models):
+    """Only the twelve names (in any letter case) pass: patterns are not expanded against
+    the files of the current folder, and nothing else is read as a name."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "7b").write_text("a file whose name a pattern would match")
+    proc = run_script(base_env(tmp_path, server, MODEL_SIZE=models), cwd=cwd)
+    assert proc.returncode == 1, proc.output
+    assert "Valid models: " + ",".join(ALL_MODELS) in proc.output
+    assert server.log == []
+
+
 @pytest.mark.parametrize("url", [
     "https://example.com/*?Policy=abc&Signature=xyz",
     "http://download.llamameta.net/*?Policy=abc&Signature=xyz",
@@ -619,7 +717,15 @@ def test_not_enough_disk_space_stops_before_the_shard(server, tmp_path):
     assert not server.requested("CodeLlama-7b/consolidated.00.pth")
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def _dev_full_is_a_device():
+    # In some containers /dev/full is missing or a plain file (that a write through the link grows).
+    try:
+        return stat.S_ISCHR(os.stat("/dev/full").st_mode)
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _dev_full_is_a_device(), reason="needs /dev/full as a device")
 def test_failed_write_is_reported_as_disk_problem(server, downloader, tmp_path):
     folder = tmp_path / "weights" / "CodeLlama-7b"
     folder.mkdir(parents=True)

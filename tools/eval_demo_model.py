@@ -67,7 +67,7 @@ for p in (str(HERE.parent), str(HERE)):
 
 from llama import Llama  # noqa: E402
 from llama.prompts import infilling_prompt_tokens  # noqa: E402
-from train_demo_model import FULL, TINY, list_corpus, stdlib_root  # noqa: E402
+from train_demo_model import FULL, TINY, list_corpus, stdlib_root, write_json  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -320,7 +320,7 @@ def main(argv=None) -> int:
     if opts.out:
         out = Path(opts.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
+        write_json(out, result)
         log(f"wrote {out}")
     summary = {"perplexity": round(ppl["perplexity"], 4),
                "bits_per_character": round(ppl["bits_per_character"], 4),

@@ -62,12 +62,19 @@ with the same packages gives the same data, tokenizer and initial weights):
 Time budget and resuming: the script stops --reserve_s before --minutes of wall time
 have passed (data preparation included), saves model, optimizer, step, RNG states and data
 position to <work_dir>/train_state.pt and exits with status 75; running the same command
-again resumes from there. Prepared data and the tokenizer are cached in work_dir. When
-training is complete the folder and the stats JSON are written and the exit status is 0;
-running again after that only re-exports and re-verifies.
+again resumes from there. The state holds tensors and plain values only and is loaded with
+torch.load(weights_only=True), so a train_state.pt from elsewhere cannot run code. Prepared
+data and the tokenizer are cached in work_dir. When training is complete the folder and
+the stats JSON are written and the exit status is 0; running again after that only
+re-exports and re-verifies.
+
+Nothing is half-written or lost: the state, the stats and the data cache's meta.json are
+written through a temporary file and a rename; the model folder is written beside
+--out_dir and swapped in when complete. An --out_dir must be absent or empty, or hold only
+a model folder's four files and --overwrite be given (checked before training starts).
 
     PYTHONPATH=. python tools/train_demo_model.py --work_dir out/demo-train \
-        --out_dir models/CodeLlama-demo --stats out/demo-train/train_stats.json
+        --out_dir models/CodeLlama-demo --overwrite --stats out/demo-train/train_stats.json
     PYTHONPATH=. python tools/train_demo_model.py --tiny --work_dir /tmp/demo-tiny  # CPU test
 """
 
@@ -78,9 +85,11 @@ import json
 import math
 import multiprocessing
 import os
+import pickle
 import platform
 import random
 import re
+import secrets
 import shutil
 import sys
 import sysconfig
@@ -570,7 +579,7 @@ def prepare_data(cfg: dict, work_dir: Path, workers: int) -> dict:
             sample_kinds=kinds, seconds=None,
         )
         meta["seconds"] = round(time.time() - t0, 1)
-        meta_path.write_text(json.dumps(meta, indent=2))
+        write_json(meta_path, meta)  # written last: its presence marks a complete cache
         log(f"samples: {sum(kinds.values())} documents over {cfg['epochs']} epochs {kinds}; "
             f"{meta['train_tokens_per_epoch']:.0f} tokens/epoch, {len(train_tok)} rows of "
             f"{cfg['ctx']}, packing {meta['packing_efficiency']:.1%}, "
@@ -644,18 +653,81 @@ def md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_folder(out_dir: Path, state: "OrderedDict", cfg: dict, tokenizer_path: Path) -> dict:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("*.pth"):
-        stale.unlink()
-    torch.save(state, out_dir / "consolidated.00.pth")
-    params = {k: cfg[k] for k in PARAM_KEYS}
-    (out_dir / "params.json").write_text(json.dumps(params, indent=4))
-    shutil.copyfile(tokenizer_path, out_dir / "tokenizer.model")
-    names = ["consolidated.00.pth", "params.json", "tokenizer.model"]
-    sums = {n: md5(out_dir / n) for n in names}
-    (out_dir / "checklist.chk").write_text("".join(f"{sums[n]}  {n}\n" for n in names))
-    size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
+EXPORT_FILES = ("consolidated.00.pth", "params.json", "tokenizer.model", "checklist.chk")
+
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an --out_dir whose content would be lost: the export replaces the whole
+    folder, so it must be absent or empty, or hold only a model folder's four files and
+    --overwrite must say that replacing them is wanted."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise SystemExit(f"--out_dir {out_dir} exists and is not a folder; choose another "
+                         f"--out_dir")
+    names = sorted(p.name for p in out_dir.iterdir())
+    others = [n for n in names if n not in EXPORT_FILES]
+    if others:
+        raise SystemExit(f"--out_dir {out_dir} holds files this script does not write "
+                         f"({', '.join(others)}); the export replaces the whole folder, so "
+                         f"choose another --out_dir or move them away")
+    if names and not overwrite:
+        raise SystemExit(f"--out_dir {out_dir} already holds a model ({', '.join(names)}); "
+                         f"add --overwrite to replace it, or choose another --out_dir")
+
+
+def temp_sibling(path: Path) -> Path:
+    """A hidden, unused name beside path for writing before a rename."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+def write_json(path: Path, obj) -> None:
+    """Write through a temporary file and a rename, so that a failed write (a full disk,
+    a kill) leaves the previous file, never half of a new one."""
+    tmp = temp_sibling(path)
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(json.dumps(obj, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def replace_dir(new: Path, dest: Path) -> None:
+    """Put folder new in place of dest; the old dest is removed only once new is there."""
+    if not dest.exists() and not dest.is_symlink():
+        os.replace(new, dest)
+        return
+    old = temp_sibling(dest)
+    os.replace(dest, old)
+    os.replace(new, dest)
+    if old.is_symlink():
+        old.unlink()
+    else:
+        shutil.rmtree(old)
+
+
+def write_folder(out_dir: Path, state: "OrderedDict", cfg: dict, tokenizer_path: Path,
+                 overwrite: bool) -> dict:
+    """Write the model folder beside out_dir and swap it in when complete: a failure
+    leaves the previous folder as it was and no half-written one under its name."""
+    check_out_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(out_dir)
+    tmp.mkdir()  # follows the umask, unlike tempfile.mkdtemp's 0700
+    try:
+        torch.save(state, tmp / "consolidated.00.pth")
+        params = {k: cfg[k] for k in PARAM_KEYS}
+        (tmp / "params.json").write_text(json.dumps(params, indent=4))
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        names = ["consolidated.00.pth", "params.json", "tokenizer.model"]
+        sums = {n: md5(tmp / n) for n in names}
+        (tmp / "checklist.chk").write_text("".join(f"{sums[n]}  {n}\n" for n in names))
+        size = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
+        replace_dir(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
     return dict(md5=sums, folder_bytes=size, params=params)
 
 
@@ -698,8 +770,12 @@ def valid_loss(model, tokens, targets, cfg, device, autocast) -> float:
 
 
 def rng_state(device) -> dict:
+    # Tensors and plain Python values only (numpy's key array becomes a tensor): the state
+    # must load with torch.load(weights_only=True).
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = dict(torch=torch.get_rng_state(), python=random.getstate(),
-                 numpy=np.random.get_state())
+                 numpy=(kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                        int(has_gauss), float(gauss)))
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -708,15 +784,43 @@ def rng_state(device) -> dict:
 def set_rng_state(state: dict, device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+STATE_FIELDS = ("config", "data_key", "model", "optimizer", "rng", "progress")
+
+
 def save_state(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    tmp = temp_sibling(path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_state(path: Path) -> dict:
+    """The state save_state wrote. weights_only=True: a train_state.pt from somewhere
+    else may hold tensors and plain values, never code that runs when it is loaded."""
+    advice = "delete it or use a fresh --work_dir"
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # PyTorch's own message suggests weights_only=False, the very thing to avoid.
+        raise SystemExit(f"{path} holds Python objects other than tensors and plain values, "
+                         f"so this script did not write it (or an older version did) and "
+                         f"will not load it: loading could run code; {advice}") from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"{path} cannot be read ({first}); {advice}") from None
+    if (not isinstance(saved, dict) or not set(STATE_FIELDS) <= set(saved)
+            or not all(isinstance(saved[k], dict) for k in ("config", "progress", "rng"))):
+        raise SystemExit(f"{path} is not a training state of this script (that is a "
+                         f"dictionary of {', '.join(STATE_FIELDS)}); {advice}")
+    return saved
 
 
 def param_count(args: ModelArgs) -> int:
@@ -774,6 +878,8 @@ def parse_args(argv=None):
     p.add_argument("--out_dir", default=None,
                    help="model folder to write (default models/CodeLlama-demo; "
                         "with --tiny <work_dir>/model)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an --out_dir that already holds a model folder")
     p.add_argument("--stats", default=None,
                    help="training stats JSON (default <work_dir>/train_stats.json)")
     p.add_argument("--minutes", type=float, default=8.0,
@@ -815,6 +921,7 @@ def main(argv=None) -> int:
     work_dir.mkdir(parents=True, exist_ok=True)
     out_dir = Path(opts.out_dir or (work_dir / "model" if opts.tiny else ROOT / "models/CodeLlama-demo"))
     stats_path = Path(opts.stats or work_dir / "train_stats.json")
+    check_out_dir(out_dir, opts.overwrite)  # now, not after the training it would waste
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args = model_args(cfg)
     log(f"python {platform.python_version()}, torch {torch.__version__}, device {device}"
@@ -862,7 +969,7 @@ def main(argv=None) -> int:
               best_step=-1, best_state=None, history=[], valid_history=[], train_seconds=0.0,
               runs=[])
     if state_path.is_file():
-        saved = torch.load(state_path, map_location="cpu", weights_only=False)
+        saved = load_state(state_path)
         if saved["config"] != run_cfg or saved["data_key"] != data["key"]:
             changed = sorted(k for k in run_cfg if saved["config"].get(k) != run_cfg[k])
             raise SystemExit(f"{state_path} belongs to another configuration or corpus "
@@ -983,7 +1090,7 @@ def main(argv=None) -> int:
     )
     stats_path.parent.mkdir(parents=True, exist_ok=True)
     if unfinished:
-        stats_path.write_text(json.dumps(summary, indent=2))
+        write_json(stats_path, summary)
         log(f"time budget reached at step {st['step']}/{st['total_steps']}: state saved to "
             f"{state_path}; run the same command again to resume")
         return EXIT_UNFINISHED
@@ -995,7 +1102,7 @@ def main(argv=None) -> int:
     step_model = opt = None  # free the optimizer state before export
     model.cpu()
     meta = meta_state(chosen, args)
-    written = write_folder(out_dir, meta, cfg, tok_path)
+    written = write_folder(out_dir, meta, cfg, tok_path, opts.overwrite)
     log(f"wrote {out_dir}: {written['folder_bytes'] / 2**20:.2f} MiB, md5 {written['md5']}")
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -1009,7 +1116,7 @@ def main(argv=None) -> int:
         summary["versions"]["transformers"] = transformers.__version__
     except ImportError:
         pass
-    stats_path.write_text(json.dumps(summary, indent=2))
+    write_json(stats_path, summary)
     log(f"verification: max |logit diff| {check['max_abs_logit_diff']:.2e} "
         f"(max |logit| {check['max_abs_logit']:.1f}), argmax agreement "
         f"{check['argmax_agreement']:.4f} -> {'OK' if check['ok'] else 'FAILED'}")
