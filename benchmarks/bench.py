@@ -10,7 +10,7 @@ checkpoint is needed; `--ckpt_dir` loads a real one. Examples:
     python benchmarks/bench.py --device cpu --preset tiny --prefill_lens 32 --gen_len 8
 
 Only rank 0 prints and writes `--out`; every rank runs the same work. Our decode speed is
-timed from the first to the last step yielded by `Llama.decode_steps` (prefill excluded);
+timed from the first to the last step yielded by `Llama.engine.generate` (prefill excluded);
 HF's from its first to its last streamed token, so both cover the same interval.
 """
 
@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llama import Llama  # noqa: E402
 from llama.checkpoint import hf_config  # noqa: E402
-from llama.decode import COMPILE_SETTINGS, check_inductor_settings  # noqa: E402
+from llama.graphs import COMPILE_SETTINGS, check_inductor_settings  # noqa: E402
+from llama.sampling import Sampling  # noqa: E402
 
 GiB = 2**30
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
@@ -145,7 +146,7 @@ def ours_prefill(gen: Llama, clock: Clock, length: int, repeats: int, warmup: in
     prompt = random_prompts([length], gen.model.vocab_size, length)
 
     def once():  # what generation does before its first token (chunks, compiled or not)
-        return gen.prefill(prompt, 0.0, 1.0, None)
+        return gen.engine.prefill(prompt, Sampling(0.0, 1.0), None)
 
     clock.reset_peak()
     seconds = clock.median(once, repeats, warmup)
@@ -159,7 +160,7 @@ def ours_decode_once(gen: Llama, clock: Clock, prompts, gen_len: int):
     call = clock.mark()
     first = None
     made = []
-    for step in gen.decode_steps(prompts, gen_len, temperature=0.0, top_p=0.9, stop_ids=set()):
+    for step in gen.engine.generate(prompts, Sampling(0.0, 0.9, gen_len)):
         if first is None:
             first = clock.mark()
         made.append([None if s is None else s[0] for s in step])

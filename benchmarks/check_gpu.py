@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from llama import Llama  # noqa: E402
 from llama.checkpoint import load_into  # noqa: E402
+from llama.loading import empty_model  # noqa: E402
 
 # A little bigger than the "tiny" preset (GQA, 4 layers), still instant on any device.
 SHAPES = dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, multiple_of=64)
@@ -44,7 +45,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def run(device: str = "cuda", dtype: str = None, preset: str = "tiny", prompts: int = 6,
         gen_len: int = 48, long_prompt: int = 250, seed: int = 0,
-        max_rel_err: float = None, **overrides) -> dict:
+        max_rel_err: float = None, decode: str = None, **overrides) -> dict:
     """The check as a dict: {"ok", "logits_rel_err", "prompts": [...]}. A divergence is a
     near-tie when the test token is in the float32 top 2 and trails the float32 top-1 by
     at most 10 x (logits relative error) x (RMS of the float32 logits there)."""
@@ -64,9 +65,11 @@ def run(device: str = "cuda", dtype: str = None, preset: str = "tiny", prompts: 
     ref = Llama.from_preset(preset, device="cpu", dtype=torch.float32, **kw, **shapes)
     # Load before wrapping in Llama, as Llama.build does: on CUDA the wrapper fuses the
     # projections from the weights the model holds at that moment.
-    model = Llama.empty_model(ref.model.params, device, dt)
+    model = empty_model(ref.model.params, device, dt)
     load_into(model, ref.model.state_dict(), "float32 copy", device, dt)
     test = Llama(model, None)
+    if decode is not None:
+        test.configure(decode=decode)
     vocab = ref.model.vocab_size
     prompt_tokens = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
 
@@ -97,6 +100,7 @@ def run(device: str = "cuda", dtype: str = None, preset: str = "tiny", prompts: 
         ok &= "problem" not in row
         rows.append(row)
     return {"ok": bool(ok), "device": str(device), "dtype": str(dt).replace("torch.", ""),
+            "decode": test.settings["decode"],
             "logits_rel_err": logits_err, "max_rel_err": limit, "gen_len": gen_len,
             "sampling_follows_each_call": sampling_ok, "prompts": rows}
 
@@ -120,13 +124,14 @@ def sampling_follows_each_call(test: Llama, prompt_tokens, gen_len: int, seed: i
 
 def renew_steps(gen: Llama) -> None:
     """New decode-step runners for `gen` (no captured graphs), with the same settings."""
-    graphs = gen.settings["cuda_graphs"]
-    gen.configure(cuda_graphs=not graphs).configure(cuda_graphs=graphs)
+    mode = gen.settings["decode"]
+    gen.configure(decode="eager").configure(decode=mode)
 
 
 def summary(report: dict) -> str:
     agree = [r["agreeing_tokens"] for r in report["prompts"]]
     return (f"{'OK' if report['ok'] else 'MISMATCH'}: {report['dtype']} on {report['device']} "
+            f"(decode={report['decode']}) "
             f"vs float32 CPU: logits rel. error {report['logits_rel_err']:.2e} (limit "
             f"{report['max_rel_err']:.0e}); tokens agreeing before divergence {agree} of "
             f"{report['gen_len']}; sampling follows each call's settings: "
