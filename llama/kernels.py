@@ -12,9 +12,8 @@ merges the blocks' partial softmax results, unless the whole cache is one block 
 max_seq_len up to SPLIT): then the first kernel normalises and writes the output itself.
 
 Used on CUDA when Triton is installed (it ships with PyTorch's Linux CUDA wheels) and the
-head size is a power of two of at least 16 (`available`). Otherwise `model.attend` runs a
-decoding step through SDPA with a mask, or, over more than MASKED_SDPA_MAX_LEN cached
-positions, through `model.attend_one_query` (two batched matrix products).
+head size is a power of two of at least 16 (`available`); otherwise decoding steps attend
+through `model.attend` (SDPA).
 """
 
 import torch
