@@ -342,9 +342,22 @@ def run_peers(opts, scenarios: List[Scenario], results: dict, args, device, dtyp
             results["scenarios"][s.name]["peers"][peer] = attempt(
                 lambda: run_peer(opts, peer, model, s, args, dtype, timer, bandwidth))
             timer.reset_peak()
-    del model
-    torch._dynamo.reset()  # the static-cache peer compiled; free its code and graphs
-    timer.reset_peak()
+
+
+def new_results(opts, device, dtype, timer: Timer, scenarios: List[Scenario]) -> dict:
+    """The results' frame: the configuration, the software and GPU, empty scenarios."""
+    return {"config": dict(preset=None if opts.ckpt_dir else opts.preset,
+                           ckpt_dir=opts.ckpt_dir, device=str(device),
+                           dtype=str(dtype).replace("torch.", ""), world_size=WORLD,
+                           prompt_len=opts.prompt_len, gen_len=opts.gen_len,
+                           repeats=opts.repeats, decode_repeats=opts.decode_repeats,
+                           peers=opts.peers, configure=common.configure_kwargs(
+                               opts.decode, opts.prefill_chunk, opts.symmetric_memory)),
+            "env": {"torch": torch.__version__, "python": sys.version.split()[0],
+                    "gpu": torch.cuda.get_device_name() if timer.cuda else None},
+            "scenarios": {s.name: {"kind": s.kind, "batch": s.batch,
+                                   "prompt_lens": s.prompt_lens, "gen_len": s.new,
+                                   "peers": {}} for s in scenarios}}
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
@@ -357,18 +370,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     dtype = common.dtype_for(opts.dtype, device)
     timer = Timer(device)
     scenarios = plan(opts)
-    results = {"config": dict(preset=None if opts.ckpt_dir else opts.preset,
-                              ckpt_dir=opts.ckpt_dir, device=str(device),
-                              dtype=str(dtype).replace("torch.", ""), world_size=WORLD,
-                              prompt_len=opts.prompt_len, gen_len=opts.gen_len,
-                              repeats=opts.repeats, decode_repeats=opts.decode_repeats,
-                              peers=opts.peers, configure=common.configure_kwargs(
-                                  opts.decode, opts.prefill_chunk, opts.symmetric_memory)),
-               "env": {"torch": torch.__version__, "python": sys.version.split()[0],
-                       "gpu": torch.cuda.get_device_name() if timer.cuda else None},
-               "scenarios": {s.name: {"kind": s.kind, "batch": s.batch,
-                                      "prompt_lens": s.prompt_lens, "gen_len": s.new,
-                                      "peers": {}} for s in scenarios}}
+    results = new_results(opts, device, dtype, timer, scenarios)
     gib = opts.bandwidth_gib or (2.0 if timer.cuda else 0.125)
     bandwidth = measure_bandwidth(device, timer, gib)
     timer.reset_peak()
@@ -390,6 +392,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
         timer.reset_peak()
     if opts.peers and args is not None:
         run_peers(opts, scenarios, results, args, device, dtype, timer, bandwidth)
+        torch._dynamo.reset()  # the static-cache peer compiled; free its code and graphs
+        timer.reset_peak()
         if WORLD > 1:
             results["config"]["note"] = f"HF peers run unsharded on 1 device; ours on {WORLD}"
 

@@ -93,9 +93,9 @@ def compare(a: str, b: str) -> bool:
     for run in (x, y):
         print(f"MP={run['world']}: {run.get('dtype')}, configure {run.get('configure')}")
     print(f"MP={x['world']} vs MP={y['world']} ({x.get('dtype')}, {y.get('dtype')}): "
-          f"all greedy tokens equal {x['tokens'] == y['tokens']}; logits rel. diff {rel:.2e}, same top-1 "
-          f"{same_top1}, greedy tokens agreeing before the first difference {agree} of "
-          f"{[len(t) for t in x['tokens']]}")
+          f"all greedy tokens equal {x['tokens'] == y['tokens']}; logits rel. diff "
+          f"{rel:.2e}, same top-1 {same_top1}, greedy tokens agreeing before the first "
+          f"difference {agree} of {[len(t) for t in x['tokens']]}")
     ok = rel < 5e-2 and same_top1
     print("OK" if ok else "MISMATCH")
     return ok
@@ -107,7 +107,8 @@ def parser() -> argparse.ArgumentParser:
     commands = p.add_subparsers(dest="command", required=True)
     w = commands.add_parser("write", help=write.__doc__)
     w.add_argument("--out_dir", required=True)
-    w.add_argument("--preset", default="13b", help="size whose widths to use (default: %(default)s)")
+    w.add_argument("--preset", default="13b",
+                   help="size whose widths to use (default: %(default)s)")
     w.add_argument("--n_layers", type=common.positive_int, default=8,
                    help="(default: %(default)s)")
     w.add_argument("--shards", type=common.positive_int, default=2,
