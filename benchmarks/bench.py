@@ -1,113 +1,148 @@
-"""Speed benchmark of Code Llama inference (issue #5): prefill latency, decode tokens/s,
-peak memory and the memory-bandwidth roofline, next to Hugging Face `transformers`.
+"""Speed of Code Llama inference: prefill latency, decode tokens/s, time to the first
+token, peak memory and the memory-bandwidth roofline, beside Hugging Face `transformers`
+(eager, and with a static cache that `generate` compiles).
 
 Random weights with the real shapes are made on the device (`Llama.from_preset`), so no
-checkpoint is needed; `--ckpt_dir` loads a real one. Examples:
+checkpoint is needed; `--ckpt_dir` loads a real one. From the checkout's root:
 
-    python benchmarks/bench.py --preset 7b --prefill_lens 512,4096,16384 --batch_sizes 1,32
-    python benchmarks/bench.py --preset 7b --long --prefill_lens none --batch_sizes none
-    torchrun --nproc_per_node 2 benchmarks/bench.py --preset 13b --peers none
-    python benchmarks/bench.py --device cpu --preset tiny --prefill_lens 32 --gen_len 8
+    python -m benchmarks.bench --preset 7b --decode compiled --prefill_lens 4096,16384
+    python -m benchmarks.bench --preset 7b --decode compiled --prefill_chunk 100000 \\
+        --long --prefill_lens none --batch_sizes none --peers none
+    torchrun --nproc_per_node 2 -m benchmarks.bench --preset 13b --decode compiled \\
+        --symmetric_memory --peers none
+    python -m benchmarks.bench --device cpu --preset tiny --prefill_lens 32 --gen_len 8
 
-Only rank 0 prints and writes `--out`; every rank runs the same work. Our decode speed is
-timed from the first to the last step yielded by `Llama.engine.generate` (prefill excluded);
-HF's from its first to its last streamed token, so both cover the same interval.
+What is timed. A prefill: `Llama.prefill` of one random prompt (what generation runs
+before its first token), the median of --repeats calls after --warmup. Decoding: the
+median of --decode_repeats greedy generations after --warmup, each timed from its first
+to its last new token (prefill excluded), ours through `Llama.engine.generate` and the
+peers' through `generate`'s streamer, so both cover the same interval. The roofline is
+the weights (less the input embedding) plus the KV cache read per step, over the
+device-to-device copy bandwidth measured at the start. Every rank runs the same work;
+rank 0 prints one table and writes `--out`.
 """
 
-import gc
+import argparse
 import hashlib
 import json
 import os
-import statistics
 import sys
-import time
 import traceback
-from pathlib import Path
-from typing import Optional
+from typing import List, NamedTuple, Optional
 
-import fire
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks import common
+from benchmarks.common import GiB, Timer, say
+from llama import Llama
+from llama.checkpoint import hf_config
+from llama.sampling import Sampling
 
-from llama import Llama  # noqa: E402
-from llama.checkpoint import hf_config  # noqa: E402
-from llama.graphs import COMPILE_SETTINGS, check_inductor_settings  # noqa: E402
-from llama.sampling import Sampling  # noqa: E402
-
-GiB = 2**30
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-          "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
 PEERS = ("hf_eager", "hf_static")
-RANK0 = int(os.environ.get("RANK", 0)) == 0
 WORLD = int(os.environ.get("WORLD_SIZE", 1))
 
 
-def say(*args):
-    if RANK0:
-        print(*args, flush=True)
+class Scenario(NamedTuple):
+    name: str
+    kind: str  # "prefill" or "decode"
+    batch: int
+    prompt_lens: List[int]
+    new: int  # tokens to generate (decode) or 0 (prefill)
+
+    @property
+    def long(self) -> bool:
+        return self.name.startswith("long")
 
 
-def as_list(value, cast=int):
-    """fire gives 512 or (512, 4096) or "none"; return a list."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
-        return []
-    if isinstance(value, str):
-        value = [v for v in value.replace(" ", "").split(",") if v]
-    elif not isinstance(value, (list, tuple)):
-        value = [value]
-    return [cast(v) for v in value]
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = p.add_argument_group("model")
+    model.add_argument("--preset", default="7b",
+                       help="random weights of this size: 7b, 13b, 34b, 70b, tiny")
+    model.add_argument("--ckpt_dir", help="a checkpoint folder instead of random weights")
+    model.add_argument("--device", help="default: cuda if available, else cpu")
+    model.add_argument("--dtype", choices=sorted(common.DTYPES),
+                       help="default: bfloat16 on CUDA, float32 on CPU")
+    model.add_argument("--seed", type=int, default=1)
+    common.add_mode_args(p)
+    plan = p.add_argument_group("scenarios (comma-separated lists; none skips them)")
+    plan.add_argument("--prefill_lens", type=common.int_list, default="512,4096,16384",
+                      help="prompt lengths to prefill (default: %(default)s)")
+    plan.add_argument("--batch_sizes", type=common.int_list, default="1,32",
+                      help="batch sizes to decode (default: %(default)s)")
+    plan.add_argument("--prompt_len", type=common.positive_int, default=16,
+                      help="prompt length of decode scenarios (default: %(default)s)")
+    plan.add_argument("--gen_len", type=common.positive_int, default=256,
+                      help="tokens per decode (at least 2; default: %(default)s)")
+    plan.add_argument("--ragged", action="store_true",
+                      help="also decode each batch with prompt lengths from half to twice "
+                           "--prompt_len")
+    plan.add_argument("--long", action="store_true",
+                      help="also prefill one --long_len prompt and decode after it")
+    plan.add_argument("--long_len", type=common.positive_int, default=100_000,
+                      help="(default: %(default)s)")
+    plan.add_argument("--long_gen_len", type=common.positive_int, default=32,
+                      help="(at least 2; default: %(default)s)")
+    plan.add_argument("--peers", type=common.names_from(PEERS), default="hf_eager,hf_static",
+                      help="Hugging Face runs beside ours (default: %(default)s)")
+    timing = p.add_argument_group("timing")
+    timing.add_argument("--repeats", type=common.positive_int, default=5,
+                        help="timed prefills per scenario (default: %(default)s)")
+    timing.add_argument("--decode_repeats", type=common.positive_int, default=3,
+                        help="timed generations per decode scenario (default: %(default)s)")
+    timing.add_argument("--warmup", type=int, default=1,
+                        help="untimed runs first (default: %(default)s)")
+    timing.add_argument("--bandwidth_gib", type=float,
+                        help="size of the bandwidth copy (default: 2 on CUDA, 0.125 else)")
+    p.add_argument("--out", help="write the results as JSON to this file")
+    return p
 
 
-class Clock:
-    """Marks on the device timeline: CUDA events (after a synchronize unless told not to),
-    or perf_counter on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def mark(self, sync: bool = True):
-        if not self.cuda:
-            return time.perf_counter()
-        if sync:
-            torch.cuda.synchronize()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def seconds(self, start, end) -> float:
-        if not self.cuda:
-            return end - start
-        end.synchronize()
-        return start.elapsed_time(end) / 1000
-
-    def median(self, fn, repeats: int, warmup: int = 1) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(max(1, repeats)):
-            start = self.mark()
-            fn()
-            times.append(self.seconds(start, self.mark()))
-        return statistics.median(times)
-
-    def reset_peak(self):
-        if self.cuda:  # free what the last scenario left, so that peaks are its own
-            gc.collect()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-
-    def peak_gib(self):
-        return torch.cuda.max_memory_allocated() / GiB if self.cuda else None
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = parser()
+    opts = p.parse_args(argv)
+    for flag in ("gen_len", "long_gen_len"):
+        if getattr(opts, flag) < 2:  # decode speed is timed from the first token to the last
+            p.error(f"--{flag} must be at least 2 (decode speed is timed between the first "
+                    f"and the last new token), got {getattr(opts, flag)}")
+    return opts
 
 
-def measure_bandwidth(device, clock: Clock, gib: float, repeats: int = 10) -> float:
+def plan(opts: argparse.Namespace) -> List[Scenario]:
+    scenarios = [Scenario(f"prefill L={n}", "prefill", 1, [n], 0) for n in opts.prefill_lens]
+    for b in opts.batch_sizes:
+        scenarios.append(Scenario(f"decode b={b}", "decode", b, [opts.prompt_len] * b,
+                                  opts.gen_len))
+        if opts.ragged and b > 1:
+            scenarios.append(Scenario(f"ragged b={b}", "decode", b,
+                                      ragged_lens(b, opts.prompt_len), opts.gen_len))
+    if opts.long:
+        scenarios.append(Scenario(f"long prefill L={opts.long_len}", "prefill", 1,
+                                  [opts.long_len], 0))
+        scenarios.append(Scenario(f"long decode ctx={opts.long_len}", "decode", 1,
+                                  [opts.long_len], opts.long_gen_len))
+    return scenarios
+
+
+def ragged_lens(batch: int, prompt_len: int) -> List[int]:
+    """Prompt lengths spread evenly from prompt_len/2 to 2*prompt_len."""
+    lo, hi = max(1, prompt_len // 2), 2 * prompt_len
+    return [lo + (hi - lo) * i // max(1, batch - 1) for i in range(batch)]
+
+
+def random_prompts(lens, vocab: int, seed: int) -> List[List[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
+
+
+def measure_bandwidth(device, timer: Timer, gib: float, repeats: int = 10) -> float:
     """Bytes/s of a large device-to-device copy, counting the bytes read and written."""
     n = int(gib * GiB)
     src = torch.ones(n, dtype=torch.uint8, device=device)
     dst = torch.zeros_like(src)
-    seconds = clock.median(lambda: dst.copy_(src), repeats, warmup=2)
+    seconds = timer.median(lambda: dst.copy_(src), repeats, warmup=2)
     return 2 * n / seconds
 
 
@@ -129,64 +164,80 @@ def decode_figures(args, elem: int, batch: int, context: int, steps: int, second
             "roofline_tokens_per_s": roofline, "roofline_pct": 100 * tps / roofline}
 
 
-def random_prompts(lens, vocab: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
-
-
-def ragged_lens(batch: int, prompt_len: int):
-    """Prompt lengths spread evenly from prompt_len/2 to 2*prompt_len."""
-    lo, hi = max(1, prompt_len // 2), 2 * prompt_len
-    return [lo + (hi - lo) * i // max(1, batch - 1) for i in range(batch)]
-
-
-# ---- ours -------------------------------------------------------------------------------
-
-def ours_prefill(gen: Llama, clock: Clock, length: int, repeats: int, warmup: int) -> dict:
-    prompt = random_prompts([length], gen.model.vocab_size, length)
-
-    def once():  # what generation does before its first token (chunks, compiled or not)
-        return gen.engine.prefill(prompt, Sampling(0.0, 1.0), None)
-
-    clock.reset_peak()
-    seconds = clock.median(once, repeats, warmup)
-    return {"latency_ms": 1000 * seconds, "tokens_per_s": length / seconds,
-            "peak_mem_gib": clock.peak_gib()}
-
-
-def ours_decode_once(gen: Llama, clock: Clock, prompts, gen_len: int):
-    """One greedy generation: (steps after the first token, their seconds, seconds to the
-    first token, a fingerprint of the tokens made, to compare variants' outputs)."""
-    call = clock.mark()
-    first = None
-    made = []
-    for step in gen.engine.generate(prompts, Sampling(0.0, 0.9, gen_len)):
-        if first is None:
-            first = clock.mark()
-        made.append([None if s is None else s[0] for s in step])
-    end = clock.mark()
-    fingerprint = hashlib.sha1(json.dumps(made).encode()).hexdigest()[:12]
-    return len(made) - 1, clock.seconds(first, end), clock.seconds(call, first), fingerprint
-
-
-def timed_decodes(run_once, clock: Clock, repeats: int, warmup: int):
-    """Median run of `run_once() -> (steps, decode seconds, ttft seconds[, fingerprint])`
-    and peak memory."""
-    clock.reset_peak()
+def timed_decodes(run_once, timer: Timer, repeats: int, warmup: int):
+    """The median run of `run_once() -> (steps, decode s, ttft s[, fingerprint])` by time
+    per step: (steps, seconds, extra figures with the peak memory)."""
+    timer.reset_peak()
     for _ in range(warmup):
         run_once()
     runs = sorted((run_once() for _ in range(max(1, repeats))), key=lambda r: r[1] / r[0])
     steps, seconds, ttft = runs[len(runs) // 2][:3]
     if steps < 1:
         raise RuntimeError("fewer than two tokens were generated; raise gen_len")
-    extra = {"ttft_ms": 1000 * ttft, "peak_mem_gib": clock.peak_gib(),
+    extra = {"ttft_ms": 1000 * ttft, "peak_mem_gib": timer.peak_gib(),
              "runs_ms_per_step": [1000 * r[1] / r[0] for r in runs]}
     if len(runs[0]) > 3:
         extra["tokens_fingerprint"] = sorted({r[3] for r in runs})
     return steps, seconds, extra
 
 
-# ---- Hugging Face peers -------------------------------------------------------------------
+def prefill_figures(seconds: float, length: int, timer: Timer) -> dict:
+    return {"latency_ms": 1000 * seconds, "tokens_per_s": length / seconds,
+            "peak_mem_gib": timer.peak_gib()}
+
+
+# ---- ours ----------------------------------------------------------------------------
+
+def build_ours(opts, scenario: Scenario, device, dtype) -> Llama:
+    kw = dict(max_seq_len=max(scenario.prompt_lens) + scenario.new,
+              max_batch_size=scenario.batch, device=device, dtype=dtype, seed=opts.seed)
+    gen = (Llama.build(opts.ckpt_dir, **kw) if opts.ckpt_dir
+           else Llama.from_preset(opts.preset, **kw))
+    gen.configure(**common.configure_kwargs(opts.decode, opts.prefill_chunk,
+                                            opts.symmetric_memory))
+    return gen
+
+
+def ours_prefill(gen: Llama, timer: Timer, length: int, repeats: int, warmup: int) -> dict:
+    prompt = random_prompts([length], gen.model.vocab_size, length)
+    timer.reset_peak()
+    seconds = timer.median(lambda: gen.engine.prefill(prompt, Sampling(0.0, 1.0), None), repeats, warmup)
+    return prefill_figures(seconds, length, timer)
+
+
+def ours_decode_once(gen: Llama, timer: Timer, prompts, gen_len: int):
+    """One greedy generation: (steps after the first token, their seconds, seconds to the
+    first token, a fingerprint of the tokens made, to compare runs' outputs)."""
+    call = timer.mark()
+    first = None
+    made = []
+    for step in gen.engine.generate(prompts, Sampling(0.0, 0.9, gen_len)):
+        if first is None:
+            first = timer.mark()
+        made.append([None if s is None else s[0] for s in step])
+    end = timer.mark()
+    fingerprint = hashlib.sha1(json.dumps(made).encode()).hexdigest()[:12]
+    return len(made) - 1, timer.seconds(first, end), timer.seconds(call, first), fingerprint
+
+
+def run_ours(opts, s: Scenario, device, dtype, timer: Timer, bandwidth: float):
+    """The scenario's figures and the model's ModelArgs (for the peers' shapes)."""
+    gen = build_ours(opts, s, device, dtype)
+    args = gen.model.params
+    repeats = min(opts.repeats, 2) if s.long else opts.repeats
+    with torch.inference_mode():
+        if s.kind == "prefill":
+            return ours_prefill(gen, timer, s.prompt_lens[0], repeats, opts.warmup), args
+        prompts = random_prompts(s.prompt_lens, args.vocab_size, opts.seed)
+        steps, seconds, extra = timed_decodes(
+            lambda: ours_decode_once(gen, timer, prompts, s.new), timer,
+            1 if s.long else opts.decode_repeats, opts.warmup)
+    elem = torch.finfo(dtype).bits // 8
+    return {**decode_figures(args, elem, s.batch, max(s.prompt_lens), steps, seconds,
+                             bandwidth, WORLD), **extra}, args
+
+
+# ---- Hugging Face peers --------------------------------------------------------------
 
 def hf_build(args, max_len: int, device, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -204,7 +255,7 @@ def hf_build(args, max_len: int, device, dtype):
     return model
 
 
-def hf_prefill(model, clock: Clock, length: int, repeats: int, warmup: int) -> dict:
+def hf_prefill(model, timer: Timer, length: int, repeats: int, warmup: int) -> dict:
     ids = torch.tensor(random_prompts([length], model.config.vocab_size, length),
                        device=model.device)
 
@@ -212,13 +263,11 @@ def hf_prefill(model, clock: Clock, length: int, repeats: int, warmup: int) -> d
         with torch.no_grad():
             return model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
 
-    clock.reset_peak()
-    seconds = clock.median(once, repeats, warmup)
-    return {"latency_ms": 1000 * seconds, "tokens_per_s": length / seconds,
-            "peak_mem_gib": clock.peak_gib()}
+    timer.reset_peak()
+    return prefill_figures(timer.median(once, repeats, warmup), length, timer)
 
 
-def hf_decode_once(model, clock: Clock, prompts, gen_len: int, static: bool):
+def hf_decode_once(model, timer: Timer, prompts, gen_len: int, static: bool):
     from transformers.generation.streamers import BaseStreamer
 
     class Marks(BaseStreamer):  # put(): the prompt, then each new token of every row
@@ -226,10 +275,10 @@ def hf_decode_once(model, clock: Clock, prompts, gen_len: int, static: bool):
             self.marks = []
 
         def put(self, value):
-            self.marks.append(clock.mark(sync=False))
+            self.marks.append(timer.mark(sync=False))
 
         def end(self):
-            self.marks.append(clock.mark())
+            self.marks.append(timer.mark())
 
     width = max(len(p) for p in prompts)  # left padding, HF's convention for generation
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=model.device)
@@ -237,196 +286,125 @@ def hf_decode_once(model, clock: Clock, prompts, gen_len: int, static: bool):
                         device=model.device)
     extra = {"cache_implementation": "static"} if static else {}
     streamer = Marks()
-    call = clock.mark()
+    call = timer.mark()
     model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=gen_len, do_sample=False,
                    streamer=streamer, **extra)
     marks = streamer.marks  # [prompt, token 1, ..., token n, end]
-    return len(marks) - 3, clock.seconds(marks[1], marks[-1]), clock.seconds(call, marks[1])
+    return len(marks) - 3, timer.seconds(marks[1], marks[-1]), timer.seconds(call, marks[1])
 
 
-# ---- the scenarios ------------------------------------------------------------------------
+def run_peer(opts, peer: str, model, s: Scenario, args, dtype, timer: Timer,
+             bandwidth: float) -> dict:
+    repeats = min(opts.repeats, 2) if s.long else opts.repeats
+    if s.kind == "prefill":
+        return hf_prefill(model, timer, s.prompt_lens[0], repeats, opts.warmup)
+    prompts = random_prompts(s.prompt_lens, args.vocab_size, opts.seed)
+    steps, seconds, extra = timed_decodes(
+        lambda: hf_decode_once(model, timer, prompts, s.new, peer == "hf_static"),
+        timer, 1 if s.long else opts.decode_repeats, opts.warmup)
+    elem = torch.finfo(dtype).bits // 8
+    return {**decode_figures(args, elem, s.batch, max(s.prompt_lens), steps, seconds,
+                             bandwidth, 1), **extra}
 
-def use_inductor_settings(settings: Optional[dict] = None) -> None:
-    """Set torch._inductor.config `settings` (dotted names) for everything this process
-    compiles from now on (for good: the process's global config); not those of
-    decode.COMPILE_SETTINGS, which decode steps always use (benchmarks/inductor_settings.py
-    varies those too)."""
-    if not settings:
+
+def peers_of(s: Scenario, peers: List[str]) -> List[str]:
+    """Prefill is the same eager SDPA forward for both peers: run it once."""
+    return [p for p in peers if p == "hf_eager"] if s.kind == "prefill" else peers
+
+
+# ---- the run -------------------------------------------------------------------------
+
+def attempt(fn) -> dict:
+    """fn()'s figures, or {"error": ...}: one failure must not hide the other figures."""
+    try:
+        return fn()
+    except Exception as e:
+        if common.is_rank0():
+            traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}"[:800]}
+
+
+def run_peers(opts, scenarios: List[Scenario], results: dict, args, device, dtype,
+              timer: Timer, bandwidth: float) -> None:
+    longest = max(max(s.prompt_lens) + s.new for s in scenarios)
+    try:
+        model = hf_build(args, longest, device, dtype)
+        results["env"]["transformers"] = sys.modules["transformers"].__version__
+    except Exception as e:
+        say(f"HF peers skipped: {type(e).__name__}: {e}")
+        for s in scenarios:
+            for peer in peers_of(s, opts.peers):
+                results["scenarios"][s.name]["peers"][peer] = {
+                    "error": f"building the HF model: {type(e).__name__}: {e}"[:800]}
         return
-    import torch._inductor.config as inductor_config
-    check_inductor_settings(settings)
-    fixed = sorted(set(settings) & set(COMPILE_SETTINGS))
-    if fixed:
-        raise ValueError(f"--inductor cannot change {', '.join(fixed)}: decode steps "
-                         f"always compile with {COMPILE_SETTINGS}; compare such "
-                         f"settings with benchmarks/inductor_settings.py")
-    inductor_config.load_config(dict(settings))
+    for s in scenarios:
+        for peer in peers_of(s, opts.peers):
+            say(f"[{s.name}] {peer} ...")
+            results["scenarios"][s.name]["peers"][peer] = attempt(
+                lambda: run_peer(opts, peer, model, s, args, dtype, timer, bandwidth))
+            timer.reset_peak()
 
 
-def main(preset: str = "7b", ckpt_dir: str = None, device: str = None, dtype: str = None,
-         prefill_lens="512,4096,16384", batch_sizes="1,32", prompt_len: int = 16,
-         gen_len: int = 256, ragged: bool = False, long: bool = False,
-         long_len: int = 100_000, long_gen_len: int = 32, peers="hf_eager,hf_static",
-         repeats: int = 5, decode_repeats: int = 3, warmup: int = 1,
-         bandwidth_gib: float = None, check: bool = False, seed: int = 1,
-         configure: dict = None, inductor: dict = None, out: str = "results.json"):
-    """Benchmark; see the module docstring. Lists are comma-separated; "none" skips one.
-    configure: keyword arguments for `Llama.configure` (how decode steps run), e.g.
-    --configure '{"compile": True}' or '{"cuda_graphs": False}' or '{"prefill_chunk": 32768}'.
-    inductor: torch._inductor.config settings for everything compiled in this process,
-    e.g. --inductor '{"triton.enable_pdl": True}'; not those of decode.COMPILE_SETTINGS,
-    which decode steps always use (benchmarks/inductor_settings.py varies those too)."""
-    use_inductor_settings(inductor)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def new_results(opts, device, dtype, timer: Timer, scenarios: List[Scenario]) -> dict:
+    """The results' frame: the configuration, the software and GPU, empty scenarios."""
+    return {"config": dict(preset=None if opts.ckpt_dir else opts.preset,
+                           ckpt_dir=opts.ckpt_dir, device=str(device),
+                           dtype=str(dtype).replace("torch.", ""), world_size=WORLD,
+                           prompt_len=opts.prompt_len, gen_len=opts.gen_len,
+                           repeats=opts.repeats, decode_repeats=opts.decode_repeats,
+                           peers=opts.peers, configure=common.configure_kwargs(
+                               opts.decode, opts.prefill_chunk, opts.symmetric_memory)),
+            "env": {"torch": torch.__version__, "python": sys.version.split()[0],
+                    "gpu": torch.cuda.get_device_name() if timer.cuda else None},
+            "scenarios": {s.name: {"kind": s.kind, "batch": s.batch,
+                                   "prompt_lens": s.prompt_lens, "gen_len": s.new,
+                                   "peers": {}} for s in scenarios}}
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    """Run the benchmark; returns the results (also printed, and written to --out).
+    Exits with status 1 if one of our scenarios failed."""
+    opts = parse_args(argv)
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        dt = torch.float32
-    if dtype and dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype} is not supported; choose one of {sorted(DTYPES)}")
-    dt = DTYPES[dtype] if dtype else dt
-    elem = torch.finfo(dt).bits // 8
-    sizes = dict(prefill_lens=as_list(prefill_lens), batch_sizes=as_list(batch_sizes),
-                 prompt_len=[prompt_len], long_len=[long_len], repeats=[repeats],
-                 decode_repeats=[decode_repeats])
-    for flag, values in sizes.items():
-        if any(v < 1 for v in values):
-            raise ValueError(f"--{flag} must be positive, got {values}")
-    for flag, value in (("gen_len", gen_len), ("long_gen_len", long_gen_len)):
-        if value < 2:  # decode speed is timed from the first token to the last
-            raise ValueError(f"--{flag} must be at least 2 (decode speed is timed between "
-                             f"the first and the last new token), got {value}")
-    peers = [p for p in as_list(peers, str) if p]
-    unknown = set(peers) - set(PEERS)
-    if unknown:
-        raise ValueError(f"unknown peer(s) {sorted(unknown)}; choose from {PEERS} or none")
-    clock = Clock(device)
-    results = {"config": dict(preset=None if ckpt_dir else preset, ckpt_dir=ckpt_dir,
-                              device=str(device), dtype=str(dt).replace("torch.", ""),
-                              world_size=WORLD, prompt_len=prompt_len, gen_len=gen_len,
-                              repeats=repeats, decode_repeats=decode_repeats, peers=peers,
-                              configure=configure, inductor=inductor),
-               "env": {"torch": torch.__version__, "python": sys.version.split()[0],
-                       "gpu": torch.cuda.get_device_name() if clock.cuda else None},
-               "scenarios": {}}
-    failures = []
-
-    if check:
-        if WORLD > 1:
-            say("--check runs in one process only: run benchmarks/check_gpu.py alone")
-        else:
-            import check_gpu
-            results["check"] = check_gpu.run(device=str(device), dtype=str(dt)[6:])
-            say(check_gpu.summary(results["check"]))
-            if not results["check"]["ok"]:
-                failures.append("check")
-
-    gib = bandwidth_gib or (2.0 if clock.cuda else 0.125)
-    bandwidth = measure_bandwidth(device, clock, gib)
-    clock.reset_peak()
+    dtype = common.dtype_for(opts.dtype, device)
+    timer = Timer(device)
+    scenarios = plan(opts)
+    results = new_results(opts, device, dtype, timer, scenarios)
+    gib = opts.bandwidth_gib or (2.0 if timer.cuda else 0.125)
+    bandwidth = measure_bandwidth(device, timer, gib)
+    timer.reset_peak()
     results["bandwidth_gb_per_s"] = bandwidth / 1e9
     say(f"memory bandwidth: {bandwidth / 1e9:.1f} GB/s (copy of {gib:g} GiB, read + write)")
 
-    # name -> (kind, batch, prompt lengths, gen_len or prefill length)
-    plan = [(f"prefill L={n}", "prefill", 1, [n], 0) for n in as_list(prefill_lens)]
-    for b in as_list(batch_sizes):
-        plan.append((f"decode b={b}", "decode", b, [prompt_len] * b, gen_len))
-        if ragged and b > 1:
-            plan.append((f"ragged b={b}", "decode", b, ragged_lens(b, prompt_len), gen_len))
-    if long:
-        plan.append((f"long prefill L={long_len}", "prefill", 1, [long_len], 0))
-        plan.append((f"long decode ctx={long_len}", "decode", 1, [long_len], long_gen_len))
-
-    def record(name, who, fn):
-        say(f"[{name}] {who} ...")
-        try:
-            entry = fn()
-        except Exception as e:  # report and go on: one failure must not hide the rest
-            entry = {"error": f"{type(e).__name__}: {e}"[:800]}
-            if RANK0:
-                traceback.print_exc()
-            if who == "ours":
-                failures.append(name)
-        scenario = results["scenarios"][name]
-        if who == "ours":
-            scenario["ours"] = entry
-        else:
-            scenario["peers"][who] = entry
-        clock.reset_peak()
-        return entry
-
-    args = None
-    for name, kind, batch, lens, new in plan:
-        results["scenarios"][name] = {"kind": kind, "batch": batch, "prompt_lens": lens,
-                                      "gen_len": new, "peers": {}}
-        max_seq_len = max(lens) + new
-        reps = min(repeats, 2) if name.startswith("long") else repeats
+    args, failures = None, []
+    for s in scenarios:
+        say(f"[{s.name}] ours ...")
 
         def ours():
             nonlocal args
-            kw = dict(max_seq_len=max_seq_len, max_batch_size=batch, device=device, dtype=dt)
-            gen = (Llama.build(ckpt_dir, seed=seed, **kw) if ckpt_dir
-                   else Llama.from_preset(preset, seed=seed, **kw))
-            if configure:
-                gen.configure(**configure)
-            args = gen.model.params
-            with torch.inference_mode():
-                if kind == "prefill":
-                    return ours_prefill(gen, clock, lens[0], reps, warmup)
-                prompts = random_prompts(lens, args.vocab_size, seed)
-                steps, seconds, extra = timed_decodes(
-                    lambda: ours_decode_once(gen, clock, prompts, new), clock,
-                    1 if name.startswith("long") else decode_repeats, warmup)
-            return {**decode_figures(args, elem, batch, max(lens), steps, seconds, bandwidth,
-                                     WORLD), **extra}
+            figures, args = run_ours(opts, s, device, dtype, timer, bandwidth)
+            return figures
 
-        record(name, "ours", ours)
+        results["scenarios"][s.name]["ours"] = entry = attempt(ours)
+        if "error" in entry:
+            failures.append(s.name)
+        timer.reset_peak()
+    if opts.peers and args is not None:
+        run_peers(opts, scenarios, results, args, device, dtype, timer, bandwidth)
+        torch._dynamo.reset()  # the static-cache peer compiled; free its code and graphs
+        timer.reset_peak()
+        if WORLD > 1:
+            results["config"]["note"] = f"HF peers run unsharded on 1 device; ours on {WORLD}"
 
-    hf = None
-    if peers and args is not None:
-        try:
-            longest = max(max(lens) + new for _, _, _, lens, new in plan)
-            hf = hf_build(args, longest, device, dt)
-            results["env"]["transformers"] = sys.modules["transformers"].__version__
-        except Exception as e:
-            for name in results["scenarios"]:
-                for peer in peers:
-                    results["scenarios"][name]["peers"][peer] = {
-                        "error": f"building the HF model: {type(e).__name__}: {e}"[:800]}
-            say(f"HF peers skipped: {type(e).__name__}: {e}")
-    for name, kind, batch, lens, new in plan if hf is not None else []:
-        reps = min(repeats, 2) if name.startswith("long") else repeats
-        for peer in peers:
-            if kind == "prefill":
-                if peer == "hf_eager":  # prefill is the same eager sdpa forward for both
-                    record(name, peer, lambda: hf_prefill(hf, clock, lens[0], reps, warmup))
-                continue
-            prompts = random_prompts(lens, args.vocab_size, seed)
-
-            def peer_decode():
-                steps, seconds, extra = timed_decodes(
-                    lambda: hf_decode_once(hf, clock, prompts, new, peer == "hf_static"),
-                    clock, 1 if name.startswith("long") else decode_repeats, warmup)
-                return {**decode_figures(args, elem, batch, max(lens), steps, seconds,
-                                         bandwidth, 1), **extra}
-
-            record(name, peer, peer_decode)
-    hf = None
-    if peers:
-        torch._dynamo.reset()
-    clock.reset_peak()
-    if WORLD > 1 and peers:
-        results["config"]["note"] = f"HF peers run unsharded on 1 device; ours on {WORLD}"
-
-    if RANK0:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(results, indent=2))
-        print(f"results written to {out}")
+    common.write_json(opts.out, results)
+    if common.is_rank0():
         print_table(results)
     if failures:
         say(f"FAILED (ours): {failures}")
         sys.exit(1)
+    return results
 
 
 def print_table(results: dict) -> None:
@@ -474,4 +452,4 @@ def print_table(results: dict) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    main()

@@ -15,48 +15,47 @@ model on `--device` in `--dtype` (`checkpoint.load_into`). Then:
   replays with its own settings; the new runners capture anew), not the first's.
 
 Exit status 1 on a real mismatch. On CPU with float32 the two runs must agree exactly.
+From the checkout's root:
 
-    python benchmarks/check_gpu.py                   # cuda, bfloat16
-    python benchmarks/check_gpu.py --device cpu      # float32 vs float32
-    python benchmarks/check_gpu.py --device cpu --dtype bfloat16
+    python -m benchmarks.check_gpu                   # cuda, bfloat16
+    python -m benchmarks.check_gpu --device cpu      # float32 vs float32
+    python -m benchmarks.check_gpu --device cpu --dtype bfloat16
 """
 
+import argparse
 import json
 import sys
-from pathlib import Path
+from typing import List, Optional
 
-import fire
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-
-from llama import Llama  # noqa: E402
-from llama.checkpoint import load_into  # noqa: E402
-from llama.loading import empty_model  # noqa: E402
+from benchmarks import common
+from llama import Llama
+from llama.checkpoint import load_into
+from llama.loading import empty_model
 
 # A little bigger than the "tiny" preset (GQA, 4 layers), still instant on any device.
 SHAPES = dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, multiple_of=64)
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm()).item()
 
 
-def run(device: str = "cuda", dtype: str = None, preset: str = "tiny", prompts: int = 6,
+def run(device: str = "cuda", dtype: Optional[str] = None, preset: str = "tiny", prompts: int = 6,
         gen_len: int = 48, long_prompt: int = 250, seed: int = 0,
-        max_rel_err: float = None, decode: str = None, **overrides) -> dict:
+        max_rel_err: Optional[float] = None, decode: Optional[str] = None) -> dict:
     """The check as a dict: {"ok", "logits_rel_err", "prompts": [...]}. A divergence is a
     near-tie when the test token is in the float32 top 2 and trails the float32 top-1 by
     at most 10 x (logits relative error) x (RMS of the float32 logits there)."""
     device = torch.device(device)
-    dt = DTYPES[dtype] if dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dt = common.dtype_for(dtype, device)
     exact = dt == torch.float32 and device.type == "cpu"  # the very same computation
     limit = max_rel_err or (1e-4 if dt == torch.float32 else 5e-2)
-    shapes = {**SHAPES, **overrides} if preset == "tiny" else overrides
+    shapes = SHAPES if preset == "tiny" else {}
     g = torch.Generator().manual_seed(seed)
-    # Short prompts of random lengths and a long one whose decode crosses 256 cached
-    # positions (where a bucketed CUDA-graph decode switches to a longer bucket).
+    # Short prompts of random lengths beside a long one: rows at very different positions
+    # in one batch, as ragged batches decode.
     lens = [int(n) for n in torch.randint(3, 40, (prompts - 1,), generator=g)] + [long_prompt]
     # Room for more rows than prompts: CUDA graphs run the batch padded to a power of two
     # (6 prompts as 8 rows), which the check should go through.
@@ -100,7 +99,6 @@ def run(device: str = "cuda", dtype: str = None, preset: str = "tiny", prompts: 
         ok &= "problem" not in row
         rows.append(row)
     return {"ok": bool(ok), "device": str(device), "dtype": str(dt).replace("torch.", ""),
-            "decode": test.settings["decode"],
             "logits_rel_err": logits_err, "max_rel_err": limit, "gen_len": gen_len,
             "sampling_follows_each_call": sampling_ok, "prompts": rows}
 
@@ -131,20 +129,42 @@ def renew_steps(gen: Llama) -> None:
 def summary(report: dict) -> str:
     agree = [r["agreeing_tokens"] for r in report["prompts"]]
     return (f"{'OK' if report['ok'] else 'MISMATCH'}: {report['dtype']} on {report['device']} "
-            f"(decode={report['decode']}) "
             f"vs float32 CPU: logits rel. error {report['logits_rel_err']:.2e} (limit "
             f"{report['max_rel_err']:.0e}); tokens agreeing before divergence {agree} of "
             f"{report['gen_len']}; sampling follows each call's settings: "
             f"{report['sampling_follows_each_call']}")
 
 
-def main(device: str = "cuda", dtype: str = None, **kwargs):
-    report = run(device, dtype, **kwargs)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.check_gpu", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", help="default: %(default)s")
+    p.add_argument("--dtype", choices=sorted(common.DTYPES),
+                   help="of the test model (default: bfloat16 on CUDA, float32 elsewhere)")
+    p.add_argument("--preset", default="tiny",
+                   help="model shapes; tiny is made a little bigger (default: %(default)s)")
+    p.add_argument("--prompts", type=common.positive_int, default=6,
+                   help="prompts in the batch, the last one long (default: %(default)s)")
+    p.add_argument("--gen_len", type=common.positive_int, default=48,
+                   help="greedy tokens per prompt (default: %(default)s)")
+    p.add_argument("--long_prompt", type=common.positive_int, default=250,
+                   help="length of the last prompt (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decode", choices=common.DECODE_MODES,
+                   help="decode mode to check (default: the library's default)")
+    p.add_argument("--max_rel_err", type=float,
+                   help="logits limit (default: 1e-4 in float32, 5e-2 otherwise)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    report = run(**vars(parser().parse_args(argv)))
     print(json.dumps(report, indent=2))
     print(summary(report))
     if not report["ok"]:
         sys.exit(1)
+    return report
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    main()

@@ -1,23 +1,23 @@
-"""Batch-1 decode speed at MP=1 against MP=N on one machine, measured as issue #6 asks:
-side by side, several processes of each, alternated (MP=1, MP=N, MP=N, MP=1, ...) so that
-a drift of the machine's speed during the runs falls on both. Each run is one process (or
-one torchrun) of bench.py; the speed of a process varies by several percent between
-processes on the same GPUs (benchmarks/RESULTS.md, sixth session), so one pair says little.
-Prints every run, the medians, their ratio and the ratio of each neighbouring MP=1/MP=N
-pair; writes them to --out with the GPUs' clocks, temperatures and power before each run
-(from nvidia-smi, where there is one).
+"""Batch-1 decode speed at MP=1 against MP=N on one machine: several processes of each,
+alternated (MP=1, MP=N, MP=N, MP=1, ...) so that a drift of the machine's speed during
+the runs falls on both. Each run is one process (or one torchrun) of benchmarks.bench;
+the speed of a process varies by a few percent between processes on the same GPUs
+(docs/performance.md), so one pair says little. Prints every run, the medians, their
+ratio and the ratio of each neighbouring MP=1/MP=N pair; `--out` also records the GPUs'
+clocks, temperatures and power before each run (from nvidia-smi, where there is one).
 
-The MP=1 runs take the GPUs of the MP=N runs in turn (`--mp1_on_each_gpu False`: always
-the first): an MP=N step waits for the slowest of its GPUs, so comparing it with the first
+The MP=1 runs take the GPUs of the MP=N runs in turn (`--no-mp1_on_each_gpu`: always the
+first): an MP=N step waits for the slowest of its GPUs, so comparing it with the first
 GPU alone would credit or blame MP=N for a difference between the GPUs. With two GPUs the
 MP=1 runs of rounds 1, 2, 3, 4, ... use GPUs 0, 1, 1, 0, ..., so that over four rounds
-each GPU runs as often before as after an MP=N run. The MP=1 median of each GPU is printed.
+each GPU runs as often before as after an MP=N run. From the checkout's root:
 
-    python benchmarks/compare_mp.py --preset 13b --nproc 2 --rounds 3
-    python benchmarks/compare_mp.py --preset tiny --device cpu --nproc 2 --rounds 1 \\
-        --mp1_configure '{}' --mp_configure '{}'
+    python -m benchmarks.compare_mp --preset 13b --nproc 2 --rounds 3 --out mp.json
+    python -m benchmarks.compare_mp --preset tiny --device cpu --nproc 2 --rounds 1 \\
+        --decode eager --no-symmetric_memory
 """
 
+import argparse
 import json
 import os
 import shutil
@@ -26,10 +26,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import List, Optional
 
-import fire
+from benchmarks import common
 
-BENCH = Path(__file__).resolve().parent / "bench.py"
+ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = "decode b=1"
 
 
@@ -71,65 +72,87 @@ def nth_gpu(visible: str, n: int) -> str:
     return names[n]
 
 
-def run_bench(world: int, common: list, configure: dict, device: str, timeout: int,
-              gpu: int = 0):
-    """One bench.py process (torchrun for world > 1); its decode tokens/s. MP=1 runs on
-    the gpu-th of the GPUs MP=N uses."""
+def bench_command(world: int, args: List[str]) -> List[str]:
+    """benchmarks.bench as a module: alone for world 1, else under torchrun."""
+    if world == 1:
+        return [sys.executable, "-m", "benchmarks.bench", *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+            "-m", "benchmarks.bench", *args]
+
+
+def run_bench(world: int, args: List[str], device: Optional[str], timeout: int,
+              gpu: int = 0) -> float:
+    """One bench process (torchrun for world > 1); its decode tokens/s. MP=1 runs on the
+    gpu-th of the GPUs MP=N uses."""
+    env = dict(os.environ)
+    if world == 1 and device != "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = nth_gpu(env.get("CUDA_VISIBLE_DEVICES", ""), gpu)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "results.json"
-        # repr: fire reads Python literals (True, not JSON's true)
-        args = [*common, "--configure", repr(configure), "--out", str(out)]
-        env = dict(os.environ)
-        if world == 1:
-            command = [sys.executable, str(BENCH), *args]
-            if device != "cpu":
-                env["CUDA_VISIBLE_DEVICES"] = nth_gpu(env.get("CUDA_VISIBLE_DEVICES", ""), gpu)
-        else:
-            command = [sys.executable, "-m", "torch.distributed.run",
-                       f"--nproc_per_node={world}", str(BENCH), *args]
-        done = subprocess.run(command, env=env, capture_output=True, text=True,
-                              timeout=timeout)
+        done = subprocess.run(bench_command(world, [*args, "--out", str(out)]), env=env,
+                              cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0 or not out.exists():
             raise RuntimeError(f"MP={world} bench failed ({done.returncode}):\n"
                                f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
         ours = json.loads(out.read_text())["scenarios"][SCENARIO]["ours"]
-        if "tokens_per_s" not in ours:
-            raise RuntimeError(f"MP={world} bench gave no decode speed: {ours}")
-        return ours["tokens_per_s"]
+    if "tokens_per_s" not in ours:
+        raise RuntimeError(f"MP={world} bench gave no decode speed: {ours}")
+    return ours["tokens_per_s"]
 
 
-def main(preset: str = "13b", nproc: int = 2, rounds: int = 3, gen_len: int = 128,
-         decode_repeats: int = 3, device: str = None, dtype: str = None,
-         mp1_configure: dict = None, mp_configure: dict = None, inductor: dict = None,
-         mp1_on_each_gpu: bool = True, timeout: int = 600, out: str = "compare_mp.json"):
-    """rounds: MP=1/MP=N pairs, in the order (1, N), (N, 1), (1, N), ...
-    mp1_configure / mp_configure: Llama.configure settings of the two (default: compiled;
-    MP=N also with symmetric_memory). inductor: torch._inductor.config settings for both
-    (bench.py --inductor). mp1_on_each_gpu: MP=1 runs take the N GPUs in turn (else the
-    first only). timeout: seconds per run."""
-    if nproc < 2 or rounds < 1:
-        raise ValueError(f"--nproc must be at least 2 and --rounds at least 1, "
-                         f"got {nproc} and {rounds}")
-    mp1_configure = {"compile": True} if mp1_configure is None else mp1_configure
-    if mp_configure is None:
-        mp_configure = {"compile": True, "symmetric_memory": True}
-    common = ["--preset", preset, "--prefill_lens", "none", "--batch_sizes", "1",
-              "--gen_len", str(gen_len), "--peers", "none", "--repeats", "1",
-              "--decode_repeats", str(decode_repeats)]
-    common += ["--device", device] if device else []
-    common += ["--dtype", dtype] if dtype else []
-    common += ["--inductor", repr(inductor)] if inductor else []
+def bench_args(opts: argparse.Namespace, world: int) -> List[str]:
+    """The bench arguments of one run: batch-1 decode only, no peers."""
+    args = ["--preset", opts.preset, "--prefill_lens", "none", "--batch_sizes", "1",
+            "--gen_len", str(opts.gen_len), "--peers", "none", "--repeats", "1",
+            "--decode_repeats", str(opts.decode_repeats), "--decode", opts.decode]
+    args += ["--device", opts.device] if opts.device else []
+    args += ["--dtype", opts.dtype] if opts.dtype else []
+    args += ["--symmetric_memory"] if world > 1 and opts.symmetric_memory else []
+    return args
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.compare_mp", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="13b", help="(default: %(default)s)")
+    p.add_argument("--nproc", type=common.positive_int, default=2,
+                   help="N, the processes of the MP=N runs (at least 2; default: %(default)s)")
+    p.add_argument("--rounds", type=common.positive_int, default=3,
+                   help="MP=1/MP=N pairs, in the order (1, N), (N, 1), (1, N), ... "
+                        "(default: %(default)s)")
+    p.add_argument("--gen_len", type=common.positive_int, default=128,
+                   help="(default: %(default)s)")
+    p.add_argument("--decode_repeats", type=common.positive_int, default=3,
+                   help="(default: %(default)s)")
+    p.add_argument("--device", help="default: bench's (cuda if available)")
+    p.add_argument("--dtype", choices=sorted(common.DTYPES), help="default: bench's")
+    p.add_argument("--decode", choices=common.DECODE_MODES, default="compiled",
+                   help="decode steps of both (default: %(default)s)")
+    p.add_argument("--symmetric_memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="MP=N sums over ranks with the fused kernel (default: on)")
+    p.add_argument("--mp1_on_each_gpu", action=argparse.BooleanOptionalAction, default=True,
+                   help="MP=1 runs take the N GPUs in turn (default: on)")
+    p.add_argument("--timeout", type=common.positive_int, default=600,
+                   help="seconds per run (default: %(default)s)")
+    p.add_argument("--out", help="write every run and the summary as JSON to this file")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    p = parser()
+    opts = p.parse_args(argv)
+    if opts.nproc < 2:
+        p.error(f"--nproc must be at least 2, got {opts.nproc}")
     log = []
-    for r in range(rounds):
-        for world in ((1, nproc) if r % 2 == 0 else (nproc, 1)):
+    for r in range(opts.rounds):
+        for world in ((1, opts.nproc) if r % 2 == 0 else (opts.nproc, 1)):
             state = gpu_state()
-            mp1 = world == 1
-            gpu = (r + r // 2) % nproc if mp1 and mp1_on_each_gpu else 0
-            speed = run_bench(world, common, mp1_configure if mp1 else mp_configure, device,
-                              timeout, gpu)
+            gpu = (r + r // 2) % opts.nproc if world == 1 and opts.mp1_on_each_gpu else 0
+            speed = run_bench(world, bench_args(opts, world), opts.device, opts.timeout, gpu)
             log.append({"world": world, "tokens_per_s": speed, "gpus_before": state,
-                        **({"gpu": gpu} if mp1 else {})})
-            print(f"MP={world}{f' on GPU {gpu}' if mp1 else ''}: {speed:.1f} tok/s", flush=True)
+                        **({"gpu": gpu} if world == 1 else {})})
+            print(f"MP={world}{f' on GPU {gpu}' if world == 1 else ''}: {speed:.1f} tok/s",
+                  flush=True)
     summary = summarize([(run["world"], run["tokens_per_s"]) for run in log])
     by_gpu = {gpu: statistics.median(run["tokens_per_s"] for run in log
                                      if run["world"] == 1 and run["gpu"] == gpu)
@@ -137,12 +160,14 @@ def main(preset: str = "13b", nproc: int = 2, rounds: int = 3, gen_len: int = 12
     medians = summary["medians"]
     print(f"medians: MP=1 {medians[1]:.1f} ("
           + ", ".join(f"GPU {gpu} {speed:.1f}" for gpu, speed in by_gpu.items())
-          + f"), MP={nproc} {medians[nproc]:.1f} tok/s; ratio "
+          + f"), MP={opts.nproc} {medians[opts.nproc]:.1f} tok/s; ratio "
           f"{summary['ratio_of_medians']:.3f}x; neighbouring pairs "
           + ", ".join(f"{p:.3f}" for p in summary["pair_ratios"]), flush=True)
-    Path(out).write_text(json.dumps({"preset": preset, "nproc": nproc, "runs": log,
-                                     **summary, "mp1_median_by_gpu": by_gpu}, indent=1))
+    results = {"preset": opts.preset, "nproc": opts.nproc, "runs": log, **summary,
+               "mp1_median_by_gpu": by_gpu}
+    common.write_json(opts.out, results)
+    return results
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    main()

@@ -12,9 +12,8 @@ merges the blocks' partial softmax results, unless the whole cache is one block 
 max_seq_len up to SPLIT): then the first kernel normalises and writes the output itself.
 
 Used on CUDA when Triton is installed (it ships with PyTorch's Linux CUDA wheels) and the
-head size is a power of two of at least 16 (`available`). Otherwise `model.attend` runs a
-decoding step through SDPA with a mask, or, over more than MASKED_SDPA_MAX_LEN cached
-positions, through `model.attend_one_query` (two batched matrix products).
+head size is a power of two of at least 16 (`available`); otherwise decoding steps attend
+through `model.attend` (SDPA).
 """
 
 import torch
@@ -25,7 +24,8 @@ try:
 except ImportError:  # CPU-only installs; attention then goes through SDPA
     triton = None
 
-# Launch settings, chosen by benchmarks/decode_attention.py on an H200 (RESULTS.md).
+# Launch settings, chosen by timing the kernel at 4k to 100k keys on an H200
+# (docs/design.md).
 SPLIT = 1024  # keys per block: each block leaves one partial result
 BLOCK_N = 64  # keys per loop iteration inside a block
 # Programs per launch, about 8 per SM of a large GPU: each program takes every

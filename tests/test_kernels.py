@@ -4,8 +4,7 @@ decoded through it against the SDPA path; the fused sum over ranks (llama/allred
 with both ranks of MP=2 simulated: the words one rank writes (layout, epochs, which
 slot), and two processes exchanging through shared memory at the same time (results,
 waiting; not the memory ordering between GPUs); and a forward pass through it, eager and
-compiled. The GPU runs are benchmarks/check_gpu.py, benchmarks/decode_attention.py,
-benchmarks/allreduce_check.py and benchmarks/check_mp.py."""
+compiled. On GPUs they are checked by benchmarks/check_gpu.py and benchmarks/check_mp.py."""
 
 import json
 import os
