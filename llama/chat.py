@@ -6,7 +6,8 @@
 
 Answers stream as they are generated. When the conversation no longer fits in
 max_seq_len, the oldest exchanges are dropped (the system prompt stays) and a note says
-so. Under torchrun only rank 0 reads the keyboard; it sends each line to the other ranks.
+so. Under torchrun only rank 0 reads the keyboard; it sends each line to the other ranks
+(Ctrl-C there goes to torchrun, which stops every process: it ends the chat).
 """
 
 import io

@@ -1,11 +1,11 @@
-"""What the example scripts and the chat share on the command line.
+r"""What the example scripts and the chat share on the command line.
 
-Arguments are parsed by `fire`, as in Meta's scripts (`--stop '["\\n\\n"]'` is a Python
-list), then checked against the entry point's annotations. `--help` is written here from
-the signature and the docstring: fire's own shows mangled types and cut defaults, and
-this module imports neither torch nor fire until after it, so help is instant. User
-errors (ValueError, missing files, a model too big) end the process with one line on
-stderr and exit status 2; other exceptions keep their traceback.
+Arguments are parsed by `fire`, as in Meta's scripts (`--stop '["\n\n"]'` is a Python
+list, its escapes read by fire), then checked against the entry point's annotations.
+`--help` is written here from the signature and the docstring: fire's own shows mangled
+types and cut defaults, and this module imports neither torch nor fire until after it,
+so help is instant. User errors (ValueError, missing files, a model too big) end the
+process with one line on stderr and exit status 2; other exceptions keep their traceback.
 """
 
 import contextlib
@@ -26,7 +26,9 @@ DEMO = str(Path(__file__).resolve().parent.parent / "models" / "CodeLlama-demo")
 DTYPES = ("float32", "bfloat16", "float16")
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
                PermissionError, MemoryError)
-# Options whose text takes backslash escapes, so that `--stop '\n\n'` is two newlines.
+# Options whose text takes backslash escapes: fire reads them inside a list
+# (`--stop '["\n"]'`) but not in a bare string (`--stop '\n'`), and a real newline is
+# awkward to type in a shell argument, so both spellings mean a newline.
 ESCAPED = ("prompt", "stop", "system")
 
 # Descriptions of the options that several entry points share; an entry point's own
@@ -305,9 +307,10 @@ def build_options(device: Optional[str], dtype: Optional[str],
 
 
 def watch_speed(generator) -> None:
-    """After each generation of `generator`, print the tokens it made, tokens per second
-    and the time to the first token, to stderr (rank 0). It times the one generation core
-    that every public method runs (Llama.decode_steps), which yields once per step."""
+    """After each generation of `generator`, print to stderr (rank 0) the tokens it
+    made, the tokens per second from the call on (prefill included) and the time to the
+    first token. It times the one generation core that every public method runs
+    (Llama.decode_steps), which yields once per step with each row's new token."""
     core = generator.decode_steps
 
     def timed(*args, **kwargs):
