@@ -1,22 +1,26 @@
-"""Complete code prompts. Runs on the bundled demo model by default:
+r"""Complete code prompts. Runs on the bundled demo model by default:
 
     python example_completion.py
+    python example_completion.py --prompt 'def fib(n):' --stop '\n\n'
     torchrun --nproc_per_node 1 example_completion.py --ckpt_dir CodeLlama-7b/ --tokenizer_path CodeLlama-7b/tokenizer.model
 """
 
-from pathlib import Path
 from typing import List, Optional
 
-import fire
+from llama import cli
 
-from llama import Llama
-
-# The small model that ships in this repo, so the example runs with no download.
-DEMO = str(Path(__file__).resolve().parent / "models" / "CodeLlama-demo")
+PROMPTS = [
+    # A function whose body follows from its name and docstring.
+    'def is_palindrome(text: str) -> bool:\n    """Return True if text reads the same backwards."""\n',
+    # A small script that stops where the obvious next line begins.
+    "import os\n\n\ndef list_python_files(folder):\n"
+    "    for name in sorted(os.listdir(folder)):\n"
+    "        if name.endswith('.py'):\n",
+]
 
 
 def main(
-    ckpt_dir: str = DEMO,
+    ckpt_dir: str = cli.DEMO,
     tokenizer_path: Optional[str] = None,
     temperature: float = 0.2,
     top_p: float = 0.9,
@@ -25,36 +29,42 @@ def main(
     max_gen_len: Optional[int] = None,
     stream: bool = False,
     stop: Optional[List[str]] = None,
+    prompt: Optional[List[str]] = None,
+    prompts_file: Optional[str] = None,
+    dtype: Optional[str] = None,
+    device: Optional[str] = None,
+    quantize: Optional[str] = None,
+    stats: bool = True,
 ):
-    """--stream prints text as it is generated; --stop '["\\n\\n"]' ends at those strings."""
+    """Continue each code prompt: two built-in ones, or those of --prompt and
+    --prompts_file."""
+    from llama import Llama
+
+    prompts = cli.user_prompts(prompt, prompts_file) or PROMPTS
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
+        **cli.build_options(device, dtype, quantize),
     )
-    prompts = [
-        # A function whose body follows from its name and docstring.
-        'def is_palindrome(text: str) -> bool:\n    """Return True if text reads the same backwards."""\n',
-        # A small script that stops where the obvious next line begins.
-        "import os\n\n\ndef list_python_files(folder):\n"
-        "    for name in sorted(os.listdir(folder)):\n"
-        "        if name.endswith('.py'):\n",
-    ]
+    if stats:
+        cli.watch_speed(generator)
     sampling = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, stop=stop)
     if stream:
-        for prompt in prompts:
-            print(prompt)
+        for text in prompts:
+            print(text)
             print("> ", end="", flush=True)
-            for piece in generator.stream_completion(prompt, **sampling):
+            for piece in generator.stream_completion(text, **sampling):
                 print(piece, end="", flush=True)
             print("\n\n==================================\n")
         return
-    for prompt, result in zip(prompts, generator.text_completion(prompts, **sampling)):
-        print(prompt)
-        print(f"> {result['generation']}")
-        print("\n==================================\n")
+    for batch in cli.batches(prompts, max_batch_size):
+        for text, result in zip(batch, generator.text_completion(batch, **sampling)):
+            print(text)
+            print(f"> {result['generation']}")
+            print("\n==================================\n")
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    cli.run(main)

@@ -1,19 +1,16 @@
-"""Fill the <FILL> gap of each prompt from the code before and after it. Runs on the
+r"""Fill the <FILL> gap of each prompt from the code before and after it. Runs on the
 bundled demo model by default:
 
     python example_infilling.py
+    python example_infilling.py --prompt 'def add(a, b):\n    <FILL>\n\nprint(add(1, 2))\n'
     torchrun --nproc_per_node 1 example_infilling.py --ckpt_dir CodeLlama-7b/ --tokenizer_path CodeLlama-7b/tokenizer.model
 """
 
-from pathlib import Path
 from typing import List, Optional
 
-import fire
+from llama import cli
 
-from llama import Llama
-
-# The small model that ships in this repo, so the example runs with no download.
-DEMO = str(Path(__file__).resolve().parent / "models" / "CodeLlama-demo")
+FILL = "<FILL>"
 
 PROMPTS = [
     # The body of a small function, between its docstring and its return.
@@ -57,7 +54,7 @@ print(args.source)
 
 
 def main(
-    ckpt_dir: str = DEMO,
+    ckpt_dir: str = cli.DEMO,
     tokenizer_path: Optional[str] = None,
     temperature: float = 0.0,
     top_p: float = 0.9,
@@ -66,37 +63,65 @@ def main(
     max_batch_size: int = 4,
     stream: bool = False,
     stop: Optional[List[str]] = None,
+    prompt: Optional[List[str]] = None,
+    prompts_file: Optional[str] = None,
+    dtype: Optional[str] = None,
+    device: Optional[str] = None,
+    quantize: Optional[str] = None,
+    stats: bool = True,
 ):
-    """--stream prints the filled text as it is generated; --stop ends at those strings."""
+    """Fill the gap marked <FILL> in each prompt: four built-in ones, or those of --prompt
+    and --prompts_file (each with exactly one <FILL>).
+
+    Args:
+        max_gen_len: most tokens to generate per fill
+    """
+    from llama import Llama
+
+    prompts = cli.user_prompts(prompt, prompts_file) or PROMPTS
+    pairs = [split_at_fill(i, text) for i, text in enumerate(prompts)]
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
+        **cli.build_options(device, dtype, quantize),
     )
+    if stats:
+        cli.watch_speed(generator)
     sampling = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, stop=stop)
-    pairs = [p.split("<FILL>") for p in PROMPTS]
     if stream:
-        for prompt, (prefix, suffix) in zip(PROMPTS, pairs):
-            print("\n================= Prompt text =================\n")
-            print(prompt)
-            print("\n================= Filled text =================\n")
+        for text, (prefix, suffix) in zip(prompts, pairs):
+            show_prompt(text)
             print(prefix, end="", flush=True)
             for piece in generator.stream_infilling(prefix, suffix, **sampling):
                 print(piece, end="", flush=True)
             print(suffix)
         return
-    results = generator.text_infilling(
-        prefixes=[prefix for prefix, _ in pairs],
-        suffixes=[suffix for _, suffix in pairs],
-        **sampling,
-    )
-    for prompt, result in zip(PROMPTS, results):
-        print("\n================= Prompt text =================\n")
-        print(prompt)
-        print("\n================= Filled text =================\n")
-        print(result["full_text"])
+    for batch in cli.batches(list(zip(prompts, pairs)), max_batch_size):
+        results = generator.text_infilling(
+            prefixes=[prefix for _, (prefix, _) in batch],
+            suffixes=[suffix for _, (_, suffix) in batch],
+            **sampling,
+        )
+        for (text, _), result in zip(batch, results):
+            show_prompt(text)
+            print(result["full_text"])
+
+
+def split_at_fill(index: int, text: str):
+    parts = text.split(FILL)
+    if len(parts) != 2:
+        raise ValueError(f"prompt {index} has {len(parts) - 1} {FILL} markers; mark the one "
+                         f"gap to fill with exactly one {FILL}")
+    return parts
+
+
+def show_prompt(text: str) -> None:
+    print("\n================= Prompt text =================\n")
+    print(text)
+    print("\n================= Filled text =================\n")
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    cli.run(main)

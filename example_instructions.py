@@ -2,22 +2,30 @@
 (which is a base model, so expect code-like rather than helpful answers there):
 
     python example_instructions.py
+    python example_instructions.py --prompt 'Write a Python function that reverses a list.'
     torchrun --nproc_per_node 1 example_instructions.py --ckpt_dir CodeLlama-7b-Instruct/ --tokenizer_path CodeLlama-7b-Instruct/tokenizer.model
 """
 
-from pathlib import Path
 from typing import List, Optional
 
-import fire
+from llama import cli
 
-from llama import Llama
-
-# The small model that ships in this repo, so the example runs with no download.
-DEMO = str(Path(__file__).resolve().parent / "models" / "CodeLlama-demo")
+INSTRUCTIONS = [
+    [{"role": "user", "content": "Write a Python function that checks whether a number is prime."}],
+    [
+        {"role": "system", "content": "Answer with a single shell command."},
+        {"role": "user", "content": "How do I count the lines of every .py file in a folder?"},
+    ],
+    [
+        {"role": "user", "content": "What does `yield` do in Python?"},
+        {"role": "assistant", "content": "It turns a function into a generator that produces values lazily."},
+        {"role": "user", "content": "Show a short example."},
+    ],
+]
 
 
 def main(
-    ckpt_dir: str = DEMO,
+    ckpt_dir: str = cli.DEMO,
     tokenizer_path: Optional[str] = None,
     temperature: float = 0.2,
     top_p: float = 0.95,
@@ -26,42 +34,60 @@ def main(
     max_gen_len: Optional[int] = None,
     stream: bool = False,
     stop: Optional[List[str]] = None,
+    prompt: Optional[List[str]] = None,
+    prompts_file: Optional[str] = None,
+    dtype: Optional[str] = None,
+    device: Optional[str] = None,
+    quantize: Optional[str] = None,
+    stats: bool = True,
 ):
-    """--stream prints each answer as it is generated; --stop ends at those strings."""
+    r"""Answer each instruction as the assistant: three built-in dialogs, or those of
+    --prompt and --prompts_file.
+
+    Args:
+        prompt: an instruction (one user message) to answer instead of the built-in
+            dialogs; repeat the option for more (\n, \t, \r and \\ are
+            read as escapes)
+        prompts_file: a file of instructions: a .json file holds a list, each item one
+            user message or a whole dialog (a list of {"role", "content"} messages); any
+            other file is one user message, read as is
+    """
+    from llama import Llama
+
+    given = cli.user_prompts(prompt, prompts_file, dialogs=True)
+    dialogs = INSTRUCTIONS if given is None else [
+        item if isinstance(item, list) else [{"role": "user", "content": item}]
+        for item in given]
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
+        **cli.build_options(device, dtype, quantize),
     )
-    instructions = [
-        [{"role": "user", "content": "Write a Python function that checks whether a number is prime."}],
-        [
-            {"role": "system", "content": "Answer with a single shell command."},
-            {"role": "user", "content": "How do I count the lines of every .py file in a folder?"},
-        ],
-        [
-            {"role": "user", "content": "What does `yield` do in Python?"},
-            {"role": "assistant", "content": "It turns a function into a generator that produces values lazily."},
-            {"role": "user", "content": "Show a short example."},
-        ],
-    ]
+    if stats:
+        cli.watch_speed(generator)
     sampling = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, stop=stop)
     if stream:
-        for dialog in instructions:
-            for msg in dialog:
-                print(f"{msg['role'].capitalize()}: {msg['content']}\n")
+        for dialog in dialogs:
+            show_dialog(dialog)
             print("> Assistant: ", end="", flush=True)
             for piece in generator.stream_chat_completion(dialog, **sampling):
                 print(piece, end="", flush=True)
             print("\n\n==================================\n")
         return
-    for dialog, result in zip(instructions, generator.chat_completion(instructions, **sampling)):
-        for msg in dialog:
-            print(f"{msg['role'].capitalize()}: {msg['content']}\n")
-        print(f"> {result['generation']['role'].capitalize()}: {result['generation']['content']}")
-        print("\n==================================\n")
+    for batch in cli.batches(dialogs, max_batch_size):
+        for dialog, result in zip(batch, generator.chat_completion(batch, **sampling)):
+            show_dialog(dialog)
+            answer = result["generation"]
+            print(f"> {answer['role'].capitalize()}: {answer['content']}")
+            print("\n==================================\n")
+
+
+def show_dialog(dialog) -> None:
+    for msg in dialog:
+        print(f"{msg['role'].capitalize()}: {msg['content']}\n")
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    cli.run(main)

@@ -15,9 +15,17 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
-    python_requires=">=3.9",
+    # The versions that have run the test suite (3.11, CI) or the GPU benchmarks (3.12).
+    python_requires=">=3.11,<3.13",
     packages=find_packages(include=["llama", "llama.*"]),
     install_requires=requirements,
+    entry_points={
+        "console_scripts": [
+            # Evaluation and benchmark commands join these once they have a main().
+            "codellama-chat = llama.chat:main",
+            "codellama-convert = llama.convert:main",
+        ],
+    },
     extras_require={
         # What the test suite needs beyond the runtime: the HF reference implementation
         # (numerical oracle and conversion), safetensors for HF folders, pytest, and Triton,

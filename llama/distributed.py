@@ -7,7 +7,9 @@ torchrun for a single device.
 
 import atexit
 import contextlib
+import io
 import os
+import sys
 import warnings
 
 import torch
@@ -44,6 +46,7 @@ def local_rank() -> int:
 def initialize(model_parallel_size, device: torch.device) -> int:
     """Make sure a process group and fairscale's model-parallel groups exist; return the
     model-parallel size in force. Safe to call again (notebooks rebuild models)."""
+    check_device(device)
     if device.type == "cuda":  # an explicit index (cuda:1) wins over the torchrun rank
         torch.cuda.set_device(device if device.index is not None else local_rank())
     if not dist.is_initialized():
@@ -52,7 +55,11 @@ def initialize(model_parallel_size, device: torch.device) -> int:
             dist.init_process_group(backend)
         else:
             # A one-process group with an in-memory store: no ports, no env variables.
+            # init_process_group also makes every later traceback of the process print
+            # "[rank0]: " on each line, which only helps to tell ranks apart: not here.
+            hook = sys.excepthook
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            sys.excepthook = hook
         # A group left alive at interpreter exit can abort the process ("terminate called
         # without an active exception" with gloo): close the one we opened.
         atexit.register(_destroy_group)
@@ -70,8 +77,32 @@ def initialize(model_parallel_size, device: torch.device) -> int:
         raise ValueError(
             f"model_parallel_size={size} must divide the number of processes ({world})"
         )
-    mp.initialize_model_parallel(size)
+    with contextlib.redirect_stdout(io.StringIO()):  # fairscale's "> initializing ..." lines
+        mp.initialize_model_parallel(size)
     return size
+
+
+def check_device(device: torch.device) -> None:
+    """Refuse a device that this PyTorch or this machine cannot use, before anything
+    touches it (a CPU-only PyTorch fails deep inside with an AttributeError)."""
+    if device.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise ValueError(
+                f"device {str(device)!r} asks for CUDA, but this PyTorch ({torch.__version__}) "
+                f"is a CPU-only build; use device 'cpu', or install a CUDA build of PyTorch"
+            )
+        count = torch.cuda.device_count()
+        index = device.index if device.index is not None else local_rank()
+        if index >= count:
+            raise ValueError(
+                f"device {str(device)!r} needs GPU {index} but {count} GPU(s) are visible "
+                f"(check the driver, CUDA_VISIBLE_DEVICES, and that torchrun starts at most "
+                f"one process per GPU); or use device 'cpu'"
+            )
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                     and torch.backends.mps.is_available()):
+        raise ValueError("device 'mps' is not available on this machine (Apple silicon with "
+                         "macOS 12.3+ is needed); use device 'cpu'")
 
 
 def _destroy_group() -> None:

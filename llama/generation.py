@@ -25,6 +25,7 @@ from .prompts import (
     Message,
     Role,
     chat_prompt,
+    completion_prompt_tokens,
     dialog_prompt_tokens,
     infilling_prompt_tokens,
     require_infilling,
@@ -197,7 +198,7 @@ class Llama:
         which is left out; "tokens" then keeps the tokens wholly before it."""
         prompts = as_batch(prompts, "prompts",
                            "wrap a single prompt in a list, or use stream_completion")
-        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        prompt_tokens = [completion_prompt_tokens(self.tokenizer, x) for x in prompts]
         sampling = Sampling(temperature, top_p, max_gen_len, {self.tokenizer.eos_id})
         rows, tokens, lps = echoed_rows(self.engine, prompt_tokens, sampling,
                                         self.tokenizer.decode, stop, echo, logprobs)
@@ -211,7 +212,7 @@ class Llama:
                           stop: Optional[List[str]] = None) -> Iterator[str]:
         """text_completion for one prompt, yielding the new text as it is produced."""
         sampling = Sampling(temperature, top_p, max_gen_len, {self.tokenizer.eos_id})
-        prompt_tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
+        prompt_tokens = completion_prompt_tokens(self.tokenizer, prompt)
         return stream_text(self.engine, prompt_tokens, sampling, self.tokenizer.decode, stop)
 
     def text_infilling(

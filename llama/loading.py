@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import checkpoint, distributed
+from .memory import check_fits
 from .model import ModelArgs, Transformer, skip_fairscale_init
 from .tokenizer import Tokenizer
 
@@ -23,25 +24,6 @@ def default_dtype(dtype: torch.dtype):
         yield
     finally:
         torch.set_default_dtype(previous)
-
-
-def check_fits(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> None:
-    """Refuse, before allocating, a model whose weights plus KV cache exceed the free
-    memory of a CUDA device, saying both numbers and what to lower."""
-    if device.type != "cuda":
-        return
-    world = distributed.model_parallel_world_size()
-    size = torch.finfo(dtype).bits // 8
-    weights = args.num_params() * size // world
-    cache = args.kv_cache_bytes(size) // world
-    free, _ = torch.cuda.mem_get_info(device)
-    if weights + cache > free:
-        gib = 2**30
-        raise MemoryError(
-            f"this rank needs {weights / gib:.1f} GiB of weights plus {cache / gib:.1f} GiB of "
-            f"KV cache ({args.max_batch_size} x {args.max_seq_len} tokens) but the GPU has "
-            f"{free / gib:.1f} GiB free; lower max_seq_len or max_batch_size, or use more GPUs"
-        )
 
 
 def empty_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:

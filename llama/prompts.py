@@ -1,9 +1,9 @@
 """Prompt token layouts: infilling (PSM and SPM), Llama-2 [INST] chat, 70B-Instruct `<step>`
 chat. Pure functions of (tokenizer, inputs) that also validate their inputs."""
 
-from typing import List, Literal, Tuple, TypedDict
+from typing import List, Literal, Optional, Tuple, TypedDict
 
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_text
 
 Role = Literal["system", "user", "assistant"]
 
@@ -26,8 +26,29 @@ ROLE_ORDER_ERROR = (
 )
 
 
-def require_infilling(tokenizer: Tokenizer) -> None:
-    if not tokenizer.supports_infilling:
+def require_tokenizer(tokenizer: Optional[Tokenizer]) -> Tokenizer:
+    """The tokenizer that text methods need; a model made by Llama.from_preset without
+    tokenizer_path has none."""
+    if tokenizer is None:
+        raise ValueError(
+            "this Llama has no tokenizer (Llama.from_preset without tokenizer_path), so only "
+            "generate() and model take input; pass tokenizer_path=<folder>/tokenizer.model "
+            "to use the text methods"
+        )
+    return tokenizer
+
+
+def completion_prompt_tokens(tokenizer: Optional[Tokenizer], prompt: str) -> List[int]:
+    """A completion prompt's tokens: BOS, then the text."""
+    tokenizer = require_tokenizer(tokenizer)
+    if not isinstance(prompt, str):
+        raise ValueError(f"each prompt must be a str, got {type(prompt).__name__}")
+    check_text(prompt, "prompt")
+    return tokenizer.encode(prompt, bos=True, eos=False)
+
+
+def require_infilling(tokenizer: Optional[Tokenizer]) -> None:
+    if not require_tokenizer(tokenizer).supports_infilling:
         raise ValueError(
             "this tokenizer has no infilling pieces (▁<PRE>, ▁<SUF>, ▁<MID>, ▁<EOT>): "
             "the Python and 34B Code Llama models cannot infill; use the 7B or 13B base "
@@ -37,6 +58,9 @@ def require_infilling(tokenizer: Tokenizer) -> None:
 
 def encode_user_text(tokenizer: Tokenizer, text: str, what: str, infilling: bool) -> List[int]:
     """Encode user text, refusing text that would turn into control tokens."""
+    if not isinstance(text, str):
+        raise ValueError(f"the {what} must be a str, got {type(text).__name__}")
+    check_text(text, what)
     ids = tokenizer.encode_infilling(text) if infilling else tokenizer.encode(text, False, False)
     bad = tokenizer.control_ids.intersection(ids)
     if bad:
@@ -148,6 +172,7 @@ def chat_prompt(tokenizer: Tokenizer, dialog: Dialog) -> Tuple[List[int], bool]:
     `<step>` per message in the 70B format, none in [INST]). Checking the built prompt,
     not each text alone, also catches text that turns into a control token only once it
     is stripped and placed, such as "\n<PRE>" on the infilling vocabulary."""
+    tokenizer = require_tokenizer(tokenizer)
     if tokenizer.step_id is not None:
         prompt, own = dialog_prompt_tokens(tokenizer, dialog), len(with_system(dialog))
     else:

@@ -41,6 +41,7 @@ class Tokenizer:
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
         if not isinstance(s, str):
             raise TypeError(f"Tokenizer.encode expects a str, got {type(s).__name__}")
+        check_text(s)
         t = self.sp_model.encode(s)
         if bos:
             t = [self.bos_id] + t
@@ -56,8 +57,24 @@ class Tokenizer:
 
     def encode_infilling(self, s: str) -> List[int]:
         """Encode without the implicit leading space (used for the suffix)."""
+        check_text(s)
         return self.sp_model.encode(_ANCHOR + s)[2:]
 
     def decode_infilling(self, t: List[int]) -> str:
         """Decode keeping a leading space that SentencePiece would strip."""
         return self.sp_model.decode([self.sp_model.piece_to_id(_ANCHOR)] + t)[1:]
+
+
+def check_text(s: str, what: str = "text") -> None:
+    """Refuse a str that is not valid Unicode text: a lone surrogate such as "\\ud800"
+    (from bytes decoded with errors="surrogateescape", or a JSON escape) has no UTF-8
+    form, and SentencePiece would fail on it with an unrelated-looking RuntimeError."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        excerpt = s if len(s) <= 60 else s[:60] + "..."
+        raise ValueError(
+            f"the {what} {excerpt!r} holds the lone surrogate {s[e.start]!r} at character "
+            f"{e.start}, which is not valid Unicode text; decode the input properly (for "
+            f"example errors='replace') or remove that character"
+        ) from None

@@ -10,22 +10,25 @@ import pytest
 from conftest import build
 import llama.chat
 from llama import Llama, Tokenizer
-from llama.chat import main, storable
+from llama.chat import chat, main, storable
 from llama.prompts import UNSAFE_ERROR
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def chat(folder, lines, *args, nproc=0):
+def run_chat(folder, lines, *args, nproc=0):
+    """The chat in its own process(es), fed `lines` (str, or bytes taken as they are)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone",
                                     "--nproc_per_node", str(nproc)] if nproc else [])
     proc = subprocess.run(
-        launcher + ["-m", "llama.chat", "--ckpt_dir", str(folder), "--temperature", "0", *args],
-        input="".join(line + "\n" for line in lines), env=env, capture_output=True,
-        text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+        launcher + ["-m", "llama.chat", "--ckpt_dir", str(folder), "--temperature", "0",
+                    "--nostats", *args],
+        input=b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n"
+                       for line in lines), env=env, capture_output=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:].decode()
+    assert proc.stderr == b""
+    return proc.stdout.decode()
 
 
 def answers(out):
@@ -34,25 +37,33 @@ def answers(out):
 
 def test_chat_answers_resets_and_exits(make_model):
     folder = make_model()[0]
-    out = chat(folder, ["write a loop", "and another", "/reset", "write a loop", "/exit",
-                        "never read"], "--max_seq_len", "256", "--max_gen_len", "8")
+    out = run_chat(folder, ["write a loop", "and another", "/reset", "write a loop",
+                            b"caf\xe9 \xff", "/help", "/exit", "never read"],
+                   "--max_seq_len", "256", "--max_gen_len", "8")
     replies = answers(out)
-    assert len(replies) == 3
+    assert len(replies) == 4  # the line that is not UTF-8 is answered too
     want = build(folder, max_seq_len=256).chat_completion(
         [[{"role": "user", "content": "write a loop"}]], temperature=0, max_gen_len=8)
     assert replies[0] == want[0]["generation"]["content"]
     assert replies[2] == replies[0]  # after /reset the history is gone
     assert "(conversation reset)" in out and "never read" not in out
+    assert "/reset  forget the conversation" in out  # /help
 
 
-def test_chat_drops_oldest_turns_keeping_the_system_prompt(make_model):
+def scripted(folder, capsys, lines, **options):
+    """The chat in this process, sent `lines` as with --prompt; its output."""
+    chat(str(folder), prompt=lines, temperature=0, stats=False, **options)
+    return capsys.readouterr().out
+
+
+def test_chat_drops_oldest_turns_keeping_the_system_prompt(make_model, capsys):
     folder = make_model()[0]
     long = "please explain this code: " + "x = x + 1; " * 8
-    out = chat(folder, [long, long, long], "--max_seq_len", "160", "--max_gen_len", "16",
-               "--system", "Be brief.")
+    out = scripted(folder, capsys, [long, long, long], max_seq_len=160, max_gen_len=16,
+                   system="Be brief.")
     assert "(dropped the 2 oldest messages to stay within max_seq_len=160)" in out
     assert len(answers(out)) == 3
-    out = chat(folder, ["word " * 200], "--max_seq_len", "64")
+    out = scripted(folder, capsys, ["word " * 200], max_seq_len=64)
     assert "too long for max_seq_len=64" in out
 
 
@@ -62,16 +73,16 @@ def test_chat_under_torchrun_reads_on_rank_0_only(make_model):
     folder = make_model(shards=2)[0]
     lines = ["write a loop", "/reset", "write a loop", "/exit"]
     args = ("--max_seq_len", "256", "--max_gen_len", "8")
-    assert answers(chat(folder, lines, *args, nproc=2)) == answers(chat(folder, lines, *args))
+    assert answers(run_chat(folder, lines, *args, nproc=2)) == answers(
+        run_chat(folder, lines, *args))
 
 
-def test_a_refused_message_does_not_poison_the_conversation(make_model):
+def test_a_refused_message_does_not_poison_the_conversation(make_model, capsys):
     folder = make_model()[0]
-    out = chat(folder, ["what is [INST]?", "write a loop"], "--max_seq_len", "256",
-               "--max_gen_len", "8")
-    replies = answers(out)
+    replies = answers(scripted(folder, capsys, ["what is [INST]?", "write a loop"],
+                               max_seq_len=256, max_gen_len=8))
     assert replies[0] == "Error: special tags are not allowed as part of the prompt."
-    fresh = answers(chat(folder, ["write a loop"], "--max_seq_len", "256", "--max_gen_len", "8"))
+    fresh = answers(scripted(folder, capsys, ["write a loop"], max_seq_len=256, max_gen_len=8))
     assert replies[1] == fresh[0]  # answered as if the refused message never happened
 
 
@@ -88,20 +99,79 @@ def test_tagged_answers_do_not_poison_the_history(make_model, monkeypatch, capsy
     monkeypatch.setattr(llama.chat, "read_line", lambda prompt: next(lines))
     dialogs = []
 
-    def tagged_answer(self, dialog, *args):  # a model that writes chat tags
+    def tagged_answer(self, dialog, **sampling):  # a model that writes chat tags
         dialogs.append([dict(m) for m in dialog])
         return iter(["sure [/INST] <PRE> done"])
 
     monkeypatch.setattr(Llama, "stream_chat_completion", tagged_answer)
-    main(str(make_model()[0]), max_seq_len=256, max_gen_len=8)
+    chat(str(make_model()[0]), max_seq_len=256, max_gen_len=8)
     out = capsys.readouterr().out
-    assert UNSAFE_ERROR not in out and "left out of the conversation history" in out
+    assert UNSAFE_ERROR not in out
+    assert out.count("left out of the conversation history") == 1  # said once, not each time
     assert len(dialogs) == 2  # the second message was answered, not refused
     assert dialogs[1][1] == {"role": "assistant", "content": "sure   done"}
 
 
+def test_ctrl_c_stops_an_answer_and_keeps_the_conversation(make_model, monkeypatch, capsys):
+    folder = make_model()[0]
+    lines = iter(["write a loop", "go on", None])
+    monkeypatch.setattr(llama.chat, "read_line", lambda prompt: next(lines))
+    generate, prompts = Llama.decode_steps, []
+
+    def ctrl_c_in_the_first_answer(self, prompt_tokens, *args, **kwargs):
+        prompts.append(prompt_tokens[0])
+        for i, step in enumerate(generate(self, prompt_tokens, *args, **kwargs)):
+            if len(prompts) == 1 and i == 4:
+                raise KeyboardInterrupt  # as if Ctrl-C came while the model ran
+            yield step
+
+    monkeypatch.setattr(Llama, "decode_steps", ctrl_c_in_the_first_answer)
+    chat(str(folder), max_seq_len=256, max_gen_len=8, temperature=0, stats=False)
+    first, second = answers(capsys.readouterr().out)
+    partial = first.split("\n(answer stopped)")[0]
+    assert partial.strip()
+    assert first.endswith("\n(answer stopped)") and "(answer stopped)" not in second
+    tokenizer = Tokenizer(str(folder / "tokenizer.model"))
+    assert tokenizer.decode(prompts[1]).startswith(
+        f"[INST] write a loop [/INST] {partial.strip()}")  # kept in the conversation
+
+
+def test_ctrl_c_or_end_of_input_at_the_prompt_ends_quietly(make_model, monkeypatch, capsys):
+    def ctrl_c(prompt):
+        raise KeyboardInterrupt
+
+    folder = str(make_model()[0])
+    for key in (ctrl_c, lambda prompt: (_ for _ in ()).throw(EOFError)):
+        monkeypatch.setattr("builtins.input", key)
+        main(["--ckpt_dir", folder, "--max_seq_len", "64", "--max_gen_len", "8"])
+        out, err = capsys.readouterr()
+        assert out.endswith("/exit quits.\n\n") and err == ""
+
+
+def test_a_system_prompt_with_chat_tags_is_refused_at_startup(make_model, capsys):
+    with pytest.raises(SystemExit) as exit:  # before loading anything: no such folder
+        main(["--ckpt_dir", "/no/such/model", "--system", "Answer [INST] briefly."])
+    assert exit.value.code == 2 and capsys.readouterr() == (
+        "", "error: --system contains the chat tag(s) [INST], which would get every message "
+            "refused; remove them\n")
+    with pytest.raises(ValueError, match="--system contains text that encodes to the model's "
+                                         "control tokens"):
+        chat(str(make_model()[0]), system="Use <PRE> tags.", max_seq_len=64, max_gen_len=8)
+
+
+def test_prompts_from_the_command_line_make_one_conversation(make_model, monkeypatch, capsys):
+    folder = str(make_model()[0])
+    out = scripted(folder, capsys, ["write a loop", "and another"], max_seq_len=256,
+                   max_gen_len=8)
+    assert out.count("You: ") == 2 and "Chat with the model" not in out
+    lines = iter(["write a loop", "and another", None])
+    monkeypatch.setattr(llama.chat, "read_line", lambda prompt: next(lines))
+    chat(folder, max_seq_len=256, max_gen_len=8, temperature=0, stats=False)
+    assert answers(out) == answers(capsys.readouterr().out)
+
+
 def test_answer_room_must_leave_room_for_a_message(make_model):
     with pytest.raises(ValueError, match="--max_gen_len must be a positive"):
-        main("unused", max_seq_len=64, max_gen_len=0)
+        chat("unused", max_seq_len=64, max_gen_len=0)
     with pytest.raises(ValueError, match=r"--max_gen_len 60 leaves no room .*at least \d+"):
-        main(str(make_model()[0]), max_seq_len=64, max_gen_len=60)
+        chat(str(make_model()[0]), max_seq_len=64, max_gen_len=60)

@@ -2,6 +2,7 @@
 model's files against its checklist."""
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -69,3 +70,80 @@ def test_instructions_example_with_stop():
     for block in blocks[:3]:
         answer = block.split("> Assistant: ", 1)[1]
         assert "\n" not in answer.rstrip("\n")  # the stop string ended every answer
+
+
+# ---- the examples' own prompts, precision, device and errors, run in this process ------
+
+def run_main(main, *argv):
+    """An example's main as its command line runs it (llama.cli.run)."""
+    from llama import cli
+    cli.run(main, [str(a) for a in argv])
+
+
+def test_completion_example_runs_given_prompts_in_batches(make_model, capsys):
+    import example_completion
+    from conftest import build
+    folder = make_model()[0]
+    prompts = ["def f(x):", "import os\n", "class A:"]
+    run_main(example_completion.main, "--ckpt_dir", folder, "--prompt", "def f(x):",
+             "--prompt", "import os\\n", "--prompt=class A:", "--max_batch_size", 2,
+             "--max_gen_len", 12, "--temperature", 0, "--stop", "\\n", "--device", "cpu",
+             "--dtype", "float32")
+    out, err = capsys.readouterr()
+    want = build(folder).text_completion(prompts, temperature=0, max_gen_len=12, stop=["\n"])
+    assert out.count(SEPARATOR) == 3
+    for prompt, result in zip(prompts, want):
+        assert f"{prompt}\n> {result['generation']}\n{SEPARATOR}" in out
+    assert err.count(" tokens/s; first token after ") == 2  # one report per batch
+
+
+def test_infilling_example_takes_a_prompts_file_and_checks_the_gap(make_model, capsys,
+                                                                  tmp_path):
+    import example_infilling
+    folder = make_model()[0]
+    listed = tmp_path / "gaps.json"
+    listed.write_text(json.dumps(["def add(a, b):\n    <FILL>\n", "x = <FILL>\n"]))
+    run_main(example_infilling.main, "--ckpt_dir", folder, "--prompts_file", listed,
+             "--max_gen_len", 4, "--stream", "--nostats")
+    out, err = capsys.readouterr()
+    assert out.count("Filled text") == 2 and "def add(a, b):\n    " in out and err == ""
+    listed.write_text(json.dumps(["x = <FILL> + <FILL>"]))
+    with pytest.raises(SystemExit) as exit:
+        run_main(example_infilling.main, "--ckpt_dir", folder, "--prompts_file", listed)
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == ("error: prompt 0 has 2 <FILL> markers; mark the one "
+                                       "gap to fill with exactly one <FILL>\n")
+
+
+def test_instructions_example_takes_messages_and_dialogs(make_model, capsys, tmp_path):
+    import example_instructions
+    listed = tmp_path / "dialogs.json"
+    listed.write_text(json.dumps([[{"role": "system", "content": "Be brief."},
+                                   {"role": "user", "content": "hi"}]]))
+    run_main(example_instructions.main, "--ckpt_dir", make_model()[0], "--prompt",
+             "write a loop", "--prompts_file", listed, "--max_gen_len", 4, "--dtype",
+             "bfloat16")
+    out = capsys.readouterr().out
+    assert "User: write a loop\n" in out and "System: Be brief.\n\nUser: hi\n" in out
+    assert out.count("> Assistant: ") == 2
+
+
+def test_a_wrong_ckpt_dir_is_one_line(capsys):
+    import example_completion
+    with pytest.raises(SystemExit) as exit:
+        run_main(example_completion.main, "--ckpt_dir", "/no/such/folder", "--device", "cpu")
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == "error: checkpoint folder /no/such/folder does not exist\n"
+
+
+def test_a_user_error_under_torchrun_is_one_line_from_rank_0():
+    """torchrun itself then reports the failed processes, which a worker cannot stop."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+         "2", "example_completion.py", "--ckpt_dir", "/no/such/folder"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: checkpoint folder /no/such/folder does not exist\n") == 1
+    assert "[rank0]" not in proc.stderr and "[rank1]" not in proc.stderr
+    assert "Traceback" not in proc.stderr.split("error: checkpoint folder")[0]

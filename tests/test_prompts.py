@@ -10,6 +10,7 @@ from llama import Tokenizer
 from llama.prompts import (
     chat_prompt,
     chat_prompt_tokens,
+    completion_prompt_tokens,
     dialog_prompt_tokens,
     infilling_prompt_tokens,
 )
@@ -161,3 +162,28 @@ def test_unsafe_detection(code_tok, step_tok):
     assert unsafe(step_tok, "hi", destination="x<step> Source: system")
     with pytest.raises(ValueError, match="destination must be a str"):
         chat_prompt(step_tok, [{"role": "user", "content": "hi", "destination": 3}])
+
+
+def test_text_that_is_not_unicode_is_refused_naming_where_it_is(code_tok):
+    """A lone surrogate (surrogateescape'd bytes, a JSON escape) has no UTF-8 form."""
+    bad = "def f():\ud800"
+    with pytest.raises(ValueError, match=r"the prompt 'def f\(\):\\ud800' holds the lone "
+                                         r"surrogate '\\ud800' at character 8"):
+        completion_prompt_tokens(code_tok, bad)
+    for pre, suf, where in ((bad, "", "prefix"), ("", bad, "suffix")):
+        with pytest.raises(ValueError, match=f"the {where} .* lone surrogate"):
+            infilling_prompt_tokens(code_tok, pre, suf)
+    with pytest.raises(ValueError, match="the text .* lone surrogate"):
+        chat_prompt(code_tok, [{"role": "user", "content": bad}])
+    with pytest.raises(ValueError, match="the text .* lone surrogate"):
+        code_tok.encode_infilling(bad)
+    assert completion_prompt_tokens(code_tok, "hello") == [1, 22172]
+
+
+def test_text_prompts_need_a_tokenizer():
+    """Llama.from_preset without tokenizer_path has none: say so, not AttributeError."""
+    for call in (lambda: completion_prompt_tokens(None, "x"),
+                 lambda: infilling_prompt_tokens(None, "a", "b"),
+                 lambda: chat_prompt(None, [{"role": "user", "content": "x"}])):
+        with pytest.raises(ValueError, match="this Llama has no tokenizer .*tokenizer_path="):
+            call()

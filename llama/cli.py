@@ -1,0 +1,329 @@
+r"""What the example scripts and the chat share on the command line.
+
+Arguments are parsed by `fire`, as in Meta's scripts (`--stop '["\n\n"]'` is a Python
+list, its escapes read by fire), then checked against the entry point's annotations.
+`--help` is written here from the signature and the docstring: fire's own shows mangled
+types and cut defaults, and this module imports neither torch nor fire until after it,
+so help is instant. User errors (ValueError, missing files, a model too big) end the
+process with one line on stderr and exit status 2; other exceptions keep their traceback.
+"""
+
+import contextlib
+import inspect
+import io
+import json
+import os
+import re
+import sys
+import textwrap
+import time
+import typing
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+# The small model that ships in this repository, so that everything runs with no download.
+DEMO = str(Path(__file__).resolve().parent.parent / "models" / "CodeLlama-demo")
+DTYPES = ("float32", "bfloat16", "float16")
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               PermissionError, MemoryError)
+# Options whose text takes backslash escapes: fire reads them inside a list
+# (`--stop '["\n"]'`) but not in a bare string (`--stop '\n'`), and a real newline is
+# awkward to type in a shell argument, so both spellings mean a newline.
+ESCAPED = ("prompt", "stop", "system")
+
+# Descriptions of the options that several entry points share; an entry point's own
+# docstring (its "Args:" section) describes the rest and may override these.
+OPTIONS = {
+    "ckpt_dir": "model folder: Meta's format (params.json, consolidated.NN.pth) or a "
+                "Hugging Face Llama folder",
+    "tokenizer_path": "tokenizer.model to use (none: the one in ckpt_dir)",
+    "temperature": "sampling temperature; 0 or less is greedy (always the likeliest token)",
+    "top_p": "sample from the smallest set of tokens whose probabilities add up to top_p",
+    "max_seq_len": "longest prompt plus answer, in tokens (the KV cache holds this many)",
+    "max_batch_size": "prompts generated together (the KV cache holds this many rows); "
+                      "more prompts run in several batches",
+    "max_gen_len": "most tokens to generate per answer (none: up to max_seq_len)",
+    "stream": "print text as it is generated, one prompt at a time",
+    "stop": "strings that end an answer (left out of it): a string or a list such as "
+            "'[\"\\n\\n\", \"def \"]'; \\n, \\t, \\r and \\\\ are read as escapes",
+    "prompt": "a prompt to run instead of the built-in ones; repeat the option for more "
+              "(\\n, \\t, \\r and \\\\ are read as escapes)",
+    "prompts_file": "a file of prompts to run instead of the built-in ones: a .json file "
+                    "holds a list of them, any other file is one prompt, read as is",
+    "dtype": f"weights and KV cache precision: {', '.join(DTYPES)} (none: bfloat16 on "
+             f"CUDA, float16 on MPS, float32 on CPU)",
+    "device": "cpu, cuda, cuda:N or mps (none: cuda if present, else mps, else cpu)",
+    "quantize": "weight quantization scheme, passed to Llama.build as quantize=",
+    "stats": "after each generation, print its tokens per second and the time to the "
+             "first token to stderr (--nostats: don't)",
+}
+
+
+def run(main: Callable, argv: Optional[Sequence[str]] = None,
+        repeatable: Sequence[str] = ("prompt",), epilog: str = "") -> None:
+    """Run `main(**options)` from the command line (sys.argv by default). Options named
+    in `repeatable` may be given several times; their values are taken as plain text.
+    `epilog` ends the help."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = program_name()
+    with user_errors():
+        given, argv = take_repeated(argv, repeatable)
+        if "-h" in argv or "--help" in argv:
+            print(help_text(main, prog, repeatable, epilog))
+            return
+        options = parse(main, argv, prog)
+        options.update(given)
+        main(**checked(main, options))
+
+
+def program_name() -> str:
+    """How the running command was called, for its help: a script's name, or for a
+    module of this package run with -m, `python -m llama.<module>`."""
+    path = Path(sys.argv[0])
+    if path.parent.resolve() == Path(__file__).resolve().parent:
+        return f"python -m {__package__}.{path.stem}"
+    return path.name
+
+
+def take_repeated(argv: List[str], names: Sequence[str]) -> Tuple[Dict[str, list], list]:
+    """Pull `--name value` and `--name=value` of each repeatable option out of argv."""
+    given: Dict[str, list] = {}
+    rest = []
+    args = iter(argv)
+    for arg in args:
+        name, eq, value = arg[2:].partition("=")
+        if not (arg.startswith("--") and name in names):
+            rest.append(arg)
+            continue
+        if not eq:
+            value = next(args, None)
+            if value is None:
+                raise ValueError(f"--{name} needs a value: --{name} TEXT")
+        given.setdefault(name, []).append(value)
+    return given, rest
+
+
+def parse(main: Callable, argv: List[str], prog: str) -> dict:
+    """main's options from argv, parsed by fire (its errors exit with status 2)."""
+    import fire
+
+    def arguments(*args, **kwargs):
+        return signature.bind(*args, **kwargs).arguments
+
+    signature = inspect.signature(main)
+    arguments.__signature__ = signature
+    quiet = contextlib.redirect_stderr(io.StringIO()) if rank() else contextlib.nullcontext()
+    with quiet:  # under torchrun, rank 0 alone says what is wrong
+        return dict(fire.Fire(arguments, command=argv, name=prog, serialize=lambda _: None))
+
+
+def checked(main: Callable, options: dict) -> dict:
+    """Options with the types that main's annotations ask for (fire reads "7" as an int
+    and "[1]" as a list), escapes read in the ESCAPED ones."""
+    hints = typing.get_type_hints(main)
+    out = {}
+    for name, value in options.items():
+        value = coerce(name, value, hints.get(name, object))
+        if name in ESCAPED and value is not None:
+            value = [unescape(v) for v in value] if isinstance(value, list) else unescape(value)
+        out[name] = value
+    return out
+
+
+def coerce(name: str, value, hint):
+    """value as the type `hint` (str, int, float, bool, List[str], Optional[...])."""
+    if hint is object:  # not annotated
+        return value
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union:
+        return None if value is None else coerce(name, value, args[0])
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    if typing.get_origin(hint) is list:
+        items = [value] if isinstance(value, (str, int, float)) else value
+        if isinstance(items, (list, tuple)) and not any(isinstance(i, bool) for i in items):
+            return [coerce(name, item, args[0]) for item in items]
+    if hint is bool:
+        raise ValueError(f"--{name} is a switch (--{name} or --no{name}), got {value!r}")
+    raise ValueError(f"--{name} takes {type_name(hint)}, got {value!r}")
+
+
+def unescape(text: str) -> str:
+    """Read \\n, \\t, \\r and \\\\ as newline, tab, carriage return and backslash; any
+    other backslash stays as it is."""
+    table = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+    return re.sub(r"\\([ntr\\])", lambda m: table[m.group(1)], text)
+
+
+def type_name(hint) -> str:
+    if typing.get_origin(hint) is typing.Union:
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return f"{type_name(inner[0])} or none"
+    if typing.get_origin(hint) is list:
+        return f"list of {type_name(typing.get_args(hint)[0])}"
+    return {bool: "switch", int: "int", float: "float", str: "str"}.get(hint, str(hint))
+
+
+def help_text(main: Callable, prog: str, repeatable: Sequence[str] = (),
+              epilog: str = "") -> str:
+    """Usage, main's docstring without its Args section, every option with its type,
+    default and description, then the epilog."""
+    description, described = split_docstring(main.__doc__ or "")
+    hints = typing.get_type_hints(main)
+    lines = [f"usage: {prog} [--option value ...]", "", description, "", "options:"]
+    for name, param in inspect.signature(main).parameters.items():
+        text = described.get(name) or OPTIONS.get(name)
+        if text is None:
+            raise TypeError(f"option {name} of {prog} has no description")
+        flag = f"--{name}, --no{name}" if hints.get(name) is bool else f"--{name}"
+        kind = "str, repeatable" if name in repeatable else type_name(hints.get(name))
+        lines.append(f"  {flag}  ({kind}; default: {shown(param.default)})")
+        lines.append(textwrap.fill(text, 88, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    lines += ["  -h, --help", "      show this help and exit"] + (["", epilog] if epilog else [])
+    return "\n".join(lines)
+
+
+def shown(default) -> str:
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return "none" if default is None else str(default)
+
+
+def split_docstring(doc: str) -> Tuple[str, Dict[str, str]]:
+    """(the docstring without its Google-style "Args:" section, {name: description})."""
+    doc = inspect.cleandoc(doc)
+    head, _, tail = doc.partition("\nArgs:\n")
+    described: Dict[str, str] = {}
+    rest = []
+    name = None
+    for line in tail.splitlines():
+        match = re.match(r"^ {2,8}(\w+): (.*)$", line)
+        if match:
+            name = match.group(1)
+            described[name] = match.group(2)
+        elif name and line.startswith("     ") and line.strip():
+            described[name] += " " + line.strip()
+        else:
+            name = None
+            rest.append(line)
+    return "\n".join([head.rstrip()] + rest).rstrip(), described
+
+
+def rank() -> int:
+    """This process's rank under torchrun (0 in a plain process); no torch needed."""
+    return int(os.environ.get("RANK", 0))
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn a user error into one line on stderr (rank 0 only) and exit status 2, and
+    Ctrl-C into a quiet exit (status 130). CODELLAMA_TRACEBACK=1 shows the traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:  # the reader of stdout (`| head`) has gone: nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except USER_ERRORS as e:
+        if os.environ.get("CODELLAMA_TRACEBACK"):
+            raise
+        if rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def user_prompts(prompt: Optional[List[str]], prompts_file: Optional[str],
+                 dialogs: bool = False) -> Optional[list]:
+    """The --prompt texts, then those of --prompts_file (a .json file: a list; any other
+    file: one prompt, its whole text); None if neither option is given. Each is a str,
+    or with `dialogs` also a list of messages."""
+    if prompt is None and prompts_file is None:
+        return None
+    prompts = list(prompt or [])
+    if prompts_file is not None:
+        prompts += read_prompts_file(Path(prompts_file))
+    if not prompts:
+        raise ValueError("no prompts given; pass --prompt TEXT or --prompts_file FILE")
+    for i, item in enumerate(prompts):
+        if not (isinstance(item, str) or dialogs and isinstance(item, list)):
+            raise ValueError(f"prompt {i} is a {type(item).__name__}; each prompt must be a "
+                             f"string{' or a list of messages' if dialogs else ''}")
+    return prompts
+
+
+def read_prompts_file(path: Path) -> list:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts_file {path} is not UTF-8 text ({e.reason} at byte "
+                         f"{e.start}); save it as UTF-8") from None
+    if path.suffix.lower() != ".json":
+        return [text]
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--prompts_file {path} is not valid JSON ({e}); a .json file "
+                         f"holds a list of prompts") from None
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"--prompts_file {path} must hold a non-empty JSON list of prompts")
+    return items
+
+
+def batches(items: list, size: int) -> List[list]:
+    """items in consecutive groups of at most `size`."""
+    return [items[i:i + size] for i in range(0, len(items), max(1, size))]
+
+
+def build_options(device: Optional[str], dtype: Optional[str],
+                  quantize: Optional[str]) -> dict:
+    """Llama.build's keyword arguments for --device, --dtype and --quantize (those given)."""
+    import torch
+
+    from .generation import Llama
+    options = {}
+    if device is not None:
+        try:
+            options["device"] = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or "
+                             f"mps") from None
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ValueError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        options["dtype"] = getattr(torch, dtype)
+    if quantize is not None:
+        if "quantize" not in inspect.signature(Llama.build).parameters:
+            raise ValueError("--quantize is not available yet: this version of Llama.build "
+                             "takes no quantize argument; leave the option out")
+        options["quantize"] = quantize
+    return options
+
+
+def watch_speed(generator) -> None:
+    """After each generation of `generator`, print to stderr (rank 0) the tokens it
+    made, the tokens per second from the call on (prefill included) and the time to the
+    first token. It times the one generation core that every public method runs
+    (Llama.engine.generate), which yields once per step with each row's new token."""
+    core = generator.engine.generate
+
+    def timed(*args, **kwargs):
+        start, first, tokens = time.perf_counter(), None, 0
+        try:
+            for step in core(*args, **kwargs):
+                first = first or time.perf_counter()
+                tokens += sum(token is not None for token in step)
+                yield step
+        finally:
+            if first is not None and rank() == 0:
+                took = time.perf_counter() - start
+                print(f"[{tokens} tokens in {took:.2f} s, {tokens / took:.1f} tokens/s; "
+                      f"first token after {first - start:.2f} s]", file=sys.stderr, flush=True)
+
+    generator.engine.generate = timed
