@@ -11,6 +11,7 @@ from conftest import build
 import llama.chat
 from llama import Llama, Tokenizer
 from llama.chat import chat, main, storable
+from llama.engine import Engine
 from llama.prompts import UNSAFE_ERROR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,7 +117,7 @@ def test_ctrl_c_stops_an_answer_and_keeps_the_conversation(make_model, monkeypat
     folder = make_model()[0]
     lines = iter(["write a loop", "go on", None])
     monkeypatch.setattr(llama.chat, "read_line", lambda prompt: next(lines))
-    generate, prompts = Llama.decode_steps, []
+    generate, prompts = Engine.generate, []
 
     def ctrl_c_in_the_first_answer(self, prompt_tokens, *args, **kwargs):
         prompts.append(prompt_tokens[0])
@@ -125,7 +126,7 @@ def test_ctrl_c_stops_an_answer_and_keeps_the_conversation(make_model, monkeypat
                 raise KeyboardInterrupt  # as if Ctrl-C came while the model ran
             yield step
 
-    monkeypatch.setattr(Llama, "decode_steps", ctrl_c_in_the_first_answer)
+    monkeypatch.setattr(Engine, "generate", ctrl_c_in_the_first_answer)
     chat(str(folder), max_seq_len=256, max_gen_len=8, temperature=0, stats=False)
     first, second = answers(capsys.readouterr().out)
     partial = first.split("\n(answer stopped)")[0]
