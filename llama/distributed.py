@@ -105,6 +105,35 @@ def check_device(device: torch.device) -> None:
                          "macOS 12.3+ is needed); use device 'cpu'")
 
 
+def check_same_on_every_rank(value: int, name: str) -> None:
+    """Refuse a value (an int) that differs between the model-parallel ranks."""
+    if model_parallel_world_size() == 1:
+        return
+    values = [None] * model_parallel_world_size()
+    dist.all_gather_object(values, value, group=mp.get_model_parallel_group())
+    if len(set(values)) > 1:
+        raise ValueError(f"{name} differs between the ranks ({values}); pass the same "
+                         f"{name} on every rank, or they would sample different tokens")
+
+
+def sync_random_state(device: torch.device) -> None:
+    """Give every model-parallel rank the first rank's random-number state of `device`
+    (whose generator sampling draws from), so that all ranks draw the same numbers even
+    if code between generations drew some on one rank only."""
+    if model_parallel_world_size() == 1:
+        return
+    group = mp.get_model_parallel_group()
+    cuda = device.type == "cuda"
+    state = torch.cuda.get_rng_state(device) if cuda else torch.get_rng_state()
+    # NCCL exchanges device tensors only; gloo host tensors.
+    moved = state.to(device) if cuda else state
+    dist.broadcast(moved, dist.get_global_rank(group, 0), group=group)
+    if cuda:
+        torch.cuda.set_rng_state(moved.cpu(), device)
+    else:
+        torch.set_rng_state(moved)
+
+
 def _destroy_group() -> None:
     if dist.is_initialized():
         if _symmetric_memory_on:  # no rank may unmap its buffers while a peer writes to them

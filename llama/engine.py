@@ -13,7 +13,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import allreduce
+from . import allreduce, distributed
 from .graphs import EagerDecoder, GraphedDecoder, graphs_available
 from .sampling import Sampling, pick
 
@@ -109,12 +109,7 @@ class Engine:
             return self.compiled_prefill(tokens, start, kv_len=end)
 
     def check_batch(self, prompt_tokens: Sequence[List[int]]) -> None:
-        params = self.model.params
-        if len(prompt_tokens) > params.max_batch_size:
-            raise ValueError(
-                f"{len(prompt_tokens)} prompts exceed max_batch_size={params.max_batch_size}; "
-                f"pass fewer prompts per call or build with a larger max_batch_size")
-        vocab = self.model.vocab_size
+        params, vocab = self.model.params, self.model.vocab_size
         for i, p in enumerate(prompt_tokens):
             if not isinstance(p, (list, tuple)) or not all(
                     isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in p):
@@ -131,6 +126,10 @@ class Engine:
                 raise ValueError(
                     f"prompt {i} has {len(p)} tokens, more than max_seq_len="
                     f"{params.max_seq_len}; shorten it or build with a larger max_seq_len")
+        if len(prompt_tokens) > params.max_batch_size:
+            raise ValueError(
+                f"{len(prompt_tokens)} prompts exceed max_batch_size={params.max_batch_size}; "
+                f"pass fewer prompts per call or build with a larger max_batch_size")
 
     @torch.inference_mode()
     def prefill(self, prompt_tokens: List[List[int]], sampling: Sampling,
@@ -201,6 +200,10 @@ class Engine:
 
     @torch.inference_mode()
     def _loop(self, prompt_tokens, budgets, sampling: Sampling, prompt_logprobs, on_token):
+        if not sampling.greedy:
+            # Every rank must draw the same numbers. (Code that draws random numbers on
+            # one rank while a stream is paused still makes them drift apart.)
+            distributed.sync_random_state(self.model.rope.device)
         with self.exclusive():
             yield from self._steps(prompt_tokens, budgets, sampling, prompt_logprobs, on_token)
 

@@ -34,11 +34,18 @@ def empty_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Tr
         return Transformer(args).requires_grad_(False)  # inference only
 
 
+def check_sizes(max_seq_len, max_batch_size) -> None:
+    for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+
+
 def setup(model_parallel_size, seed: int, device, dtype) -> Tuple[torch.device, torch.dtype]:
     """The process group, the seed and the device and dtype in force."""
     device = torch.device(device) if device is not None else distributed.default_device()
     dtype = dtype or distributed.default_dtype(device)
     distributed.initialize(model_parallel_size, device)
+    distributed.check_same_on_every_rank(seed, "seed")
     torch.manual_seed(seed)
     return device, dtype
 
@@ -46,9 +53,7 @@ def setup(model_parallel_size, seed: int, device, dtype) -> Tuple[torch.device, 
 def from_checkpoint(ckpt_dir, tokenizer_path, max_seq_len: int, max_batch_size: int,
                     model_parallel_size, seed: int, device, dtype):
     """(model, tokenizer) of a Meta or Hugging Face folder (see Llama.build)."""
-    if max_seq_len < 1 or max_batch_size < 1:
-        raise ValueError(f"max_seq_len ({max_seq_len}) and max_batch_size "
-                         f"({max_batch_size}) must be at least 1")
+    check_sizes(max_seq_len, max_batch_size)
     device, dtype = setup(model_parallel_size, seed, device, dtype)
     mp_size = distributed.model_parallel_world_size()
     if distributed.local_rank() > 0:
@@ -84,6 +89,7 @@ def from_preset(name: str, max_seq_len: int, max_batch_size: int, model_parallel
                 tokenizer_path: Optional[str], seed: int, device, dtype, **overrides):
     """(model, tokenizer or None) with a released size's shapes and random weights made on
     the device (see Llama.from_preset)."""
+    check_sizes(max_seq_len, max_batch_size)
     device, dtype = setup(model_parallel_size, seed, device, dtype)
     tokenizer = Tokenizer(tokenizer_path) if tokenizer_path else None
     if tokenizer is not None:

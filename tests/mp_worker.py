@@ -2,6 +2,7 @@
 its logits and greedy generations for the test that compares them with MP=1; or, with
 the mode "compile", one decode step compiled with torch.compile next to the eager one."""
 
+import os
 import sys
 
 import torch
@@ -26,7 +27,20 @@ def compiled_step(gen: Llama, out_path: str):
         torch.save({"eager": eager, "compiled": compiled, "graph_breaks": breaks}, out_path)
 
 
+def seeds_per_rank(ckpt_dir: str, out_path: str):
+    try:
+        Llama.build(ckpt_dir, max_seq_len=64, max_batch_size=4, device="cpu",
+                    seed=int(os.environ["RANK"]))
+        error = None
+    except ValueError as e:
+        error = str(e)
+    if os.environ["RANK"] == "0":
+        torch.save({"error": error}, out_path)
+
+
 def main(ckpt_dir: str, out_path: str, mode: str = "generate"):
+    if mode == "seeds":
+        return seeds_per_rank(ckpt_dir, out_path)
     gen = Llama.build(ckpt_dir, max_seq_len=64, max_batch_size=4, device="cpu")
     if mode == "compile":
         return compiled_step(gen, out_path)
@@ -35,6 +49,8 @@ def main(ckpt_dir: str, out_path: str, mode: str = "generate"):
     logits = gen.model.forward(tokens, 0)
     greedy = gen.text_completion(["def fib(n):", "import re\n"], temperature=0, max_gen_len=16,
                                  logprobs=True)
+    if torch.distributed.get_rank() == 1:
+        torch.rand(1000)  # user code drawing random numbers on one rank only
     sampled = gen.text_completion(["def fib(n):"], temperature=0.8, max_gen_len=16)
     if torch.distributed.get_rank() == 0:
         torch.save({"logits": logits, "greedy": greedy, "sampled": sampled,

@@ -109,3 +109,23 @@ def test_a_failed_configure_changes_nothing(monkeypatch):
     monkeypatch.undo()
     gen.configure(decode="compiled")  # a retry does the work instead of finding nothing to change
     assert gen.engine.compiled_prefill is not None
+
+
+def test_bad_sizes_and_flat_token_lists_get_clear_errors():
+    for seq_len, batch in ((16.5, 1), (16, "2"), (16, 0)):
+        with pytest.raises(ValueError, match="must be a whole number of at least 1"):
+            Llama.from_preset("tiny", seq_len, batch, device="cpu")
+    gen = Llama.from_preset("tiny", 16, 2, device="cpu")
+    with pytest.raises(ValueError, match="list of token-id lists"):
+        gen.generate([1, 2, 3], max_gen_len=2)  # more ints than max_batch_size rows
+
+
+def test_stream_arguments_are_checked_when_called(make_model):
+    from conftest import build
+    gen = build(make_model()[0])
+    with pytest.raises(ValueError, match="temperature"):
+        gen.stream_completion("def f():", temperature="hot")
+    with pytest.raises(ValueError, match="stop"):
+        gen.stream_infilling("a", "b", stop=[""])
+    with pytest.raises(ValueError, match="max_gen_len"):
+        gen.stream_chat_completion([{"role": "user", "content": "hi"}], max_gen_len=-1)

@@ -38,7 +38,8 @@ def test_model_parallel_equals_single_process(make_model, tmp_path, shards, npro
     for g, w in zip(got["greedy"], greedy):
         assert g["tokens"] == w["tokens"]
         assert g["logprobs"] == pytest.approx(w["logprobs"], abs=1e-4)
-    # Same seed, same logits: every rank samples the tokens one process samples.
+    # Same seed, same logits: every rank samples the tokens one process samples (also
+    # when rank 1 drew random numbers of its own before: the ranks' states are synced).
     assert got["sampled"] == gen.text_completion(["def fib(n):"], temperature=0.8,
                                                  max_gen_len=16)
 
@@ -86,3 +87,9 @@ def test_two_nodes_on_localhost_equal_one_process(make_model, tmp_path):
     for g, w in zip(got["greedy"], greedy):
         assert g["tokens"] == w["tokens"]
         assert g["logprobs"] == pytest.approx(w["logprobs"], abs=1e-4)
+
+
+def test_different_seeds_on_the_ranks_are_refused(make_model, tmp_path):
+    folder, _, _ = make_model(shards=1, n_heads=4, n_kv_heads=2)
+    got = run_torchrun(2, folder, tmp_path / "out.pt", "seeds")
+    assert "seed differs between the ranks ([0, 1])" in got["error"]
