@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -146,3 +147,13 @@ def test_cache_sizes_in_params_json_are_ignored_with_a_warning(make_model, tmp_p
     with pytest.warns(UserWarning, match="max_seq_len=4096, which is ignored: cache sizes"):
         gen = build(folder, max_seq_len=48, max_batch_size=2)
     assert (gen.model.params.max_seq_len, gen.model.params.max_batch_size) == (48, 2)
+
+
+def test_empty_or_damaged_tokenizer_is_named(make_model, tmp_path):
+    folder = copy_of(make_model()[0], tmp_path)
+    path = folder / "tokenizer.model"
+    for content in (b"", b"not a sentencepiece model"):
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=re.escape(f"{path} cannot be read as a "
+                                                       f"SentencePiece model")):
+            build(folder)
