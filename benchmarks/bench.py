@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llama import Llama  # noqa: E402
-from llama.checkpoint import hf_config  # noqa: E402
+from llama.hf import hf_config  # noqa: E402
 from llama.decode import COMPILE_SETTINGS, check_inductor_settings  # noqa: E402
 
 GiB = 2**30

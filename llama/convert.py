@@ -29,22 +29,16 @@ import torch
 from . import distributed
 from .checkpoint import (
     IGNORED_KEYS,
-    PARAMS_KEY,
-    check_heads_split,
     check_state,
-    hf_config,
-    hf_key,
-    hf_params,
+    check_world_size,
     open_hf,
     open_meta,
     progress,
-    read_hf_config,
     read_params,
-    rope_heads,
-    rope_permute,
     split_dim,
     split_range,
 )
+from .hf import PARAMS_KEY, hf_config, hf_key, hf_params, read_hf_config, rope_heads, rope_permute
 from .model import ModelArgs, Transformer
 from .tokenizer import Tokenizer
 
@@ -106,7 +100,7 @@ def check_split(args: ModelArgs, shapes: Dict[str, Tuple[int, ...]], mp, source:
     """Refuse, before writing anything, an --mp that does not split every tensor evenly
     (and attention by whole heads)."""
     positive_int(mp, "--mp")
-    check_heads_split(args, mp, source)
+    check_world_size(args, mp, source)
     for key, shape in shapes.items():
         if split_dim(key) is not None:
             split_range(shape[split_dim(key)], mp, 0, key, split_dim(key))
@@ -183,7 +177,7 @@ def to_hf(ckpt_dir: str, out_dir: str, max_shard_size="5GB",
     for name, group in zip(names, groups):
         tensors = {}
         for key in group:
-            w, heads = src.read(key, 0, 1, copy=True), rope_heads(key, args)
+            w, heads = src.read(key, 0, 1), rope_heads(key, args)
             tensors[hf_key(key)] = rope_permute(w, heads, to_hf=True) if heads else w
             bar.update()
         save_file(tensors, str(out / name), metadata={"format": "pt"})
@@ -231,7 +225,7 @@ def from_hf(hf_dir: str, out_dir: str, mp: int = 1) -> None:
     tokenizer = check_tokenizer(hf_dir, args.vocab_size, str(hf_dir))
     out = new_out_dir(out_dir)
     for rank in range(mp):
-        state = {k: src.read(k, rank, mp, copy=True)
+        state = {k: src.read(k, rank, mp)
                  for k in progress(order, f"writing {out} ({rank + 1}/{mp})")}
         torch.save(state, out / f"consolidated.{rank:02d}.pth")
         del state  # before the next rank's part is read
@@ -253,7 +247,7 @@ def reshard(ckpt_dir: str, out_dir: str, mp: int) -> None:
     tokenizer = check_tokenizer(ckpt_dir, args.vocab_size, str(ckpt_dir))
     out = new_out_dir(out_dir)
     for rank in range(mp):
-        state = {k: src.read(k, rank, mp, copy=True)
+        state = {k: src.read(k, rank, mp)
                  for k in progress(src.keys(), f"writing {out} ({rank + 1}/{mp})")}
         torch.save(state, out / f"consolidated.{rank:02d}.pth")
         del state
