@@ -48,6 +48,7 @@ SPLIT_DIMS = {
 REQUIRED_PARAMS = ("dim", "n_layers", "n_heads")
 CACHE_SIZE_KEYS = {"max_seq_len", "max_batch_size"}
 SHARD_NAME = re.compile(r"consolidated\.(\d\d)\.pth")
+CHECKLIST_LINE = re.compile(r"([0-9a-fA-F]{32}) [ *](.+)")  # md5sum's text and binary modes
 
 
 def split_dim(key: str) -> Optional[int]:
@@ -264,9 +265,6 @@ def check_small_files(ckpt_dir: Path) -> None:
                 f"{path} differs from the file checklist.chk lists (md5 {digests[name]}): it "
                 f"was edited or belongs to another download; download it again, or, if you "
                 f"changed it on purpose, update its line in {listing}")
-
-
-CHECKLIST_LINE = re.compile(r"([0-9a-fA-F]{32}) [ *](.+)")  # md5sum's text and binary modes
 
 
 def read_params(ckpt_dir: Path) -> dict:

@@ -283,11 +283,12 @@ def original_params(config: dict, params: dict) -> dict:
     """The params.json that to_hf kept in config.json, if config.json still describes the
     same model (it may have been edited since); else `params`, derived from config.json."""
     kept = config.get(hf.PARAMS_KEY)
-    if not isinstance(kept, dict) or set(kept) - ModelArgs.field_names():
+    if (not isinstance(kept, dict) or set(kept) - ModelArgs.field_names()
+            or set(checkpoint.REQUIRED_PARAMS) - set(kept)):
         return params
     try:
         hparams.check(kept, hf.PARAMS_KEY)
-    except ValueError:
+    except ValueError:  # edited into something that cannot work: config.json decides
         return params
     if kept.get("vocab_size", -1) <= 0:  # left to the tokenizer, as in Meta's 7B-34B files
         kept = {**kept, "vocab_size": params["vocab_size"]}

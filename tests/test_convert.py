@@ -122,6 +122,16 @@ def test_edited_config_wins_over_the_kept_params(make_model, tmp_path):
     assert json.loads((tmp_path / "back" / "params.json").read_text())["rope_theta"] == 5e5
 
 
+def test_kept_params_that_cannot_work_are_replaced(make_model, tmp_path):
+    convert.to_hf(make_model()[0], tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    config = json.loads(path.read_text())
+    config["codellama_params"]["multiple_of"] = 0
+    path.write_text(json.dumps(config))
+    convert.from_hf(tmp_path / "hf", tmp_path / "back")
+    assert json.loads((tmp_path / "back" / "params.json").read_text())["multiple_of"] > 0
+
+
 def test_reshard_1_2_1_is_bit_exact(make_model, tmp_path):
     meta, _, state = make_model()
     convert.reshard(meta, tmp_path / "mp2", mp=2)
