@@ -47,6 +47,7 @@ SPLIT_DIMS = {
 }
 REQUIRED_PARAMS = ("dim", "n_layers", "n_heads")
 CACHE_SIZE_KEYS = {"max_seq_len", "max_batch_size"}
+CPU = torch.device("cpu")
 SHARD_NAME = re.compile(r"consolidated\.(\d\d)\.pth")
 CHECKLIST_LINE = re.compile(r"([0-9a-fA-F]{32}) [ *](.+)")  # md5sum's text and binary modes
 
@@ -188,23 +189,31 @@ class MappedShards:
         for part in self.parts[key]:
             release_pages(part, self.mapped)
 
-    def read(self, key: str, rank: int, world: int) -> torch.Tensor:
-        """This rank's part of `key` for a world of `world` ranks, in Meta's layout: a new
-        tensor cut and joined from the shards, never a view of a file (the file could be
-        rewritten or truncated under a running model); the pages it was copied from are
-        released."""
-        piece = self._slice(key, rank, world)
+    def read(self, key: str, rank: int, world: int, device=CPU, dtype=None) -> torch.Tensor:
+        """This rank's part of `key` for a world of `world` ranks, in Meta's layout, on
+        `device` in `dtype` (None: as stored). Always a new tensor, never a view of a file
+        (which could be rewritten or truncated under a running model), and made with one
+        copy where the part is one piece of one shard; the file pages it was copied from
+        are released."""
+        sources, dim = self._sources(key, rank, world)
         heads = hf.rope_heads(key, self.hf_args) if self.hf_args else None
-        if heads:
-            self._check_rope_rows(key, piece.shape[0] * world, heads)
-            piece = hf.rope_permute(piece, heads // world, to_hf=False)
+        if len(sources) == 1 and not heads:
+            piece = sources[0].to(device=device, dtype=dtype, copy=True)
+        else:
+            piece = torch.cat(sources, dim=dim)
+            if heads:
+                self._check_rope_rows(key, piece.shape[0] * world, heads)
+                piece = hf.rope_permute(piece, heads // world, to_hf=False)
+            piece = piece.to(device=device, dtype=dtype)
         self.release(key)
         return piece
 
-    def _slice(self, key: str, rank: int, world: int) -> torch.Tensor:
+    def _sources(self, key: str, rank: int, world: int) -> Tuple[List[torch.Tensor], int]:
+        """The views of the shards that make up this rank's part, and the dimension along
+        which they join."""
         parts, dim = self.parts[key], split_dim(key)
         if dim is None:
-            return parts[0].clone()
+            return parts[:1], 0
         size = parts[0].shape[dim]
         start, stop = split_range(size * len(parts), world, rank, key, dim)
         sources = []
@@ -212,7 +221,7 @@ class MappedShards:
             lo, hi = max(start, i * size), min(stop, (i + 1) * size)
             if lo < hi:
                 sources.append(part.narrow(dim, lo - i * size, hi - lo))
-        return torch.cat(sources, dim=dim)  # a copy, even of a single source
+        return sources, dim
 
     def _check_rope_rows(self, key: str, rows: int, heads: int) -> None:
         want = heads * self.hf_args.head_dim
@@ -234,9 +243,9 @@ class Deferred:
         self.src, self.key, self.rank, self.world = src, key, rank, world
         self.shape = torch.Size(src.rank_shape(key, world))
 
-    def load(self) -> torch.Tensor:
-        """This part as a new tensor (see MappedShards.read)."""
-        return self.src.read(self.key, self.rank, self.world)
+    def load(self, device=CPU, dtype=None) -> torch.Tensor:
+        """This part as a new tensor on `device` in `dtype` (see MappedShards.read)."""
+        return self.src.read(self.key, self.rank, self.world, device, dtype)
 
 
 # ---- Meta's format ------------------------------------------------------------------------
@@ -457,37 +466,41 @@ def load_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: st
 
     Parameters are replaced one at a time and taken out of `state` (which is empty
     afterwards): each placeholder of the model is freed as its real weight arrives, and
-    lazy parts (anything with a `load()`, such as Deferred) are read just then, so neither
-    host nor device memory ever holds two copies of the weights. A weight holding NaN or
-    infinity is refused by name.
+    lazy parts (anything with `load(device, dtype)`, such as Deferred) are read just
+    then, so neither host nor device memory ever holds two copies of the weights. A
+    weight holding NaN or infinity is refused by name.
     """
     check_state(model, state, source)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     for key in progress(list(state), f"loading {source}", rank):
         part = state.pop(key)
-        loaded = part.load() if hasattr(part, "load") else part
-        moved = loaded.to(device=device, dtype=dtype)
-        check_finite(key, loaded, moved, source)
-        assign(model, key, moved)
-    trim_heap()
+        tensor = load(part, device, dtype)
+        if tensor.is_floating_point() and not all_finite(tensor):
+            raise not_finite(key, part, dtype, source)
+        assign(model, key, tensor)
 
 
-def check_finite(key: str, loaded: torch.Tensor, moved: torch.Tensor, source: str) -> None:
-    """Refuse a weight with NaN or infinity: from the file, or from converting to a dtype
-    whose range it exceeds. Checked where the weight lands (fast on a GPU)."""
-    if not moved.is_floating_point() or all_finite(moved):
-        return
-    if all_finite(loaded):
-        raise ValueError(f"checkpoint {source}: {key} exceeds the range of {moved.dtype}; "
-                         f"load it in a wider dtype (torch.bfloat16 or torch.float32)")
-    raise ValueError(f"checkpoint {source}: {key} holds NaN or infinite values; the file is "
-                     f"damaged (download it again) or the weights diverged in training")
+def load(part, device: torch.device, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """A state entry, lazy or a tensor, on `device` in `dtype` (None: as stored)."""
+    if hasattr(part, "load"):
+        return part.load(device, dtype)
+    return part.to(device=device, dtype=dtype)
 
 
 def all_finite(t: torch.Tensor) -> bool:
     # A sum is one fast reduction, non-finite whenever an element is; only a non-finite
     # sum (which finite elements could in theory reach) needs the elementwise test.
     return bool(t.sum(dtype=torch.float32).isfinite()) or bool(t.isfinite().all())
+
+
+def not_finite(key: str, part, dtype: torch.dtype, source: str) -> ValueError:
+    """The error for a weight that is not finite on the device: in the file, or only once
+    converted to a dtype whose range it exceeds."""
+    if all_finite(load(part, CPU, None)):
+        return ValueError(f"checkpoint {source}: {key} exceeds the range of {dtype}; load it "
+                          f"in a wider dtype (torch.bfloat16 or torch.float32)")
+    return ValueError(f"checkpoint {source}: {key} holds NaN or infinite values; the file "
+                      f"is damaged (download it again) or the weights diverged in training")
 
 
 def assign(model: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
@@ -499,13 +512,3 @@ def assign(model: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
         setattr(module, name, tensor)
     else:
         setattr(module, name, torch.nn.Parameter(tensor, requires_grad=old.requires_grad))
-
-
-def trim_heap() -> None:
-    """Give freed heap memory back to the system: glibc keeps it otherwise, and the
-    copies made while loading (each weight read out of a file, converted or moved to the
-    device, then dropped) would stay resident next to the model."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
