@@ -35,8 +35,9 @@ import torch
 from benchmarks import common
 from benchmarks.common import GiB, Timer, say
 from llama import Llama
-from llama.checkpoint import hf_config
+from llama.hf import hf_config
 from llama.sampling import Sampling
+
 
 PEERS = ("hf_eager", "hf_static")
 WORLD = int(os.environ.get("WORLD_SIZE", 1))

@@ -1,18 +1,23 @@
-"""Reading checkpoints: Meta's original format and Hugging Face's.
+"""Reading checkpoints into a model: Meta's shards re-split for any world size, Hugging
+Face folders through the mapping of hf.py, and strict loading.
 
 A Meta model folder holds `params.json`, `tokenizer.model` and one `consolidated.NN.pth`
-per model-parallel rank it was saved for. A Hugging Face folder holds `config.json`,
-`*.safetensors` (with `model.safetensors.index.json` when there are several) and, for
-us, `tokenizer.model`. SPLIT_DIMS below is the one place that says how each tensor is
-split across ranks; it drives loading (any shard count onto any world size whose splits
-divide evenly), the Hugging Face conversion and llama/convert.py.
+per model-parallel rank it was saved for (and, from Meta's download, `checklist.chk`). A
+Hugging Face folder holds `config.json`, `*.safetensors` (with
+`model.safetensors.index.json` when there are several) and, for us, `tokenizer.model`.
+SPLIT_DIMS below is the one place that says how each tensor is split across ranks; it
+drives loading (any shard count onto any world size whose splits divide evenly) and
+llama/convert.py.
 
-Files are memory-mapped and sliced, so a rank reads from disk only its own part.
+Files are memory-mapped and sliced, so a rank reads from disk only its own part, and each
+part is copied out of the file as the model takes it: parameters never share memory with
+a checkpoint file, which could be rewritten or truncated under a running model.
 """
 
 import ctypes
-import json
+import hashlib
 import mmap
+import pickle
 import re
 import sys
 import warnings
@@ -22,6 +27,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
+from . import hf, hparams
+from .hf import IGNORED_KEYS
 from .model import ModelArgs
 
 # Dimension along which each weight is split between model-parallel ranks (fairscale:
@@ -38,9 +45,11 @@ SPLIT_DIMS = {
     "feed_forward.w3.weight": 0,
     "feed_forward.w2.weight": 1,
 }
-# Saved by Llama 1/2 tooling but never used: RoPE is recomputed from rope_theta.
-IGNORED_KEYS = {"rope.freqs"}
 REQUIRED_PARAMS = ("dim", "n_layers", "n_heads")
+CACHE_SIZE_KEYS = {"max_seq_len", "max_batch_size"}
+CPU = torch.device("cpu")
+SHARD_NAME = re.compile(r"consolidated\.(\d\d)\.pth")
+CHECKLIST_LINE = re.compile(r"([0-9a-fA-F]{32}) [ *](.+)")  # md5sum's text and binary modes
 
 
 def split_dim(key: str) -> Optional[int]:
@@ -58,13 +67,28 @@ def split_range(full: int, world: int, rank: int, key: str, dim: int) -> Tuple[i
     return rank * full // world, (rank + 1) * full // world
 
 
-def check_heads_split(args: ModelArgs, world: int, source) -> None:
-    """Refuse, before reading any weight, a world size that does not divide the heads."""
-    for what, n in (("attention heads", args.n_heads), ("key/value heads", args.kv_heads)):
+def split_sizes(args: ModelArgs) -> List[Tuple[int, str]]:
+    """What model parallelism splits: whole heads, and the rows or columns of weights."""
+    sizes = [(args.n_heads, "attention heads"), (args.kv_heads, "key/value heads"),
+             (args.dim, "model dimensions"), (args.ffn_hidden_dim, "feed-forward dimensions")]
+    return sizes + ([(args.vocab_size, "vocabulary entries")] if args.vocab_size > 0 else [])
+
+
+def world_sizes(args: ModelArgs) -> List[int]:
+    """The model-parallel sizes that split every weight of `args` evenly."""
+    return [w for w in range(1, args.kv_heads + 1)
+            if all(n % w == 0 for n, _ in split_sizes(args))]
+
+
+def check_world_size(args: ModelArgs, world: int, source) -> None:
+    """Refuse, before reading any weight, a world size that does not split the model."""
+    for n, what in split_sizes(args):
         if n % world:
+            *most, last = [str(w) for w in world_sizes(args)]
+            sizes = f"{', '.join(most)} or {last}" if most else last
             raise ValueError(
                 f"{source}: {n} {what} do not split over {world} model-parallel processes; "
-                f"run with a process count that divides {n}"
+                f"this model runs on {sizes} process(es)"
             )
 
 
@@ -149,7 +173,7 @@ class MappedShards:
         """The shape of one rank's part of `key`, checked to split evenly (and, for
         Hugging Face q/k projections, to hold the heads config.json says)."""
         shape, dim = list(self.full_shape(key)), split_dim(key)
-        heads = rope_heads(key, self.hf_args) if self.hf_args else None
+        heads = hf.rope_heads(key, self.hf_args) if self.hf_args else None
         if heads:
             self._check_rope_rows(key, shape[0], heads)
         if dim is not None:
@@ -165,38 +189,39 @@ class MappedShards:
         for part in self.parts[key]:
             release_pages(part, self.mapped)
 
-    def read(self, key: str, rank: int, world: int, copy: bool = False) -> torch.Tensor:
-        """This rank's part of `key` for a world of `world` ranks, in Meta's layout.
-
-        When the shard count equals the world size the part is a shard as it is: a view of
-        the file, read only when used (unless `copy`). Otherwise it is a fresh tensor cut
-        and joined from the shards, and the pages it was copied from are released.
-        """
-        piece = self._slice(key, rank, world, copy)
-        heads = rope_heads(key, self.hf_args) if self.hf_args else None
-        if heads:
-            self._check_rope_rows(key, piece.shape[0] * world, heads)
-            piece = rope_permute(piece, heads // world, to_hf=False)
-            self.release(key)  # the permuted copy is what is kept
-        return piece
-
-    def _slice(self, key: str, rank: int, world: int, copy: bool) -> torch.Tensor:
-        parts, dim = self.parts[key], split_dim(key)
-        if len(parts) == world or dim is None:
-            sources = [parts[rank if dim is not None else 0]]
-            if not copy and len(parts) == world:
-                return sources[0]
+    def read(self, key: str, rank: int, world: int, device=CPU, dtype=None) -> torch.Tensor:
+        """This rank's part of `key` for a world of `world` ranks, in Meta's layout, on
+        `device` in `dtype` (None: as stored). Always a new tensor, never a view of a file
+        (which could be rewritten or truncated under a running model), and made with one
+        copy where the part is one piece of one shard; the file pages it was copied from
+        are released."""
+        sources, dim = self._sources(key, rank, world)
+        heads = hf.rope_heads(key, self.hf_args) if self.hf_args else None
+        if len(sources) == 1 and not heads:
+            piece = sources[0].to(device=device, dtype=dtype, copy=True)
         else:
-            size = parts[0].shape[dim]
-            start, stop = split_range(size * len(parts), world, rank, key, dim)
-            sources = []
-            for i, part in enumerate(parts):  # keep the overlap of shard i with [start, stop)
-                lo, hi = max(start, i * size), min(stop, (i + 1) * size)
-                if lo < hi:
-                    sources.append(part.narrow(dim, lo - i * size, hi - lo))
-        piece = torch.cat(sources, dim=dim or 0)  # a copy, even of a single source
+            piece = torch.cat(sources, dim=dim)
+            if heads:
+                self._check_rope_rows(key, piece.shape[0] * world, heads)
+                piece = hf.rope_permute(piece, heads // world, to_hf=False)
+            piece = piece.to(device=device, dtype=dtype)
         self.release(key)
         return piece
+
+    def _sources(self, key: str, rank: int, world: int) -> Tuple[List[torch.Tensor], int]:
+        """The views of the shards that make up this rank's part, and the dimension along
+        which they join."""
+        parts, dim = self.parts[key], split_dim(key)
+        if dim is None:
+            return parts[:1], 0
+        size = parts[0].shape[dim]
+        start, stop = split_range(size * len(parts), world, rank, key, dim)
+        sources = []
+        for i, part in enumerate(parts):  # keep the overlap of shard i with [start, stop)
+            lo, hi = max(start, i * size), min(stop, (i + 1) * size)
+            if lo < hi:
+                sources.append(part.narrow(dim, lo - i * size, hi - lo))
+        return sources, dim
 
     def _check_rope_rows(self, key: str, rows: int, heads: int) -> None:
         want = heads * self.hf_args.head_dim
@@ -218,27 +243,47 @@ class Deferred:
         self.src, self.key, self.rank, self.world = src, key, rank, world
         self.shape = torch.Size(src.rank_shape(key, world))
 
-    def load(self) -> torch.Tensor:
-        return self.src.read(self.key, self.rank, self.world)
-
-    def release(self) -> None:
-        """Forget the file pages this part was read from (once it has been copied)."""
-        self.src.release(self.key)
+    def load(self, device=CPU, dtype=None) -> torch.Tensor:
+        """This part as a new tensor on `device` in `dtype` (see MappedShards.read)."""
+        return self.src.read(self.key, self.rank, self.world, device, dtype)
 
 
 # ---- Meta's format ------------------------------------------------------------------------
 
+def md5(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_small_files(ckpt_dir: Path) -> None:
+    """params.json and tokenizer.model against checklist.chk, when the folder has one: a
+    stale or edited folder is caught for the price of hashing two small files (the shards,
+    gigabytes, are download.sh's to check)."""
+    listing = Path(ckpt_dir) / "checklist.chk"
+    if not listing.is_file():
+        return
+    lines = listing.read_text(errors="replace").splitlines()
+    digests = {m.group(2): m.group(1) for m in map(CHECKLIST_LINE.fullmatch, lines) if m}
+    for name in ("params.json", "tokenizer.model"):
+        path = Path(ckpt_dir) / name
+        if name in digests and path.is_file() and md5(path) != digests[name].lower():
+            raise ValueError(
+                f"{path} differs from the file checklist.chk lists (md5 {digests[name]}): it "
+                f"was edited or belongs to another download; download it again, or, if you "
+                f"changed it on purpose, update its line in {listing}")
+
+
 def read_params(ckpt_dir: Path) -> dict:
+    """params.json of a Meta folder: known keys, values that can work (hparams.check), and
+    with checklist.chk, the same as downloaded."""
     path = Path(ckpt_dir) / "params.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a Code Llama model folder needs params.json")
-    try:
-        params = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); download the model again") from None
-    if not isinstance(params, dict):
-        raise ValueError(f"{path} holds a {type(params).__name__}, not a JSON object of model "
-                         f"hyperparameters; download the model again")
+    check_small_files(ckpt_dir)
+    params = hparams.read_json(path)
     unknown = set(params) - ModelArgs.field_names()
     if unknown:
         raise ValueError(
@@ -251,36 +296,60 @@ def read_params(ckpt_dir: Path) -> dict:
     for key in CACHE_SIZE_KEYS.intersection(params):
         warnings.warn(f"{path} sets {key}={params.pop(key)}, which is ignored: cache sizes "
                       f"are chosen when a model is built (Llama.build's {key}), not stored")
+    hparams.check(params, path)
     return params
 
 
-CACHE_SIZE_KEYS = {"max_seq_len", "max_batch_size"}
-
-
 def shard_files(ckpt_dir: Path) -> List[Path]:
-    files = sorted(Path(ckpt_dir).glob("*.pth"))
+    """consolidated.00.pth, .01, ...: every file named like a shard, and no other .pth (a
+    training folder's rng_state.pth is not a shard)."""
+    files = sorted(Path(ckpt_dir).glob("consolidated*.pth"))
+    stray = [f for f in files if not SHARD_NAME.fullmatch(f.name)]
+    if stray:
+        raise ValueError(f"{stray[0]} is not a shard name (consolidated.NN.pth): a second "
+                         f"copy of a download? Remove it or move it out of {ckpt_dir}")
     if not files:
         raise FileNotFoundError(
-            f"no checkpoint files (*.pth) found in {ckpt_dir}; download a model with "
-            f"download.sh or point ckpt_dir at a folder holding consolidated.00.pth"
+            f"no checkpoint files (consolidated.NN.pth) found in {ckpt_dir}; download a "
+            f"model with download.sh or point ckpt_dir at a folder holding consolidated.00.pth"
         )
+    for number, f in enumerate(files):
+        if f.name != f"consolidated.{number:02d}.pth":
+            raise FileNotFoundError(f"{ckpt_dir} has {f.name} but not "
+                                    f"consolidated.{number:02d}.pth; download the missing shard")
     return files
+
+
+def map_shard(f: Path) -> Dict[str, torch.Tensor]:
+    """One consolidated.NN.pth, memory-mapped (nothing read yet), tensors only."""
+    try:
+        shard = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError:  # torch's own message advises weights_only=False: no
+        raise ValueError(
+            f"{f} holds Python objects besides tensors, which are not loaded because "
+            f"unpickling them can run any code; use the files of Meta's download or of "
+            f"llama.convert, or save the model's state_dict of tensors alone") from None
+    except (RuntimeError, EOFError) as e:  # not a zip archive that torch.load can map
+        raise ValueError(
+            f"{f} cannot be read as a PyTorch checkpoint ({str(e).splitlines()[0]}): it "
+            f"is incomplete or damaged (download it again; download.sh resumes and checks "
+            f"it against checklist.chk), or not in torch.save's zip format (load it and "
+            f"save it again with torch.save)") from None
+    if not isinstance(shard, dict):
+        raise ValueError(f"{f} holds a {type(shard).__name__}, not a state dict of tensors; "
+                         f"it is not a model checkpoint")
+    for key, value in shard.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{f} holds {key}, a {type(value).__name__}, where a tensor "
+                             f"belongs; it is not a model checkpoint")
+    return shard
 
 
 def open_meta(ckpt_dir: Path) -> MappedShards:
     """The consolidated.NN.pth files of a folder, memory-mapped, checked to be shards of
     one model (same keys, same shapes)."""
     files = shard_files(ckpt_dir)
-    shards = []
-    for f in files:
-        try:
-            shards.append(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
-        except (RuntimeError, EOFError) as e:  # not a zip archive that torch.load can map
-            raise ValueError(
-                f"{f} cannot be read as a PyTorch checkpoint ({str(e).splitlines()[0]}): it "
-                f"is incomplete or damaged (download it again; download.sh resumes and checks "
-                f"it against checklist.chk), or not in torch.save's zip format (load it and "
-                f"save it again with torch.save)") from None
+    shards = [map_shard(f) for f in files]
     keys = list(shards[0])
     for f, s in zip(files[1:], shards[1:]):
         if set(s) != set(keys):
@@ -294,245 +363,24 @@ def open_meta(ckpt_dir: Path) -> MappedShards:
 
 
 def load_rank_state(ckpt_dir: Path, rank: int, world: int) -> Dict[str, torch.Tensor]:
-    """The state dict of one model-parallel rank, read now. Shards that are exactly this
-    rank's part stay views of the file; resharded parts are copies whose source pages are
-    released, so host memory holds about this rank's weights, not the checkpoint."""
+    """The state dict of one model-parallel rank, read now (copies, not views of the
+    files)."""
     state = open_meta(ckpt_dir).rank_state(rank, world)
     return {k: part.load() for k, part in progress(state.items(), f"loading {ckpt_dir}", rank)}
 
 
 # ---- Hugging Face's format ----------------------------------------------------------------
-# Meta key (per layer, after "layers.{i}.") -> HF key (after "model.layers.{i}.").
-HF_LAYER_KEYS = {
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
-HF_TOP_KEYS = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-# Saved by transformers before 4.31 but never used: RoPE is recomputed from rope_theta.
-HF_IGNORED_SUFFIX = "rotary_emb.inv_freq"
-# config.json key -> params.json key, for the numbers that mean the same in both.
-HF_PARAMS = {
-    "hidden_size": "dim",
-    "num_hidden_layers": "n_layers",
-    "num_attention_heads": "n_heads",
-    "num_key_value_heads": "n_kv_heads",
-    "rms_norm_eps": "norm_eps",
-    "rope_theta": "rope_theta",
-    "vocab_size": "vocab_size",
-}
-HF_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-               "vocab_size")
-# transformers' LlamaConfig defaults, for config.json files that leave these out.
-HF_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0}
-# Where llama.convert keeps the original params.json inside config.json, so that
-# converting back writes the same keys and values.
-PARAMS_KEY = "codellama_params"
-
-
-def rope_permute(w: torch.Tensor, n_heads: int, to_hf: bool) -> torch.Tensor:
-    """Reorder q/k projection rows between Meta's interleaved RoPE pairs (2j, 2j+1) and
-    HF's split halves (j, j + head_dim/2). The reordering stays inside each head, so it
-    commutes with splitting the rows by whole heads between model-parallel ranks."""
-    rows, cols = w.shape
-    half = rows // n_heads // 2
-    if to_hf:
-        return w.view(n_heads, half, 2, cols).transpose(1, 2).reshape(rows, cols)
-    return w.view(n_heads, 2, half, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def rope_heads(meta_key: str, args: ModelArgs) -> Optional[int]:
-    """How many heads a full q or k projection holds; None for the other tensors."""
-    if meta_key.endswith("attention.wq.weight"):
-        return args.n_heads
-    if meta_key.endswith("attention.wk.weight"):
-        return args.kv_heads
-    return None
-
-
-def hf_key(meta_key: str) -> str:
-    if meta_key in HF_TOP_KEYS:
-        return HF_TOP_KEYS[meta_key]
-    layer, rest = re.match(r"layers\.(\d+)\.(.+)", meta_key).groups()
-    return f"model.layers.{layer}.{HF_LAYER_KEYS[rest]}"
-
-
-def meta_key(hf_name: str) -> Optional[str]:
-    """The Meta key of a Hugging Face tensor name; None if LlamaForCausalLM has no such
-    weight."""
-    top = {v: k for k, v in HF_TOP_KEYS.items()}
-    if hf_name in top:
-        return top[hf_name]
-    layer_keys = {v: k for k, v in HF_LAYER_KEYS.items()}
-    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
-    if match and match.group(2) in layer_keys:
-        return f"layers.{match.group(1)}.{layer_keys[match.group(2)]}"
-    return None
-
-
-def meta_to_hf(state: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, torch.Tensor]:
-    """A full (unsharded) Meta state dict in Hugging Face `LlamaForCausalLM` layout."""
-    out = {}
-    for key, w in state.items():
-        if key in IGNORED_KEYS:
-            continue
-        heads = rope_heads(key, args)
-        out[hf_key(key)] = rope_permute(w, heads, to_hf=True) if heads else w
-    return out
-
-
-def hf_to_meta(state: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, torch.Tensor]:
-    """The inverse of meta_to_hf."""
-    out = {}
-    for name, w in state.items():
-        key = meta_key(name)
-        if key is None:
-            raise ValueError(f"unexpected Hugging Face tensor {name}")
-        heads = rope_heads(key, args)
-        out[key] = rope_permute(w, heads, to_hf=False) if heads else w
-    return out
-
-
-def hf_config(args: ModelArgs) -> dict:
-    """A `transformers` LlamaConfig dict with the same shapes as `args`."""
-    config = dict(architectures=["LlamaForCausalLM"], model_type="llama")
-    config.update({hf: getattr(args, key) for hf, key in HF_PARAMS.items()})
-    config.update(
-        num_key_value_heads=args.kv_heads, rope_theta=float(args.rope_theta),
-        intermediate_size=args.ffn_hidden_dim, max_position_embeddings=args.max_seq_len,
-        tie_word_embeddings=False, hidden_act="silu", bos_token_id=1, eos_token_id=2,
-    )
-    return config
-
-
-def hf_rope(config: dict, key: str, default):
-    """A RoPE setting of config.json: transformers 4 writes rope_theta and rope_scaling at
-    the top level, transformers 5 writes both inside rope_parameters."""
-    for outer in ("rope_parameters", "rope_scaling"):
-        inner = config.get(outer) or {}
-        if key in inner:
-            return inner[key]
-    return config.get(key, default)
-
-
-def hf_rope_type(config: dict) -> str:
-    return hf_rope(config, "rope_type", hf_rope(config, "type", "default"))
-
-
-def read_hf_config(hf_dir: Path) -> dict:
-    """config.json of a Hugging Face folder, checked to describe a model we can run."""
-    path = Path(hf_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: a Hugging Face model folder needs "
-                                f"config.json")
-    config = json.loads(path.read_text())
-    if config.get("model_type", "llama") != "llama":
-        raise ValueError(f"{path} is for a {config['model_type']!r} model; only Llama "
-                         f"(model_type 'llama') checkpoints can be read")
-    missing = [k for k in HF_REQUIRED if k not in config]
-    if missing:
-        raise ValueError(f"{path} lacks the required key(s) {missing}")
-    head_dim = config["hidden_size"] // config["num_attention_heads"]
-    unsupported = [
-        (f"RoPE scaling {hf_rope_type(config)!r}", hf_rope_type(config) != "default"),
-        ("attention_bias=true", bool(config.get("attention_bias"))),
-        ("mlp_bias=true", bool(config.get("mlp_bias"))),
-        ("tie_word_embeddings=true", bool(config.get("tie_word_embeddings"))),
-        (f"hidden_act={config.get('hidden_act')!r}", config.get("hidden_act", "silu") != "silu"),
-        (f"head_dim={config.get('head_dim')}", config.get("head_dim", head_dim) != head_dim),
-    ]
-    bad = [what for what, is_bad in unsupported if is_bad]
-    if bad:
-        raise ValueError(f"{path} asks for {', '.join(bad)}, which Code Llama's architecture "
-                         f"does not have; this folder holds a different model")
-    return config
-
-
-def ffn_params(dim: int, intermediate: int, source) -> dict:
-    """multiple_of (and ffn_dim_multiplier) for which ModelArgs.ffn_hidden_dim is exactly
-    `intermediate`. multiple_of=256 gives the released 7B, 13B and 34B widths; rounding up
-    to a multiple of `intermediate` itself gives it back whenever 2/3 of 4*dim does not
-    exceed it (70B's 28672); a multiplier of intermediate/(2/3 of 4*dim) covers the rest
-    (int() may land one below `intermediate`, and rounding up restores it)."""
-    base = int(2 * (4 * dim) / 3)
-    candidates = [dict(multiple_of=256), dict(multiple_of=intermediate),
-                  dict(multiple_of=intermediate, ffn_dim_multiplier=intermediate / base)]
-    for params in candidates:
-        if intermediate > 0 and ModelArgs(dim=dim, **params).ffn_hidden_dim == intermediate:
-            return params
-    raise ValueError(f"{source}: intermediate_size {intermediate} cannot be expressed with "
-                     f"hidden_size {dim}; it must be a positive number")
-
-
-def hf_params(config: dict, source) -> dict:
-    """params.json fields for a config.json (n_kv_heads only under grouped-query
-    attention, as in Meta's files)."""
-    values = {**HF_DEFAULTS, **config}
-    values["rope_theta"] = hf_rope(config, "rope_theta", HF_DEFAULTS["rope_theta"])
-    params = {key: values[hf] for hf, key in HF_PARAMS.items() if hf in values}
-    if params.get("n_kv_heads") in (None, params["n_heads"]):
-        params.pop("n_kv_heads", None)
-    params.update(ffn_params(params["dim"], config["intermediate_size"], source))
-    return params
-
-
-def safe_open(path: Path):
-    try:
-        from safetensors import safe_open as open_file
-    except ImportError as e:
-        raise ImportError("reading Hugging Face folders needs the safetensors package: "
-                          "pip install safetensors") from e
-    return open_file(str(path), framework="pt", device="cpu")
-
-
-def hf_weight_files(hf_dir: Path) -> Dict[str, Path]:
-    """Tensor name -> .safetensors file, from model.safetensors.index.json or, without
-    one, from the files themselves."""
-    hf_dir = Path(hf_dir)
-    index = hf_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index} has no weight_map; download it again")
-        files = {name: hf_dir / f for name, f in weight_map.items()}
-        for f in sorted(set(files.values())):
-            if not f.is_file():
-                raise FileNotFoundError(f"{index} names {f.name}, which is not in {hf_dir}; "
-                                        f"download every shard the index lists")
-        return files
-    paths = sorted(hf_dir.glob("*.safetensors"))
-    if not paths:
-        raise FileNotFoundError(
-            f"no *.safetensors weights in {hf_dir}; save the model with transformers' "
-            f"save_pretrained (safetensors is its default) or use Meta's consolidated.*.pth"
-        )
-    files = {}
-    for path in paths:
-        with safe_open(path) as f:
-            files.update({name: path for name in f.keys()})
-    return files
-
 
 def open_hf(hf_dir: Path, args: ModelArgs) -> MappedShards:
     """A Hugging Face folder's tensors as memory-mapped views under Meta's key names."""
-    files = hf_weight_files(hf_dir)
+    files = hf.weight_files(hf_dir)
     parts, names = {}, {}
     for path in sorted(set(files.values())):
-        with safe_open(path) as f:
+        with hf.safe_open(path) as f:
             for name in f.keys():
-                if name.endswith(HF_IGNORED_SUFFIX):
+                if name.endswith(hf.HF_IGNORED_SUFFIX):
                     continue
-                key = meta_key(name)
+                key = hf.meta_key(name)
                 if key is None:
                     raise ValueError(f"{path} holds {name}, which is not a weight of "
                                      f"LlamaForCausalLM; this folder holds a different model")
@@ -544,9 +392,10 @@ def open_hf(hf_dir: Path, args: ModelArgs) -> MappedShards:
 # ---- either format ------------------------------------------------------------------------
 
 def is_hf_folder(ckpt_dir: Path) -> bool:
-    """config.json and no *.pth: where a folder has both formats, Meta's files win."""
+    """config.json and no consolidated*.pth: where a folder has both formats, Meta's files
+    win; other .pth files (a training folder's rng_state.pth) say nothing."""
     ckpt_dir = Path(ckpt_dir)
-    return (ckpt_dir / "config.json").is_file() and not any(ckpt_dir.glob("*.pth"))
+    return (ckpt_dir / "config.json").is_file() and not any(ckpt_dir.glob("consolidated*.pth"))
 
 
 def load_folder(ckpt_dir: Path, rank: int, world: int):
@@ -555,18 +404,18 @@ def load_folder(ckpt_dir: Path, rank: int, world: int):
     shape and dtype) that load_into reads one at a time."""
     ckpt_dir = Path(ckpt_dir)
     if is_hf_folder(ckpt_dir):
-        params = hf_params(read_hf_config(ckpt_dir), ckpt_dir / "config.json")
+        params = hf.hf_params(hf.read_hf_config(ckpt_dir), ckpt_dir / "config.json")
         args = ModelArgs(**params)
-        check_heads_split(args, world, ckpt_dir / "config.json")
+        check_world_size(args, world, ckpt_dir / "config.json")
         state = open_hf(ckpt_dir, args).rank_state(rank, world)
     else:
-        if not (ckpt_dir / "params.json").is_file() and not any(ckpt_dir.glob("*.pth")):
+        if not (ckpt_dir / "params.json").is_file() and not any(ckpt_dir.glob("consolidated*")):
             raise FileNotFoundError(
                 f"no checkpoint in {ckpt_dir}: expected params.json with consolidated.NN.pth "
                 f"(Meta's format) or config.json with *.safetensors (Hugging Face's)"
             )
         params = read_params(ckpt_dir)
-        check_heads_split(ModelArgs(**params), world, ckpt_dir / "params.json")
+        check_world_size(ModelArgs(**params), world, ckpt_dir / "params.json")
         state = open_meta(ckpt_dir).rank_state(rank, world)
     return params, state, ckpt_dir / "tokenizer.model"
 
@@ -617,38 +466,30 @@ def load_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: st
 
     Parameters are replaced one at a time and taken out of `state` (which is empty
     afterwards): each placeholder of the model is freed as its real weight arrives, and
-    Deferred parts are read just then, so neither host nor device memory ever holds two
-    copies of the weights. A tensor already on `device` in `dtype` is used as it is (a
-    memory-mapped one stays so: no copy at all); when one is converted instead, the file
-    pages it was read from are released.
+    lazy parts (anything with `load(device, dtype)`, such as Deferred) are read just
+    then, so neither host nor device memory ever holds two copies of the weights. A
+    weight holding NaN or infinity is refused by name.
     """
     check_state(model, state, source)
     stack_fused(model, state)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     for key in progress(list(state), f"loading {source}", rank):
         part = state.pop(key)
-        lazy = isinstance(part, (Deferred, Stacked))
-        tensor = part.load() if lazy else part
-        moved = tensor.to(device=device, dtype=dtype)
-        if moved is not tensor and lazy:
-            part.release()
-        assign(model, key, moved)
-    trim_heap()
+        tensor = load(part, device, dtype)
+        if tensor.is_floating_point() and not all_finite(tensor):
+            raise not_finite(key, part, dtype, source)
+        assign(model, key, tensor)
 
 
 class Stacked:
-    """The parts of a fused weight (tensors or Deferred), concatenated when loaded."""
+    """The parts of a fused weight (tensors or lazy parts), concatenated when loaded."""
 
-    def __init__(self, parts: list):
-        self.parts = parts
+    def __init__(self, keys: List[str], parts: list):
+        self.keys, self.parts = keys, parts
+        self.shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
 
-    def load(self) -> torch.Tensor:
-        return torch.cat([p.load() if isinstance(p, Deferred) else p for p in self.parts])
-
-    def release(self) -> None:
-        for p in self.parts:
-            if isinstance(p, Deferred):
-                p.release()
+    def load(self, device: torch.device, dtype: Optional[torch.dtype]) -> torch.Tensor:
+        return torch.cat([load(p, device, dtype) for p in self.parts])
 
 
 def stack_fused(model: torch.nn.Module, state: dict) -> None:
@@ -657,7 +498,34 @@ def stack_fused(model: torch.nn.Module, state: dict) -> None:
     for name, module in model.named_modules():
         for fused, parts in getattr(module, "meta_parts", {}).items():
             prefix = f"{name}." if name else ""
-            state[prefix + fused] = Stacked([state.pop(prefix + p) for p in parts])
+            keys = [prefix + p for p in parts]
+            state[prefix + fused] = Stacked(keys, [state.pop(k) for k in keys])
+
+
+def load(part, device: torch.device, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """A state entry, lazy or a tensor, on `device` in `dtype` (None: as stored)."""
+    if hasattr(part, "load"):
+        return part.load(device, dtype)
+    return part.to(device=device, dtype=dtype)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    # A sum is one fast reduction, non-finite whenever an element is; only a non-finite
+    # sum (which finite elements could in theory reach) needs the elementwise test.
+    return bool(t.sum(dtype=torch.float32).isfinite()) or bool(t.isfinite().all())
+
+
+def not_finite(key: str, part, dtype: torch.dtype, source: str) -> ValueError:
+    """The error for a weight that is not finite on the device: in the file, or only once
+    converted to a dtype whose range it exceeds. A fused weight names its part."""
+    if isinstance(part, Stacked):
+        key, part = next((k, p) for k, p in zip(part.keys, part.parts)
+                         if not all_finite(load(p, CPU, dtype)))
+    if all_finite(load(part, CPU, None)):
+        return ValueError(f"checkpoint {source}: {key} exceeds the range of {dtype}; load it "
+                          f"in a wider dtype (torch.bfloat16 or torch.float32)")
+    return ValueError(f"checkpoint {source}: {key} holds NaN or infinite values; the file "
+                      f"is damaged (download it again) or the weights diverged in training")
 
 
 def assign(model: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
@@ -669,13 +537,3 @@ def assign(model: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
         setattr(module, name, tensor)
     else:
         setattr(module, name, torch.nn.Parameter(tensor, requires_grad=old.requires_grad))
-
-
-def trim_heap() -> None:
-    """Give freed heap memory back to the system. glibc keeps it otherwise, and the
-    placeholder weights the model was built with (fairscale materialises them when the
-    model-parallel size is above 1) would stay resident next to the real ones."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass

@@ -8,48 +8,38 @@ fire also accepts `to-hf`, `from-hf` and `--ckpt-dir`. Inputs are memory-mapped 
 converted one tensor at a time, and each output file is written as soon as it is complete,
 so host memory holds about one output file: a safetensors shard of at most
 `--max_shard_size` for to_hf, one consolidated.NN.pth (the checkpoint divided by --mp)
-for from_hf and reshard.
+for from_hf and reshard. The output is written into `.NAME.partial` beside the output
+folder and renamed when complete, so an interrupted conversion leaves no half-written
+folder; free space is checked first.
 
 Tensors round-trip bit for bit, and params.json keeps its keys and values: to_hf keeps
 the original params.json inside config.json (under "codellama_params") and from_hf writes
-it back (indented like Meta's files) when config.json still describes the same model. rope.freqs, an unused buffer of Meta's files, has no place in Hugging Face's
-layout and is not carried over.
+it back (indented like Meta's files) when config.json still describes the same model.
+rope.freqs, an unused buffer of Meta's files, has no place in Hugging Face's layout and
+is not carried over.
 """
 
+import contextlib
 import dataclasses
-import hashlib
+import errno
 import json
+import os
 import re
 import shutil
+import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from . import distributed
-from .checkpoint import (
-    IGNORED_KEYS,
-    PARAMS_KEY,
-    check_heads_split,
-    check_state,
-    hf_config,
-    hf_key,
-    hf_params,
-    open_hf,
-    open_meta,
-    progress,
-    read_hf_config,
-    read_params,
-    rope_heads,
-    rope_permute,
-    split_dim,
-    split_range,
-)
+from . import checkpoint, distributed, hf, hparams
 from .model import ModelArgs, Transformer
 from .tokenizer import Tokenizer
 
 SIZE_UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+# Room beyond the tensors' bytes: file headers, params.json, tokenizer.model, checklist.
+SPARE_BYTES = 16 << 20
 
 
 def parse_size(size) -> int:
@@ -64,25 +54,107 @@ def parse_size(size) -> int:
 def new_out_dir(out_dir) -> Path:
     """The output folder, created; refuse one that holds files, so nothing is mixed."""
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"output folder {out} is not empty; choose a new --out_dir "
-                              f"or empty it first")
+    refuse_existing(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-def md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
+def refuse_existing(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; choose a new --out_dir")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output folder {out} is not empty; choose a new --out_dir "
+                              f"or empty it first")
+
+
+def mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def gigabytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def check_space(folder: Path, need: int) -> None:
+    """Refuse to start a conversion that cannot fit on the disk it writes to."""
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"the disk mounted at {mount_point(folder)} has "
+                      f"{gigabytes(free)} free, and this conversion writes {gigabytes(need)}; "
+                      f"free some space or choose an --out_dir on another disk")
+
+
+def disk_full(e: Exception) -> bool:
+    """Whether a write failed for lack of space (safetensors reports it in its message)."""
+    codes = (errno.ENOSPC, errno.EDQUOT)
+    return getattr(e, "errno", None) in codes or "No space left on device" in str(e)
+
+
+@contextlib.contextmanager
+def staged(out_dir, need: int) -> Iterator[Path]:
+    """A folder to write the output into: `.NAME.partial` beside out_dir, renamed to
+    out_dir once everything is in it, and removed if the conversion fails. A killed
+    conversion leaves no half-written out_dir, and running it again starts over."""
+    out = Path(out_dir).absolute()
+    refuse_existing(out)
+    tmp = out.with_name(f".{out.name}.partial")
+    if tmp.exists():
+        print(f"note: removing {tmp}, left by an interrupted conversion")
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)  # with the umask's permissions, kept by the rename
+    try:
+        check_space(tmp, need)
+        try:
+            yield tmp
+        except Exception as e:
+            if not disk_full(e):
+                raise
+            raise OSError(errno.ENOSPC, f"the disk mounted at {mount_point(tmp)} is full "
+                          f"({e}); this conversion writes {gigabytes(need)}: free some "
+                          f"space or choose an --out_dir on another disk") from None
+        os.replace(tmp, out)  # out is absent or an empty folder, which rename replaces
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_torch(state: Dict[str, torch.Tensor], path: Path) -> None:
+    # Through a Python file, so that a full disk raises OSError(ENOSPC) rather than
+    # torch's "unexpected pos" error.
+    with open(path, "wb") as f:
+        torch.save(state, f)
+
+
+def safetensors_writer():
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ImportError(f"to_hf writes safetensors files: {hf.SAFETENSORS_MISSING}") from None
+
+    def save(tensors: Dict[str, torch.Tensor], path: Path) -> None:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+        os.chmod(path, 0o666 & ~umask())  # safetensors creates files readable by owner only
+    return save
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    shutil.copyfile(src, dst)  # not shutil.copy: the new file follows the umask
 
 
 def write_checklist(folder: Path) -> None:
     """checklist.chk as in Meta's downloads (`md5sum -c checklist.chk` checks it)."""
     names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != "checklist.chk")
-    (folder / "checklist.chk").write_text("".join(f"{md5(folder / n)}  {n}\n" for n in names))
+    lines = "".join(f"{checkpoint.md5(folder / n)}  {n}\n" for n in names)
+    (folder / "checklist.chk").write_text(lines)
 
 
 def check_shapes(args: ModelArgs, shapes: Dict[str, Tuple[int, ...]], source: str) -> List[str]:
@@ -92,7 +164,8 @@ def check_shapes(args: ModelArgs, shapes: Dict[str, Tuple[int, ...]], source: st
     distributed.initialize(1, torch.device("cpu"))  # fairscale layers ask for the MP size
     with torch.device("meta"):
         model = Transformer(dataclasses.replace(args, max_batch_size=1))
-    check_state(model, {k: torch.empty(s, device="meta") for k, s in shapes.items()}, source)
+    meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    checkpoint.check_state(model, meta, source)
     return list(model.state_dict())
 
 
@@ -106,10 +179,11 @@ def check_split(args: ModelArgs, shapes: Dict[str, Tuple[int, ...]], mp, source:
     """Refuse, before writing anything, an --mp that does not split every tensor evenly
     (and attention by whole heads)."""
     positive_int(mp, "--mp")
-    check_heads_split(args, mp, source)
+    checkpoint.check_world_size(args, mp, source)
     for key, shape in shapes.items():
-        if split_dim(key) is not None:
-            split_range(shape[split_dim(key)], mp, 0, key, split_dim(key))
+        dim = checkpoint.split_dim(key)
+        if dim is not None:
+            checkpoint.split_range(shape[dim], mp, 0, key, dim)
 
 
 def check_tokenizer(folder: Path, vocab_size: int, weights: str) -> Optional[Path]:
@@ -127,10 +201,13 @@ def check_tokenizer(folder: Path, vocab_size: int, weights: str) -> Optional[Pat
     return path
 
 
-def meta_args(ckpt_dir: Path, params: dict, shapes: Dict[str, Tuple[int, ...]],
-              **overrides) -> ModelArgs:
-    """ModelArgs of a Meta folder, the vocabulary size taken from the embedding (params.json
-    usually leaves it to the tokenizer), checked against params.json and the model."""
+def read_meta(ckpt_dir: Path, **overrides):
+    """(params.json, the shards, their full shapes, ModelArgs) of a Meta folder; the
+    vocabulary size is taken from the embedding (params.json usually leaves it to the
+    tokenizer), checked against params.json and the model."""
+    params = checkpoint.read_params(ckpt_dir)
+    src = checkpoint.open_meta(ckpt_dir)
+    shapes = {k: src.full_shape(k) for k in src.keys() if k not in checkpoint.IGNORED_KEYS}
     if "tok_embeddings.weight" not in shapes:
         raise ValueError(f"the checkpoint in {ckpt_dir} has no tok_embeddings.weight; it is "
                          f"not a Code Llama checkpoint")
@@ -140,7 +217,12 @@ def meta_args(ckpt_dir: Path, params: dict, shapes: Dict[str, Tuple[int, ...]],
                          f"but the checkpoint embeds {vocab} tokens; fix vocab_size")
     args = ModelArgs(**{**params, "vocab_size": vocab, **overrides})
     check_shapes(args, shapes, str(ckpt_dir))
-    return args
+    return params, src, shapes, args
+
+
+def tensor_bytes(src: checkpoint.MappedShards, keys: List[str]) -> int:
+    return sum(src.parts[k][0].element_size() * torch.Size(src.full_shape(k)).numel()
+               for k in keys)
 
 
 def plan_files(sizes: List[Tuple[str, int]], max_bytes: int) -> List[List[str]]:
@@ -161,42 +243,35 @@ def to_hf(ckpt_dir: str, out_dir: str, max_shard_size="5GB",
     """Meta folder -> Hugging Face folder (safetensors shards of at most max_shard_size,
     model.safetensors.index.json, config.json, tokenizer.model). Code Llama was trained
     for 16384 positions, hence max_position_embeddings' default."""
-    from safetensors.torch import save_file
-
+    save = safetensors_writer()
     positive_int(max_position_embeddings, "--max_position_embeddings")
     ckpt_dir, max_bytes = Path(ckpt_dir), parse_size(max_shard_size)
-    params = read_params(ckpt_dir)
-    src = open_meta(ckpt_dir)
-    keys = [k for k in src.keys() if k not in IGNORED_KEYS]
-    shapes = {k: src.full_shape(k) for k in keys}
-    args = meta_args(ckpt_dir, params, shapes, max_seq_len=max_position_embeddings)
+    params, src, shapes, args = read_meta(ckpt_dir, max_seq_len=max_position_embeddings)
     tokenizer = check_tokenizer(ckpt_dir, args.vocab_size, str(ckpt_dir))
-    out = new_out_dir(out_dir)
-
-    def nbytes(key):
-        return src.parts[key][0].element_size() * torch.Size(shapes[key]).numel()
-
-    groups = plan_files([(k, nbytes(k)) for k in keys], max_bytes)
+    keys = list(shapes)
+    groups = plan_files([(k, tensor_bytes(src, [k])) for k in keys], max_bytes)
     names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-    bar = progress(range(len(keys)), f"writing {out}")
-    weight_map = {}
-    for name, group in zip(names, groups):
-        tensors = {}
-        for key in group:
-            w, heads = src.read(key, 0, 1, copy=True), rope_heads(key, args)
-            tensors[hf_key(key)] = rope_permute(w, heads, to_hf=True) if heads else w
-            bar.update()
-        save_file(tensors, str(out / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in tensors})
-    bar.close()
-    index = {"metadata": {"total_size": sum(nbytes(k) for k in keys)}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    dtype = src.parts["tok_embeddings.weight"][0].dtype
-    config = {**hf_config(args), "torch_dtype": str(dtype).replace("torch.", ""),
-              PARAMS_KEY: params}
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    if tokenizer:
-        shutil.copy(tokenizer, out / "tokenizer.model")
+    total = tensor_bytes(src, keys)
+    with staged(out_dir, total + SPARE_BYTES) as out:
+        bar = checkpoint.progress(range(len(keys)), f"writing {out_dir}")
+        weight_map = {}
+        for name, group in zip(names, groups):
+            tensors = {}
+            for key in group:
+                w, heads = src.read(key, 0, 1), hf.rope_heads(key, args)
+                tensors[hf.hf_key(key)] = hf.rope_permute(w, heads, to_hf=True) if heads else w
+                bar.update()
+            save(tensors, out / name)
+            weight_map.update({k: name for k in tensors})
+        bar.close()
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / hf.INDEX).write_text(json.dumps(index, indent=2))
+        dtype = src.parts["tok_embeddings.weight"][0].dtype
+        config = {**hf.hf_config(args), "torch_dtype": str(dtype).replace("torch.", ""),
+                  hf.PARAMS_KEY: params}
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+        if tokenizer:
+            copy_file(tokenizer, out / "tokenizer.model")
 
 
 # What must agree for a kept params.json to describe the model of a config.json.
@@ -207,66 +282,84 @@ SAME_MODEL = ("dim", "n_layers", "n_heads", "kv_heads", "ffn_hidden_dim", "norm_
 def original_params(config: dict, params: dict) -> dict:
     """The params.json that to_hf kept in config.json, if config.json still describes the
     same model (it may have been edited since); else `params`, derived from config.json."""
-    kept = config.get(PARAMS_KEY)
-    if not isinstance(kept, dict) or set(kept) - ModelArgs.field_names():
+    kept = config.get(hf.PARAMS_KEY)
+    if (not isinstance(kept, dict) or set(kept) - ModelArgs.field_names()
+            or set(checkpoint.REQUIRED_PARAMS) - set(kept)):
+        return params
+    try:
+        hparams.check(kept, hf.PARAMS_KEY)
+    except ValueError:  # edited into something that cannot work: config.json decides
         return params
     if kept.get("vocab_size", -1) <= 0:  # left to the tokenizer, as in Meta's 7B-34B files
         kept = {**kept, "vocab_size": params["vocab_size"]}
     a, b = ModelArgs(**kept), ModelArgs(**params)
     same = all(getattr(a, f) == getattr(b, f) for f in SAME_MODEL)
-    return config[PARAMS_KEY] if same else params
+    return config[hf.PARAMS_KEY] if same else params
+
+
+def write_ranks(src: checkpoint.MappedShards, keys: List[str], mp: int, out: Path) -> None:
+    """consolidated.NN.pth for `mp` ranks, one at a time."""
+    for rank in range(mp):
+        state = {k: src.read(k, rank, mp)
+                 for k in checkpoint.progress(keys, f"writing {out} ({rank + 1}/{mp})")}
+        save_torch(state, out / f"consolidated.{rank:02d}.pth")
+        del state  # before the next rank's part is read
 
 
 def from_hf(hf_dir: str, out_dir: str, mp: int = 1) -> None:
     """Hugging Face folder -> Meta folder for `mp` model-parallel processes
     (consolidated.NN.pth, params.json, tokenizer.model, checklist.chk)."""
     hf_dir = Path(hf_dir)
-    config = read_hf_config(hf_dir)
-    params = hf_params(config, hf_dir / "config.json")
+    config = hf.read_hf_config(hf_dir)
+    params = hf.hf_params(config, hf_dir / "config.json")
     args = ModelArgs(**params)
-    src = open_hf(hf_dir, args)
+    src = checkpoint.open_hf(hf_dir, args)
     shapes = {k: src.full_shape(k) for k in src.keys()}
     order = check_shapes(args, shapes, str(hf_dir))
     check_split(args, shapes, mp, hf_dir / "config.json")
     tokenizer = check_tokenizer(hf_dir, args.vocab_size, str(hf_dir))
-    out = new_out_dir(out_dir)
-    for rank in range(mp):
-        state = {k: src.read(k, rank, mp, copy=True)
-                 for k in progress(order, f"writing {out} ({rank + 1}/{mp})")}
-        torch.save(state, out / f"consolidated.{rank:02d}.pth")
-        del state  # before the next rank's part is read
-    (out / "params.json").write_text(json.dumps(original_params(config, params), indent=4))
-    if tokenizer:
-        shutil.copy(tokenizer, out / "tokenizer.model")
-    write_checklist(out)
+    with staged(out_dir, tensor_bytes(src, order) + SPARE_BYTES) as out:
+        write_ranks(src, order, mp, out)
+        kept = original_params(config, params)
+        (out / "params.json").write_text(json.dumps(kept, indent=4))
+        if tokenizer:
+            copy_file(tokenizer, out / "tokenizer.model")
+        write_checklist(out)
 
 
 def reshard(ckpt_dir: str, out_dir: str, mp: int) -> None:
     """Meta folder -> Meta folder for `mp` model-parallel processes; bit-exact, params.json
     and tokenizer.model copied as they are."""
     ckpt_dir = Path(ckpt_dir)
-    params = read_params(ckpt_dir)
-    src = open_meta(ckpt_dir)
-    shapes = {k: src.full_shape(k) for k in src.keys() if k not in IGNORED_KEYS}
-    args = meta_args(ckpt_dir, params, shapes)
+    _, src, shapes, args = read_meta(ckpt_dir)
     check_split(args, shapes, mp, ckpt_dir / "params.json")
     tokenizer = check_tokenizer(ckpt_dir, args.vocab_size, str(ckpt_dir))
-    out = new_out_dir(out_dir)
-    for rank in range(mp):
-        state = {k: src.read(k, rank, mp, copy=True)
-                 for k in progress(src.keys(), f"writing {out} ({rank + 1}/{mp})")}
-        torch.save(state, out / f"consolidated.{rank:02d}.pth")
-        del state
-    shutil.copy(ckpt_dir / "params.json", out / "params.json")
-    if tokenizer:
-        shutil.copy(tokenizer, out / "tokenizer.model")
-    write_checklist(out)
+    with staged(out_dir, tensor_bytes(src, src.keys()) + SPARE_BYTES) as out:
+        write_ranks(src, src.keys(), mp, out)
+        copy_file(ckpt_dir / "params.json", out / "params.json")
+        if tokenizer:
+            copy_file(tokenizer, out / "tokenizer.model")
+        write_checklist(out)
+
+
+COMMANDS = {"to_hf": to_hf, "from_hf": from_hf, "reshard": reshard}
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    """The command line. Mistakes in its use (a bad option, a folder that cannot be
+    converted, a full disk, a missing package) print one line and exit with status 1;
+    anything else is a bug and keeps its traceback."""
     import fire
 
-    fire.Fire({"to_hf": to_hf, "from_hf": from_hf, "reshard": reshard}, command=argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0].replace("-", "_") not in (*COMMANDS, "__help", "_h"):
+        print("usage:\n" + __doc__.split("\n\n")[1], file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        fire.Fire(COMMANDS, command=argv)
+    except (ValueError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,11 @@ class Tokenizer:
             raise FileNotFoundError(
                 f"tokenizer model not found: {model_path}; pass tokenizer_path=<model dir>/tokenizer.model"
             )
-        self.sp_model = SentencePieceProcessor(model_file=model_path)
+        try:
+            self.sp_model = SentencePieceProcessor(model_file=model_path)
+        except (RuntimeError, OSError) as e:  # sentencepiece's messages omit the file
+            raise ValueError(f"{model_path} cannot be read as a SentencePiece model ({e}): it "
+                             f"is empty or damaged; download it again") from None
         self.n_words: int = self.sp_model.vocab_size()
         self.bos_id: int = self.sp_model.bos_id()
         self.eos_id: int = self.sp_model.eos_id()

@@ -167,7 +167,7 @@ def hf_model(args: ModelArgs, state: dict):
     """Hugging Face's LlamaForCausalLM with the same weights (float32, eager attention)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llama.checkpoint import hf_config, meta_to_hf
+    from llama.hf import hf_config, meta_to_hf
     config = LlamaConfig(**hf_config(args))
     config._attn_implementation = "eager"
     model = LlamaForCausalLM(config).eval()

@@ -1,17 +1,20 @@
 """Loading any shard count on any world size, Hugging Face folders, memory, clear errors."""
 
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import build, hf_model, run_torchrun
+from conftest import ROOT, build, hf_model, run_torchrun
 from llama import checkpoint
-from llama.checkpoint import ffn_params, load_folder, mapped_ranges
+from llama.checkpoint import load_folder
+from llama.hf import ffn_params
 from llama.model import ModelArgs
 
 WORKER = Path(__file__).with_name("convert_worker.py")
@@ -111,15 +114,45 @@ def test_resharding_keeps_no_file_pages_resident(tmp_path):
     assert torch.equal(src.read("tok_embeddings.weight", 1, 4), full[:, 1024:2048])
 
 
+def mapped_files() -> str:
+    return Path("/proc/self/maps").read_text()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
-def test_no_copy_when_shards_match_and_dtype_matches(make_model):
-    """One shard on one process in the checkpoint's dtype: the parameters are the mapped
-    file itself, not a copy."""
-    folder = make_model()[0]
-    model = build(folder, dtype=torch.float32).model
-    ranges = mapped_ranges(folder / "consolidated.00.pth")
-    for p in (model.output.weight, model.layers[1].feed_forward.w2.weight):
-        assert any(a <= p.data_ptr() < b for a, b in ranges)
+def test_parameters_are_private_copies(make_model, tmp_path):
+    """One shard on one process in the checkpoint's dtype, where the parameters could be
+    the mapped file itself: they are copies, so rewriting the file changes nothing."""
+    folder = tmp_path / "model"
+    shutil.copytree(make_model()[0], folder)
+    shard = folder / "consolidated.00.pth"
+    gen = build(folder, dtype=torch.float32)
+    before = gen.model.forward(TOKENS, 0)
+    assert str(shard) not in mapped_files()
+    with open(shard, "r+b") as f:  # in place: the same file, other bytes
+        f.write(b"\0" * shard.stat().st_size)
+    assert torch.equal(gen.model.forward(TOKENS, 0), before)
+
+
+TRUNCATE = """
+import os, sys, torch
+from llama import Llama
+gen = Llama.build(sys.argv[1], max_seq_len=16, max_batch_size=1, device="cpu",
+                  dtype=torch.float32)
+os.truncate(os.path.join(sys.argv[1], "consolidated.00.pth"), 0)
+print(gen.model.forward(torch.tensor([[1, 2, 3]]), 0).isfinite().all().item())
+"""
+
+
+def test_truncating_the_checkpoint_under_a_running_model(make_model, tmp_path):
+    """A mapped parameter whose file shrinks kills the process with SIGBUS when read."""
+    folder = tmp_path / "model"
+    shutil.copytree(make_model()[0], folder)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", TRUNCATE, str(folder)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.strip().endswith("True")
 
 
 # ---- errors ------------------------------------------------------------------------------
@@ -195,5 +228,99 @@ def test_hf_folder_without_tokenizer(make_hf_model, tmp_path):
 def test_world_size_that_does_not_divide_the_heads(make_model, make_hf_model):
     for folder, name in ((make_model()[0], "params.json"), (make_hf_model()[0], "config.json")):
         with pytest.raises(ValueError, match=f"{name}: 4 attention heads do not split over 3 "
-                                             f"model-parallel processes"):
+                                             f"model-parallel processes; this model runs on "
+                                             f"1 or 2 process"):
             load_folder(folder, 0, 3)
+
+
+def test_hf_training_folder_is_read_as_hugging_face(make_hf_model, make_model, tmp_path):
+    """A folder saved by transformers' Trainer holds .pth files that are not shards."""
+    folder = hf_copy(make_hf_model, tmp_path)
+    torch.save({"python": [1, 2]}, folder / "rng_state.pth")
+    torch.save({"lr": 1.0}, folder / "scheduler.pth")
+    assert torch.equal(logits(folder), logits(make_model()[0]))
+
+
+@pytest.mark.parametrize("stray", ["consolidated.00 (1).pth", "consolidated.00.pth.pth",
+                                   "consolidated.0.pth"])
+def test_stray_copy_of_a_shard_is_named(make_model, tmp_path, stray):
+    folder = tmp_path / "model"
+    shutil.copytree(make_model()[0], folder)
+    shutil.copy(folder / "consolidated.00.pth", folder / stray)
+    with pytest.raises(ValueError, match=re.escape(f"{stray} is not a shard name")):
+        load_folder(folder, 0, 1)
+
+
+def test_missing_shard_in_the_middle_is_named(make_model, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(make_model(shards=4)[0], folder)
+    (folder / "consolidated.01.pth").unlink()
+    with pytest.raises(FileNotFoundError, match="has consolidated.02.pth but not "
+                                                "consolidated.01.pth"):
+        load_folder(folder, 0, 1)
+
+
+def test_damaged_hf_files_are_named(make_hf_model, tmp_path):
+    folder = hf_copy(make_hf_model, tmp_path, max_shard_size="100KB")
+    index, config = folder / "model.safetensors.index.json", folder / "config.json"
+    text = index.read_text()
+    index.write_text(text[:-10])
+    with pytest.raises(ValueError, match=f"{re.escape(str(index))} is not valid JSON"):
+        build(folder)
+    index.write_text(text)
+    config_text = config.read_text()
+    config.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=f"{re.escape(str(config))} holds a list"):
+        build(folder)
+    config.write_text(config_text[:20])
+    with pytest.raises(ValueError, match=f"{re.escape(str(config))} is not valid JSON"):
+        build(folder)
+    config.write_text(config_text)
+    second = sorted(folder.glob("*.safetensors"))[1]
+    second.write_bytes(second.read_bytes()[:second.stat().st_size // 2])  # a cut-off download
+    with pytest.raises(ValueError, match=f"{re.escape(str(second))} cannot be read as "
+                                         f"safetensors.*incomplete"):
+        build(folder)
+
+
+def test_second_copy_of_a_safetensors_file_is_named(make_hf_model, tmp_path):
+    folder = hf_copy(make_hf_model, tmp_path, max_shard_size="100KB")
+    (folder / "model.safetensors.index.json").unlink()
+    first = sorted(folder.glob("*.safetensors"))[0]
+    copy = folder / f"{first.stem} (1).safetensors"
+    shutil.copy(first, copy)
+    with pytest.raises(ValueError, match=re.escape(f"is in both {copy} and {first}")):
+        build(folder)
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/tmp/x.safetensors", "a/b", ""])
+def test_index_cannot_point_outside_its_folder(make_hf_model, tmp_path, name):
+    folder = hf_copy(make_hf_model, tmp_path)
+    index = folder / "model.safetensors.index.json"
+    content = json.loads(index.read_text())
+    first = next(iter(content["weight_map"]))
+    content["weight_map"][first] = name
+    index.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match="which is not a file name in"):
+        build(folder)
+
+
+@pytest.mark.parametrize("changes, key", [
+    (dict(num_attention_heads=0), "num_attention_heads must be a whole number of at least 1"),
+    (dict(hidden_size="64"), "hidden_size must be a whole number of at least 1, got '64'"),
+    (dict(num_hidden_layers=-2), "num_hidden_layers must be a whole number"),
+    (dict(intermediate_size=1.5), "intermediate_size must be a whole number"),
+    (dict(rms_norm_eps=0), "rms_norm_eps must be a finite number above 0"),
+    (dict(rms_norm_eps=float("nan")), "rms_norm_eps must be a finite number above 0"),
+    (dict(rope_theta=-1e4), "rope_theta must be a finite number above 0"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 0}), "rope_theta must be"),
+    (dict(num_key_value_heads=3), "num_attention_heads=4 is not a multiple of "
+                                  "num_key_value_heads=3"),
+    (dict(num_attention_heads=3, num_key_value_heads=1), "hidden_size=64 does not split into "
+                                                         "num_attention_heads=3 heads"),
+])
+def test_hf_config_values_that_cannot_work(make_hf_model, tmp_path, changes, key):
+    folder = hf_copy(make_hf_model, tmp_path)
+    edit_config(folder, **changes)
+    with pytest.raises(ValueError, match=re.escape(f"{folder / 'config.json'}: {key}")):
+        build(folder)

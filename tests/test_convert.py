@@ -1,13 +1,20 @@
 """python -m llama.convert: Meta <-> Hugging Face round trips, resharding, errors."""
 
+import collections
+import errno
 import hashlib
 import json
+import os
 import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import build
+from conftest import ROOT, build
 from llama import convert
 from llama.checkpoint import IGNORED_KEYS, load_rank_state
 
@@ -115,6 +122,16 @@ def test_edited_config_wins_over_the_kept_params(make_model, tmp_path):
     assert json.loads((tmp_path / "back" / "params.json").read_text())["rope_theta"] == 5e5
 
 
+def test_kept_params_that_cannot_work_are_replaced(make_model, tmp_path):
+    convert.to_hf(make_model()[0], tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    config = json.loads(path.read_text())
+    config["codellama_params"]["multiple_of"] = 0
+    path.write_text(json.dumps(config))
+    convert.from_hf(tmp_path / "hf", tmp_path / "back")
+    assert json.loads((tmp_path / "back" / "params.json").read_text())["multiple_of"] > 0
+
+
 def test_reshard_1_2_1_is_bit_exact(make_model, tmp_path):
     meta, _, state = make_model()
     convert.reshard(meta, tmp_path / "mp2", mp=2)
@@ -208,3 +225,146 @@ def test_parse_size(size, expected):
 def test_bad_size(make_model, tmp_path):
     with pytest.raises(ValueError, match="max_shard_size '5 gigs' is not a size"):
         convert.to_hf(make_model()[0], tmp_path / "hf", max_shard_size="5 gigs")
+
+
+# ---- failures while writing, and the command line -------------------------------------------
+
+DEV_FULL = Path("/dev/full")
+
+
+def test_too_little_space_is_refused_before_writing(make_model, tmp_path, monkeypatch):
+    free = collections.namedtuple("usage", "total used free")(10**9, 10**9 - 5000, 5000)
+    monkeypatch.setattr(convert.shutil, "disk_usage", lambda path: free)
+    for run in (lambda: convert.to_hf(make_model()[0], tmp_path / "out"),
+                lambda: convert.reshard(make_model()[0], tmp_path / "out", mp=2)):
+        with pytest.raises(OSError, match=r"the disk mounted at /\S* has 0.00 GB free, and "
+                                          r"this conversion writes 0.0\d GB") as error:
+            run()
+        assert error.value.errno == errno.ENOSPC
+        assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_disk_filling_up_while_writing(make_model, tmp_path, monkeypatch):
+    """torch.save reports a full disk as "unexpected pos" and safetensors as its own error:
+    both become one message naming the disk, and nothing is left behind."""
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+    with monkeypatch.context() as m:
+        m.setattr("safetensors.torch.save_file", full)
+        with pytest.raises(OSError, match=r"the disk mounted at /\S* is full"):
+            convert.to_hf(make_model()[0], tmp_path / "hf")
+    assert not list(tmp_path.iterdir())
+    if not DEV_FULL.exists():
+        return
+    real_save = convert.save_torch  # the real torch.save, onto a device that is always full
+    monkeypatch.setattr(convert, "save_torch", lambda state, path: real_save(state, DEV_FULL))
+    with pytest.raises(OSError, match=r"the disk mounted at /\S* is full"):
+        convert.reshard(make_model()[0], tmp_path / "mp2", mp=2)
+    assert not list(tmp_path.iterdir())
+
+
+def test_interrupted_conversion_leaves_nothing_and_can_be_rerun(make_model, tmp_path,
+                                                               monkeypatch):
+    meta, _, state = make_model()
+    calls = []
+
+    def interrupted(state, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_save(state, path)
+    real_save = convert.save_torch
+    monkeypatch.setattr(convert, "save_torch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert.reshard(meta, tmp_path / "mp2", mp=2)
+    assert calls[0].parent.name == ".mp2.partial" and not list(tmp_path.iterdir())
+    # A killed conversion (no chance to clean up) leaves only the hidden folder.
+    (tmp_path / ".mp2.partial").mkdir()
+    (tmp_path / ".mp2.partial" / "consolidated.00.pth").write_bytes(b"half")
+    monkeypatch.setattr(convert, "save_torch", real_save)
+    convert.reshard(meta, tmp_path / "mp2", mp=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mp2"]
+    assert_same_tensors(full_state(tmp_path / "mp2"), state)
+
+
+def test_output_into_an_existing_empty_folder(make_model, tmp_path):
+    (tmp_path / "out").mkdir()
+    convert.reshard(make_model()[0], tmp_path / "out", mp=1)
+    assert (tmp_path / "out" / "consolidated.00.pth").is_file()
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002])
+def test_written_files_follow_the_umask(make_model, tmp_path, mask):
+    meta = tmp_path / "meta"
+    shutil.copytree(make_model()[0], meta)
+    (meta / "tokenizer.model").chmod(0o600)  # the source's mode is not copied
+    old = os.umask(mask)
+    try:
+        convert.to_hf(meta, tmp_path / "hf", max_shard_size="100KB")
+        convert.from_hf(tmp_path / "hf", tmp_path / "back")
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "hf", tmp_path / "back"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask
+        for f in folder.iterdir():
+            assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
+
+
+def test_to_hf_without_safetensors(make_model, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(ImportError, match=r"pip install safetensors \(or pip install -e "
+                                          r"\"\.\[hf\]\""):
+        convert.to_hf(make_model()[0], tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_cli_user_errors_print_one_line(make_model, tmp_path, capsys):
+    meta = str(make_model()[0])
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    for argv, message in [
+        (["reshard", meta, str(tmp_path / "a"), "--mp", "3"], "do not split over 3"),
+        (["reshard", meta, str(tmp_path / "a"), "--mp", "two"], "--mp must be a positive"),
+        (["to_hf", meta, str(tmp_path / "full")], "is not empty"),
+        (["from_hf", str(tmp_path / "nothing"), str(tmp_path / "b")], "config.json not found"),
+    ]:
+        with pytest.raises(SystemExit) as exit:
+            convert.main(argv)
+        assert exit.value.code == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_cli_internal_errors_keep_their_traceback(make_model, tmp_path, monkeypatch):
+    def bug(*args):
+        raise KeyError("a bug")
+    monkeypatch.setattr(convert, "write_ranks", bug)
+    with pytest.raises(KeyError, match="a bug"):
+        convert.main(["reshard", str(make_model()[0]), str(tmp_path / "a"), "--mp", "1"])
+
+
+@pytest.mark.parametrize("argv", [[], ["convert"], ["--mp", "2"]])
+def test_cli_without_a_command_shows_usage(argv, capsys):
+    with pytest.raises(SystemExit) as exit:
+        convert.main(argv)
+    assert exit.value.code == 2
+    assert "python -m llama.convert reshard" in capsys.readouterr().err
+
+
+def test_cli_on_the_demo_model_names_the_process_counts_that_work(tmp_path):
+    """The whole process: one line on stderr, no traceback, no [rank0]: prefixes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "llama.convert", "reshard", "--ckpt_dir",
+         str(ROOT / "models" / "CodeLlama-demo"), "--out_dir", str(tmp_path / "mp4"), "--mp",
+         "4"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "params.json: 6 attention heads do not split over 4" in proc.stderr
+    assert "this model runs on 1 or 2 process(es)" in proc.stderr
+    assert not (tmp_path / "mp4").exists()

@@ -1,7 +1,12 @@
 """Loading: strict checks with clear errors, resharding on load, plain-python builds."""
 
+import argparse
+import collections
+import hashlib
 import json
+import math
 import os
+import re
 import shutil
 
 import pytest
@@ -98,7 +103,7 @@ def test_missing_files(tmp_path, make_model):
         build(tmp_path)
     folder = copy_of(make_model()[0], tmp_path)
     (folder / "consolidated.00.pth").unlink()
-    with pytest.raises(FileNotFoundError, match=r"no checkpoint files \(\*.pth\)"):
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint files \(consolidated.NN.pth\)"):
         build(folder)
     with pytest.raises(FileNotFoundError, match="tokenizer model not found"):
         build(make_model()[0], tokenizer_path=str(tmp_path / "missing.model"))
@@ -146,3 +151,100 @@ def test_cache_sizes_in_params_json_are_ignored_with_a_warning(make_model, tmp_p
     with pytest.warns(UserWarning, match="max_seq_len=4096, which is ignored: cache sizes"):
         gen = build(folder, max_seq_len=48, max_batch_size=2)
     assert (gen.model.params.max_seq_len, gen.model.params.max_batch_size) == (48, 2)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(norm_eps=0), "norm_eps must be a finite number above 0, got 0"),
+    (dict(norm_eps=-1e-5), "norm_eps must be a finite number above 0"),
+    (dict(norm_eps=float("nan")), "norm_eps must be a finite number above 0, got nan"),
+    (dict(rope_theta=0), "rope_theta must be a finite number above 0"),
+    (dict(rope_theta=float("inf")), "rope_theta must be a finite number above 0"),
+    (dict(ffn_dim_multiplier=0), "ffn_dim_multiplier must be a finite number above 0"),
+    (dict(n_heads=0), "n_heads must be a whole number of at least 1, got 0"),
+    (dict(multiple_of=0), "multiple_of must be a whole number of at least 1"),
+    (dict(n_layers=-1), "n_layers must be a whole number of at least 1"),
+    (dict(n_layers=True), "n_layers must be a whole number of at least 1, got True"),
+    (dict(dim="64"), "dim must be a whole number of at least 1, got '64'"),
+    (dict(dim=64.0), "dim must be a whole number of at least 1, got 64.0"),
+    (dict(n_kv_heads=0), "n_kv_heads must be a whole number of at least 1"),
+    (dict(vocab_size=0), "vocab_size must be a whole number of at least 1"),
+    (dict(norm_eps="1e-5"), "norm_eps must be a finite number above 0, got '1e-5'"),
+    (dict(n_heads=3, n_kv_heads=None), "dim=64 does not split into n_heads=3 heads"),
+    (dict(n_heads=64, n_kv_heads=None), "dim=64 does not split into n_heads=64 heads of one "
+                                        "even width"),
+    (dict(n_kv_heads=3), "n_heads=4 is not a multiple of n_kv_heads=3"),
+])
+def test_params_that_load_but_cannot_work(make_model, tmp_path, changes, message):
+    folder = copy_of(make_model()[0], tmp_path)
+    params = json.loads((folder / "params.json").read_text())
+    (folder / "params.json").write_text(json.dumps({**params, **changes}))
+    with pytest.raises(ValueError, match=re.escape(f"{folder / 'params.json'}: {message}")):
+        build(folder)
+
+
+def test_non_finite_weights_are_named(make_model, tmp_path):
+    folder = copy_of(make_model()[0], tmp_path)
+    edit_shard(folder, lambda s: s["layers.1.attention.wv.weight"].__setitem__((3, 5), math.nan))
+    with pytest.raises(ValueError, match="layers.1.attention.wv.weight holds NaN or infinite"):
+        build(folder)
+    edit_shard(folder, lambda s: s["layers.1.attention.wv.weight"].__setitem__((3, 5), 1e6))
+    with pytest.raises(ValueError, match="layers.1.attention.wv.weight exceeds the range of "
+                                         "torch.float16"):
+        build(folder, dtype=torch.float16)
+    build(folder, dtype=torch.bfloat16)  # 1e6 is a bfloat16 number
+
+
+def write_checklist(folder):
+    names = sorted(p.name for p in folder.iterdir())
+    lines = [f"{hashlib.md5((folder / n).read_bytes()).hexdigest()}  {n}" for n in names]
+    (folder / "checklist.chk").write_text("\n".join(lines) + "\n")
+
+
+def test_checklist_catches_an_edited_or_stale_small_file(make_model, tmp_path,
+                                                         plain_tokenizer_path):
+    folder = copy_of(make_model()[0], tmp_path)
+    write_checklist(folder)
+    build(folder)
+    params = (folder / "params.json").read_text()
+    (folder / "params.json").write_text(params.replace("1000000.0", "500000.0"))
+    with pytest.raises(ValueError, match=re.escape(f"{folder / 'params.json'} differs from the "
+                                                   f"file checklist.chk lists")):
+        build(folder)
+    (folder / "params.json").write_text(params)
+    shutil.copy(plain_tokenizer_path, folder / "tokenizer.model")  # another model's
+    with pytest.raises(ValueError, match=re.escape(f"{folder / 'tokenizer.model'} differs")):
+        build(folder)
+
+
+def test_empty_or_damaged_tokenizer_is_named(make_model, tmp_path):
+    folder = copy_of(make_model()[0], tmp_path)
+    path = folder / "tokenizer.model"
+    for content in (b"", b"not a sentencepiece model"):
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=re.escape(f"{path} cannot be read as a "
+                                                       f"SentencePiece model")):
+            build(folder)
+
+
+def test_unsafe_pickle_is_refused_without_torch_advice(make_model, tmp_path):
+    folder = copy_of(make_model()[0], tmp_path)
+    edit_shard(folder, lambda s: s.update({"args": argparse.Namespace(lr=1.0)}))
+    with pytest.raises(ValueError, match="holds Python objects besides tensors") as error:
+        build(folder)
+    assert "weights_only" not in str(error.value)
+    assert error.value.__suppress_context__  # torch's advice is not shown beneath either
+
+
+def test_entry_that_is_not_a_tensor_is_named(make_model, tmp_path):
+    folder = copy_of(make_model()[0], tmp_path)
+    edit_shard(folder, lambda s: s.update({"counts": collections.Counter("ab")}))
+    with pytest.raises(ValueError, match="consolidated.00.pth holds counts, a Counter, "
+                                         "where a tensor belongs"):
+        build(folder)
+
+
+def test_shard_that_is_not_a_state_dict_is_named(make_model, tmp_path):
+    folder = copy_of(make_model()[0], tmp_path)
+    torch.save([torch.zeros(2)], folder / "consolidated.00.pth")
+    with pytest.raises(ValueError, match="consolidated.00.pth holds a list, not a state dict"):
+        build(folder)

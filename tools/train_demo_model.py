@@ -43,7 +43,7 @@ with the same packages gives the same data, tokenizer and initial weights):
    best-fit into rows of 1024 tokens; the loss covers every token of a sample after its
    first, never across samples, never padding.
 4. Training: transformers.LlamaForCausalLM with the config from
-   llama.checkpoint.hf_config, compiled with torch.compile on CUDA, AdamW (0.9, 0.95,
+   llama.hf.hf_config, compiled with torch.compile on CUDA, AdamW (0.9, 0.95,
    weight decay 0.1 on matrices), peak lr 2e-3, 200 warmup steps, cosine decay to 10%,
    gradient clipping at 1.0, no dropout (the data is large for this model), bf16
    autocast on CUDA, batch 64 x 1024 tokens. Eight epochs of samples are prepared (each
@@ -54,7 +54,7 @@ with the same packages gives the same data, tokenizer and initial weights):
    schedule follows the new count. On one H200 this runs at ~2M tokens/s.
    The validation loss is measured every 250 steps; the final weights are those with the
    lowest one (--select best).
-5. Export: llama.checkpoint.hf_to_meta (undoes the RoPE permutation of wq/wk), bf16,
+5. Export: llama.hf.hf_to_meta (undoes the RoPE permutation of wq/wk), bf16,
    written with params.json, tokenizer.model and checklist.chk; then the folder is loaded
    with llama.Llama.build and its float32 logits on a held-out sample are compared with the
    Hugging Face model's (float32, same bf16-rounded weights): this proves the conversion.
@@ -598,7 +598,7 @@ def model_args(cfg: dict) -> ModelArgs:
 def hf_model(args: ModelArgs, attn: str = "sdpa"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llama.checkpoint import hf_config
+    from llama.hf import hf_config
 
     config = LlamaConfig(**hf_config(args))
     config._attn_implementation = attn
@@ -634,7 +634,7 @@ def hf_state(model) -> Dict[str, torch.Tensor]:
 
 def meta_state(state: Dict[str, torch.Tensor], args: ModelArgs) -> "OrderedDict":
     """bf16 state dict with Meta's key names, in Meta's module order."""
-    from llama.checkpoint import HF_LAYER_KEYS, hf_to_meta
+    from llama.hf import HF_LAYER_KEYS, hf_to_meta
 
     meta = hf_to_meta(state, args)
     order = ["tok_embeddings.weight"]
@@ -835,7 +835,7 @@ def verify(out_dir: Path, state: "OrderedDict", args: ModelArgs, sample: str, cf
     """Load the written folder with llama.Llama.build (float32) and compare its logits
     on a held-out sample with LlamaForCausalLM's (float32, the same bf16-rounded weights)."""
     from llama import Llama
-    from llama.checkpoint import meta_to_hf
+    from llama.hf import meta_to_hf
 
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
