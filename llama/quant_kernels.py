@@ -5,13 +5,14 @@ kernel's own where it has one.
 
 | kernel       | modes      | where            | what                                          |
 |--------------|------------|------------------|-----------------------------------------------|
-| plain        | int8, int4 | every device     | dequantize, then F.linear (int8: scale after) |
+| plain        | int8, int4 | every device     | dequantize to the activation dtype, F.linear  |
 | cpu          | int8, int4 | CPU              | aten._weight_int8pack_mm / _int4pack_mm_for_cpu |
 | tinygemm     | int4       | CUDA, bfloat16   | aten._weight_int4pack_mm (tensor-core tiles)  |
 | triton       | int8, int4 | CUDA (Triton)    | _quantized_matmul below, on the stored layout |
 
 On CUDA, int8 takes the plain path: decode.py compiles the model, and inductor turns
-`linear(x, w.to(bf16)) * scales` into kernels that convert the weights as they read them.
+`linear(x, w.to(bf16) * scales[:, None])` into kernels that convert the weights as they
+read them.
 """
 
 import math

@@ -151,12 +151,23 @@ def dequantize_weight(pieces: Dict[str, torch.Tensor], mode: str,
     return dequantize_int4(pieces["weight"], pieces["scales"], pieces["zeros"], dtype)
 
 
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x @ w.T with w dequantized to x's dtype first: one rounding of the product, as a
+    float weight would give. (Scaling the product instead rounds it twice.)"""
+    return F.linear(x, weight.to(x.dtype) * scales.to(x.dtype)[:, None])
+
+
+def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                zeros: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, dequantize_int4(weight, scales, zeros, x.dtype))
+
+
 def plain_matmul(x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
     """x @ w.T through PyTorch operations only: runs on every device. Under torch.compile
-    the int8 form becomes one kernel that converts the weights as it reads them."""
-    if layer.mode == "int8":  # the per-row scale applies to the output column
-        return F.linear(x, layer.weight.to(x.dtype)) * layer.scales.to(x.dtype)
-    return F.linear(x, dequantize_int4(layer.weight, layer.scales, layer.zeros, x.dtype))
+    each becomes kernels that convert the weights as they read them."""
+    if layer.mode == "int8":
+        return int8_linear(x, layer.weight, layer.scales)
+    return int4_linear(x, layer.weight, layer.scales, layer.zeros)
 
 
 class QuantizedLinear(nn.Module):
