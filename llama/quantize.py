@@ -152,8 +152,8 @@ def dequantize_weight(pieces: Dict[str, torch.Tensor], mode: str,
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x @ w.T with w dequantized to x's dtype first: one rounding of the product, as a
-    float weight would give. (Scaling the product instead rounds it twice.)"""
+    """x @ w.T with w dequantized to x's dtype first: what a model holding the dequantized
+    weights in x's dtype computes. (Scaling the product instead rounds it twice.)"""
     return F.linear(x, weight.to(x.dtype) * scales.to(x.dtype)[:, None])
 
 
@@ -257,21 +257,26 @@ def quantize(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
     check_mode(mode)
     skip = set(skip)
     linear_types = (fairscale.ColumnParallelLinear, fairscale.RowParallelLinear)
-    targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, linear_types) and name not in skip]
-    missing = skip - {name for name, _ in model.named_modules()}
+    modules = dict(model.named_modules())
+    missing = skip - set(modules)
     if missing:
         raise ValueError(f"skip names no module of the model: {sorted(missing)}")
+    # Names only from here on: a reference kept to a replaced layer would keep its
+    # full-precision weight alive until the end.
+    targets = [name for name, module in modules.items()
+               if isinstance(module, linear_types) and name not in skip]
     if mode == "int4":  # refuse before touching any layer
-        for name, module in targets:
+        for name in targets:
             try:
-                check_group_size(module.weight.shape[1], group_size)
+                check_group_size(modules[name].weight.shape[1], group_size)
             except ValueError as error:
                 raise ValueError(f"layer {name}: {error}") from None
-    for name, module in targets:
+    del modules
+    for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, QuantizedLinear.replacing(module, mode, group_size, empty))
+        new = QuantizedLinear.replacing(getattr(parent, child), mode, group_size, empty)
+        setattr(parent, child, new)
     return model
 
 

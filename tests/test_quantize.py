@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -203,6 +204,24 @@ def test_transform_swaps_parallel_layers(one_process_group, mode, limit):
     q.quantize(model, mode, group_size=64)  # now the gathered head too
     assert model.output.gather_output and not model.output.reduce_output
     assert model.output(x).shape == (2, 3, 80)
+
+
+def test_transform_releases_each_weight_as_it_goes(one_process_group, monkeypatch):
+    """Quantizing in place must never hold two full-precision weights it has replaced:
+    each is freed when its layer is swapped, so peak memory grows by one layer."""
+    model = Block()
+    replaced, alive_at_each_swap = [], []
+    replacing = q.QuantizedLinear.replacing
+
+    def spy(layer, *args):
+        alive_at_each_swap.append(sum(ref() is not None for ref in replaced))
+        replaced.append(weakref.ref(layer.weight))
+        return replacing(layer, *args)
+
+    monkeypatch.setattr(q.QuantizedLinear, "replacing", spy)
+    q.quantize(model, "int8")
+    assert alive_at_each_swap == [0, 0, 0]
+    assert all(ref() is None for ref in replaced)
 
 
 def test_transform_refuses_before_touching_any_layer(one_process_group):
