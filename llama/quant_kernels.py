@@ -126,7 +126,7 @@ KERNELS = {
     "tinygemm": Kernel("tinygemm", ("int4",), _tinygemm_matmul, _tinygemm_prepare,
                        _tinygemm_refuses),
     "triton": Kernel("triton", ("int8", "int4"), lambda x, layer: triton_matmul(x, layer),
-                     _cast_scales, _triton_refuses),
+                     lambda layer, dtype: _triton_prepare(layer, dtype), _triton_refuses),
 }
 
 
@@ -193,7 +193,8 @@ def launch_config(m: int, layer: QuantizedLinear, programs_wanted: int) -> Launc
     if m == 1:
         block_m, block_n = 1, 32
     else:
-        block_m, block_n, block_k = min(64, max(16, triton.next_power_of_2(m))), 64, min(64, block_k)
+        block_m, block_n = min(64, max(16, triton.next_power_of_2(m))), 64
+        block_k = min(64, block_k)
     tiles = triton.cdiv(layer.out_features, block_n) * triton.cdiv(m, block_m)
     steps = layer.in_features // block_k
     split = 1
@@ -209,7 +210,7 @@ def triton_matmul(x: torch.Tensor, layer: QuantizedLinear,
     if m > DEQUANTIZE_ABOVE_ROWS and config is None:
         return plain_matmul(x, layer)
     if config is None:
-        config = launch_config(m, layer, _programs_wanted(x.device))
+        config = launch_config(m, layer, layer.programs_wanted)
     n = layer.out_features
     x = x.contiguous()
     steps = k // config.block_k
@@ -229,10 +230,12 @@ def triton_matmul(x: torch.Tensor, layer: QuantizedLinear,
     return out[0] if config.split_k == 1 else out.sum(0).to(x.dtype)
 
 
-def _programs_wanted(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+def _triton_prepare(layer: QuantizedLinear, dtype: torch.dtype) -> None:
+    _cast_scales(layer, dtype)
+    # Asked once here, not in every (compiled, graph-captured) call.
+    device = layer.weight.device
+    layer.programs_wanted = (4 * torch.cuda.get_device_properties(device).multi_processor_count
+                             if device.type == "cuda" else 1)
 
 
 if triton is not None:
@@ -274,10 +277,10 @@ if triton is not None:
                 part = tl.dot(x, tl.trans(w))
             if INT4:
                 g = k0 // GROUP
-                scale = tl.load(s_ptr + rn * stride_sn + g, mask=n_ok, other=0.0)
-                zero = tl.load(z_ptr + rn * stride_sn + g, mask=n_ok, other=0.0)
+                scale = tl.load(s_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+                zero = tl.load(z_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
                 x_sum = tl.sum(x.to(tl.float32), axis=1)
-                acc += part * scale.to(tl.float32)[None, :] + x_sum[:, None] * zero.to(tl.float32)[None, :]
+                acc += part * scale[None, :] + x_sum[:, None] * zero[None, :]
             else:
                 acc += part
         if not INT4:

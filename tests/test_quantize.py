@@ -248,10 +248,12 @@ def test_loading_tensor_by_tensor_into_an_empty_skeleton(one_process_group, mode
     for key, value in want.state_dict().items():
         assert torch.equal(skeleton.state_dict()[key], value), key
     # A quantized (integer) piece passes through; a wrongly shaped weight is refused.
-    assert q.quantized_entries(skeleton, "up.weight", want.up.weight) == {"up.weight": want.up.weight}
+    piece = want.up.weight
+    assert q.quantized_entries(skeleton, "up.weight", piece) == {"up.weight": piece}
     with pytest.raises(ValueError, match=r"up.weight: expected a full-precision \(192, 64\)"):
         q.quantized_entries(skeleton, "up.weight", torch.zeros(64, 192))
-    assert q.quantized_entries(skeleton, "norm.weight", state["up.weight"]).keys() == {"norm.weight"}
+    other = q.quantized_entries(skeleton, "norm.weight", state["up.weight"])
+    assert other.keys() == {"norm.weight"}
 
 
 def test_skeleton_on_the_meta_device_takes_no_memory(one_process_group):
