@@ -246,8 +246,8 @@ if triton is not None:
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
         """One (BLOCK_M, BLOCK_N) tile of out[split] = x[:, slice] @ w[:, slice]^T over
-        the inputs of program_id(2)'s slice. int4: codes minus 8 go through the product,
-        and each group's scale and zero apply to its partial sums (a group holds whole
+        the inputs of program_id(2)'s slice. int4: the codes go through the product, and
+        each group's scale and zero apply to its partial sums (a group holds whole
         steps); int8: the row scale applies at the end. BLOCK_M == 1: products and sums
         on the vector units (a matrix-vector product); otherwise tensor-core dots."""
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -264,23 +264,23 @@ if triton is not None:
                 packed = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :],
                                  mask=n_ok[:, None], other=0)
                 # High nibble: input 2j, low nibble: input 2j + 1 (quantize.pack_int4).
-                codes = tl.interleave(packed >> 4, packed & 15)
-                w = (codes.to(tl.float32) - 8.0).to(x.dtype)  # exact in any float dtype
+                w = tl.interleave(packed >> 4, packed & 15).to(tl.float32)
             else:
                 w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :],
-                            mask=n_ok[:, None], other=0).to(tl.float32).to(x.dtype)
+                            mask=n_ok[:, None], other=0).to(tl.float32)
             if BLOCK_M == 1:
-                part = tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
+                part = tl.sum(x.to(tl.float32) * w, axis=1)[None, :]
             elif IEEE:
                 part = tl.dot(x, tl.trans(w), input_precision="ieee")
-            else:
-                part = tl.dot(x, tl.trans(w))
+            else:  # codes are small integers: exact in any float dtype
+                part = tl.dot(x, tl.trans(w.to(x.dtype)))
             if INT4:
+                # sum_k x (c - 8) s + x z = s * sum_k x c + (z - 8 s) * sum_k x
                 g = k0 // GROUP
                 scale = tl.load(s_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
                 zero = tl.load(z_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
                 x_sum = tl.sum(x.to(tl.float32), axis=1)
-                acc += part * scale[None, :] + x_sum[:, None] * zero[None, :]
+                acc += part * scale[None, :] + x_sum[:, None] * (zero - 8.0 * scale)[None, :]
             else:
                 acc += part
         if not INT4:
