@@ -32,14 +32,14 @@ def build(args, variant: str):
     gen = Llama.from_preset("7b", max_seq_len=args.prompt + args.steps + 1, max_batch_size=1,
                             device="cpu", dtype=torch.float32, dim=args.dim,
                             n_layers=args.layers, n_heads=args.dim // 128)
-    args.params = sum(p.numel() for p in gen.model.parameters())
+    params = sum(p.numel() for p in gen.model.parameters())
     if mode:
         quantize(gen.model, mode, args.group_size, skip=args.skip)
         fallbacks = use_kernel(gen.model, select_kernel("cpu", mode, torch.float32, kernel),
                                torch.float32)
         if fallbacks:
             print(f"{variant}: plain path for {fallbacks}")
-    return gen.model
+    return gen.model, params
 
 
 def decode_rate(model, args) -> float:
@@ -62,18 +62,21 @@ def main():
     parser.add_argument("--prompt", type=int, default=8)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=["float32", "int8", "int4"],
+                        choices=VARIANTS)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    models = {v: build(args, v) for v in args.variants}
+    built = {v: build(args, v) for v in args.variants}
+    models = {v: model for v, (model, _) in built.items()}
+    params = next(iter(built.values()))[1]
     rates = {v: [] for v in args.variants}
     with torch.inference_mode():
         for _ in range(args.rounds):
             for variant, model in models.items():
                 rates[variant].append(decode_rate(model, args))
     base = statistics.median(rates["float32"]) if "float32" in rates else None
-    print(f"{args.params / 1e9:.2f}B parameters (dim {args.dim}, {args.layers} layers), "
+    print(f"{params / 1e9:.2f}B parameters (dim {args.dim}, {args.layers} layers), "
           f"{args.threads} threads, "
           f"{args.rounds} rounds of {args.steps} steps")
     for variant, values in rates.items():
