@@ -68,6 +68,11 @@ def time_per_call(fns, calls=CALLS, repeats=10) -> float:
     return statistics.median(times)
 
 
+def stored_bytes(n: int, k: int, mode: str) -> int:
+    """Bytes of an (n, k) weight in `mode`, scales and zeros included."""
+    return n * k + 2 * n if mode == "int8" else n * k // 2 + 4 * n * k // GROUP
+
+
 def copies_for(nbytes: int) -> int:
     return max(2, min(64, -(-COLD_BYTES // nbytes)))
 
@@ -88,8 +93,9 @@ def quantized_layers(pieces, mode, kernel_name, copies):
 
 
 def variants(weight, pieces, x):
-    """{name: (weight bytes per call, [one callable per weight copy], output of the first)}
-    for every available kernel; failures of optional ones are recorded as strings."""
+    """{name: (weight bytes per call, [one callable per weight copy])} for our kernels and
+    the gpt-fast peer; the library peers (optional_variants) add a third item, the product
+    with their own dequantized weights. A kernel that cannot be set up is a string."""
     out = {}
     n, k = weight.shape
     bf16_copies = [weight.clone() for _ in range(copies_for(2 * n * k))]
@@ -100,7 +106,7 @@ def variants(weight, pieces, x):
                 "int4": torch.compile(q.int4_linear, dynamic=False)}
     gpt_fast_int8 = torch.compile(lambda x, w, s: F.linear(x, w.to(x.dtype)) * s, dynamic=False)
     for mode in q.MODES:
-        nbytes = sum(t.numel() * t.element_size() for t in pieces[mode].values())
+        nbytes = stored_bytes(n, k, mode)
         copies = copies_for(nbytes)
         kernels = ["plain", "triton"] + (["tinygemm"] if mode == "int4" else [])
         for kernel in kernels:
@@ -137,15 +143,20 @@ def optional_variants(weight, x):
             "torchao-int8": lambda: Int8WeightOnlyConfig(),
         }
         for name, config in configs.items():
+            nbytes = stored_bytes(n, k, "int8" if name.endswith("int8") else "int4")
             try:
                 linears = []
-                for _ in range(copies_for(n * k // 2)):
+                for _ in range(copies_for(nbytes)):
                     linear = torch.nn.Linear(k, n, bias=False, device=DEVICE, dtype=torch.bfloat16)
                     linear.weight.data.copy_(weight)
                     quantize_(linear, config())
                     linears.append(linear)
-                reference = F.linear(x.float(), linears[0].weight.dequantize().float())
-                out[name] = (None, [lambda m=m: m(x) for m in linears], reference)
+                # Where torchao cannot dequantize (the tile layout), our references
+                # stand: its grid is ours up to the rounding of scales and zeros.
+                weight_q = linears[0].weight
+                reference = (F.linear(x.float(), weight_q.dequantize().float())
+                             if hasattr(weight_q, "dequantize") else None)
+                out[name] = (nbytes, [lambda m=m: m(x) for m in linears], reference)
             except Exception as error:  # noqa: BLE001
                 out[name] = f"{type(error).__name__}: {str(error)[:300]}"
     out.update(gemlite_variant(weight, x))
@@ -163,15 +174,15 @@ def gemlite_variant(weight, x):
         codes = q.unpack_int4(packed)
         # Ours: (c - 8) * s + z; gemlite's: (c - zero_point) * s.
         zero_points = 8 - zeros.float() / scales.float()
-        layers = []
-        for _ in range(copies_for(n * k // 2)):
+        layers, nbytes = [], stored_bytes(n, k, "int4")
+        for _ in range(copies_for(nbytes)):
             layer = GemLiteLinearTriton(W_nbits=4, group_size=GROUP, in_features=k,
                                         out_features=n, input_dtype=DType.BF16,
                                         output_dtype=DType.BF16)
             layer.pack(codes, scales, zero_points.to(scales.dtype), bias=None)
             layers.append(layer)
         reference = F.linear(x.float(), q.dequantize_int4(packed, scales, zeros))
-        return {"gemlite-int4": (None, [lambda m=m: m(x) for m in layers], reference)}
+        return {"gemlite-int4": (nbytes, [lambda m=m: m(x) for m in layers], reference)}
     except Exception as error:  # noqa: BLE001
         return {"gemlite-int4": f"{type(error).__name__}: {str(error)[:300]}"}
 
@@ -180,17 +191,14 @@ def check_and_time(name, entry, x, references):
     if isinstance(entry, str):
         return {"variant": name, "skipped": entry}
     nbytes, fns = entry[0], entry[1]
-    refs = {"own": entry[2]} if len(entry) == 3 else references
+    refs = {"own": entry[2]} if len(entry) == 3 and entry[2] is not None else references
     y = fns[0]()
     torch.cuda.synchronize()
     errors = {ref: relative_error(y, want.to(y.dtype)) for ref, want in refs.items()}
     best = min(errors, key=errors.get)
     us = time_per_call(fns)
-    row = {"variant": name, "us": us, "error": errors[best], "reference": best,
-           "pass": errors[best] < 1e-3, "errors": errors}
-    if nbytes:
-        row["weight_GBps"] = nbytes / us / 1e3
-    return row
+    return {"variant": name, "us": us, "error": errors[best], "reference": best,
+            "pass": errors[best] < 1e-3, "errors": errors, "weight_GBps": nbytes / us / 1e3}
 
 
 def sweep_configs(m: int):
@@ -205,7 +213,7 @@ def sweep_configs(m: int):
 def sweep_triton(pieces, mode, x, deadline):
     """Time per call of the Triton kernel for each launch config, best first; stops at
     the deadline (time.monotonic())."""
-    nbytes = sum(t.numel() * t.element_size() for t in pieces.values())
+    nbytes = stored_bytes(pieces["weight"].shape[0], x.shape[1], mode)
     layers = quantized_layers(pieces, mode, "triton", copies_for(nbytes))
     results = []
     for config in sweep_configs(x.shape[0]):
@@ -279,7 +287,7 @@ def check_shape(shape, batch, weight, pieces, x):
         references[f"{mode}-w16"] = x.float() @ w32.to(torch.bfloat16).float().t()
     rows = []
     for name, entry in variants(weight, pieces, x).items():
-        mode = name.split("-")[0]
+        mode = next((m for m in q.MODES if m in name), "bf16")
         refs = {r: v for r, v in references.items() if r.startswith(mode)}
         rows.append({"shape": shape, "n": n, "k": k, "batch": batch,
                      **check_and_time(name, entry, x, refs)})
