@@ -1,0 +1,289 @@
+"""Matrix products with quantized weights (quantize.py's formats), one implementation per
+device and mode, chosen once at build time (`select_kernel`) and installed on every
+QuantizedLinear of the model (`use_kernel`), which converts the stored layout into the
+kernel's own where it has one.
+
+| kernel       | modes      | where            | what                                          |
+|--------------|------------|------------------|-----------------------------------------------|
+| plain        | int8, int4 | every device     | dequantize to the activation dtype, F.linear  |
+| cpu          | int8, int4 | CPU              | aten._weight_int8pack_mm / _int4pack_mm_for_cpu |
+| tinygemm     | int4       | CUDA, bfloat16   | aten._weight_int4pack_mm (tensor-core tiles)  |
+| triton       | int8, int4 | CUDA (Triton)    | _quantized_matmul below, on the stored layout |
+
+On CUDA, int8 takes the plain path: decode.py compiles the model, and inductor turns
+`linear(x, w.to(bf16) * scales[:, None])` into kernels that convert the weights as they
+read them.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from .quantize import QuantizedLinear, check_mode, plain_matmul, quantized_layers, unpack_int4
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    modes: tuple
+    matmul: Callable  # (x (M, K), layer) -> (M, N) in x's dtype
+    prepare: Callable  # (layer, dtype): the layer's buffers into the kernel's layout, once
+    refuses: Callable  # (layer, dtype) -> why this kernel cannot take the layer, or None
+
+
+def _cast_scales(layer: QuantizedLinear, dtype: torch.dtype) -> None:
+    """Scales (and zeros) in the activation dtype, so no call converts them again."""
+    for name in ("scales", "zeros"):
+        if hasattr(layer, name):
+            setattr(layer, name, getattr(layer, name).to(dtype))
+
+
+def _no_limits(layer, dtype) -> Optional[str]:
+    return None
+
+
+def _cpu_dtype(layer, dtype) -> Optional[str]:
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"the CPU kernels take float32/bfloat16/float16 activations, not {dtype}"
+    if layer.mode == "int4" and layer.out_features % 16:
+        return f"the CPU int4 kernel needs out_features % 16 == 0 ({layer.out_features})"
+    return None
+
+
+def _cpu_int8_matmul(x, layer):
+    return torch.ops.aten._weight_int8pack_mm(x.contiguous(), layer.weight, layer.scales)
+
+
+def _scales_and_zeros(layer: QuantizedLinear, dtype: torch.dtype) -> None:
+    """Replace scales and zeros (N, G) by the (G, N, 2) pairs PyTorch's int4 kernels read."""
+    pairs = torch.stack([layer.scales.t(), layer.zeros.t()], dim=-1).to(dtype).contiguous()
+    del layer.scales, layer.zeros
+    layer.register_buffer("scales_and_zeros", pairs)
+
+
+def _cpu_int4_prepare(layer, dtype):
+    codes = unpack_int4(layer.weight).to(torch.int32)
+    layer.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    _scales_and_zeros(layer, dtype)
+
+
+def _cpu_int4_matmul(x, layer):
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), layer.weight,
+                                                      layer.group_size, layer.scales_and_zeros)
+
+
+def _cpu_prepare(layer, dtype):
+    (_cast_scales if layer.mode == "int8" else _cpu_int4_prepare)(layer, dtype)
+
+
+def _cpu_matmul(x, layer):
+    return (_cpu_int8_matmul if layer.mode == "int8" else _cpu_int4_matmul)(x, layer)
+
+
+def _tinygemm_refuses(layer, dtype) -> Optional[str]:
+    if dtype != torch.bfloat16:
+        return f"_weight_int4pack_mm takes bfloat16 activations only, not {dtype}"
+    if layer.group_size not in (32, 64, 128, 256):
+        return f"_weight_int4pack_mm takes group sizes 32..256, not {layer.group_size}"
+    if layer.out_features % 8 or layer.in_features % 32:
+        return "_weight_int4pack_mm needs out_features % 8 == 0 and in_features % 32 == 0"
+    return None
+
+
+def _tinygemm_prepare(layer, dtype):
+    # Inner k-tiles: 16 inputs each, packed side by side for wider loads (8 is the widest).
+    inner = next(t for t in (8, 4, 2) if layer.in_features % (16 * t) == 0)
+    layer.weight = torch.ops.aten._convert_weight_to_int4pack(layer.weight.contiguous(), inner)
+    _scales_and_zeros(layer, dtype)
+
+
+def _tinygemm_matmul(x, layer):
+    return torch.ops.aten._weight_int4pack_mm(x.contiguous(), layer.weight, layer.group_size,
+                                              layer.scales_and_zeros)
+
+
+def _triton_refuses(layer, dtype) -> Optional[str]:
+    if triton is None:
+        return "Triton is not installed"
+    if _block_k(layer) is None:
+        return ("the Triton kernel needs in_features (int8) or group_size (int4) to be a "
+                "multiple of 16")
+    return None
+
+
+KERNELS = {
+    "plain": Kernel("plain", ("int8", "int4"), plain_matmul, _cast_scales, _no_limits),
+    "cpu": Kernel("cpu", ("int8", "int4"), _cpu_matmul, _cpu_prepare, _cpu_dtype),
+    "tinygemm": Kernel("tinygemm", ("int4",), _tinygemm_matmul, _tinygemm_prepare,
+                       _tinygemm_refuses),
+    "triton": Kernel("triton", ("int8", "int4"), lambda x, layer: triton_matmul(x, layer),
+                     lambda layer, dtype: _triton_prepare(layer, dtype), _triton_refuses),
+}
+
+
+def select_kernel(device, mode: str, dtype: torch.dtype, name: Optional[str] = None) -> Kernel:
+    """The kernel for `mode` weights and `dtype` activations on `device`: `name` if given
+    (one of KERNELS), otherwise the default for the device."""
+    check_mode(mode)
+    device = torch.device(device)
+    if name is None:
+        name = "plain"
+        if device.type == "cpu":
+            name = "cpu"
+        elif device.type == "cuda" and mode == "int4" and dtype == torch.bfloat16:
+            name = "tinygemm"
+    if name not in KERNELS or mode not in KERNELS[name].modes:
+        choices = [k for k, kernel in KERNELS.items() if mode in kernel.modes]
+        raise ValueError(f"unknown kernel {name!r} for {mode}; choose one of {choices}")
+    return KERNELS[name]
+
+
+def use_kernel(model: nn.Module, kernel: Kernel, dtype: torch.dtype) -> Dict[str, str]:
+    """Install `kernel` on every QuantizedLinear of `model` (after loading and after any
+    .to(dtype): the kernel's layout is what the buffers hold from then on). Layers it
+    cannot take use the plain path; returns {layer name: why} for those."""
+    fallbacks = {}
+    for name, layer in quantized_layers(model).items():
+        chosen = kernel
+        reason = kernel.refuses(layer, dtype)
+        if reason:
+            fallbacks[name], chosen = reason, KERNELS["plain"]
+        chosen.prepare(layer, dtype)
+        layer.matmul, layer.kernel = chosen.matmul, chosen.name
+    return fallbacks
+
+
+# --- Triton: dequantize inside the product, reading the stored layout --------------------
+
+# Above this many rows a product is bound by arithmetic, not by reading the weights: the
+# weights are dequantized once and the product goes to the vendor's matrix multiply.
+DEQUANTIZE_ABOVE_ROWS = 256
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int  # programs sharing one output tile, each over a slice of the inputs
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _block_k(layer: QuantizedLinear) -> Optional[int]:
+    """Inputs per step: a power of two from 16 to 128 within one int4 group."""
+    width = layer.group_size if layer.mode == "int4" else layer.in_features
+    return next((b for b in (128, 64, 32, 16) if width % b == 0), None)
+
+
+def launch_config(m: int, layer: QuantizedLinear, programs_wanted: int) -> LaunchConfig:
+    """Tile sizes for an (m, in) x (in, out) product: one row per program for decoding
+    one sequence, tensor-core tiles of 16-64 rows for batches. Enough programs to keep
+    every SM reading (split over the inputs when the output alone gives too few)."""
+    block_k = _block_k(layer)
+    if m == 1:
+        block_m, block_n = 1, 32
+    else:
+        block_m, block_n = min(64, max(16, triton.next_power_of_2(m))), 64
+        block_k = min(64, block_k)
+    tiles = triton.cdiv(layer.out_features, block_n) * triton.cdiv(m, block_m)
+    steps = layer.in_features // block_k
+    split = 1
+    while tiles * split < programs_wanted and steps // (2 * split) >= 4:
+        split *= 2
+    return LaunchConfig(block_m, block_n, block_k, split)
+
+
+def triton_matmul(x: torch.Tensor, layer: QuantizedLinear,
+                  config: Optional[LaunchConfig] = None) -> torch.Tensor:
+    """x (M, K) @ dequantized(layer)^T -> (M, N) in x's dtype, float32 accumulation."""
+    m, k = x.shape
+    if m > DEQUANTIZE_ABOVE_ROWS and config is None:
+        return plain_matmul(x, layer)
+    if config is None:
+        config = launch_config(m, layer, layer.programs_wanted)
+    n = layer.out_features
+    x = x.contiguous()
+    steps = k // config.block_k
+    k_per_split = math.ceil(steps / config.split_k) * config.block_k
+    if config.split_k == 1:
+        out = torch.empty(1, m, n, dtype=x.dtype, device=x.device)
+    else:  # float32 partial sums, added below
+        out = torch.empty(config.split_k, m, n, dtype=torch.float32, device=x.device)
+    int4 = layer.mode == "int4"
+    grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
+    _quantized_matmul[grid](
+        x, layer.weight, layer.scales, layer.zeros if int4 else layer.scales, out,
+        m, n, k, k_per_split, layer.weight.stride(0), layer.scales.stride(0),
+        INT4=int4, GROUP=layer.group_size if int4 else 1, BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, IEEE=x.dtype == torch.float32,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return out[0] if config.split_k == 1 else out.sum(0).to(x.dtype)
+
+
+def _triton_prepare(layer: QuantizedLinear, dtype: torch.dtype) -> None:
+    _cast_scales(layer, dtype)
+    # Asked once here, not in every (compiled, graph-captured) call.
+    device = layer.weight.device
+    layer.programs_wanted = (4 * torch.cuda.get_device_properties(device).multi_processor_count
+                             if device.type == "cuda" else 1)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _quantized_matmul(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split,
+                          stride_wn, stride_sn, INT4: tl.constexpr, GROUP: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+        """One (BLOCK_M, BLOCK_N) tile of out[split] = x[:, slice] @ w[:, slice]^T over
+        the inputs of program_id(2)'s slice. int4: the codes go through the product, and
+        each group's scale and zero apply to its partial sums (a group holds whole
+        steps); int8: the row scale applies at the end. BLOCK_M == 1: products and sums
+        on the vector units (a matrix-vector product); otherwise tensor-core dots."""
+        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok, n_ok = rm < M, rn < N
+        k_start = tl.program_id(2) * k_per_split
+        k_end = tl.minimum(k_start + k_per_split, K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=m_ok[:, None], other=0.0)
+            if INT4:
+                rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                packed = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :],
+                                 mask=n_ok[:, None], other=0)
+                # High nibble: input 2j, low nibble: input 2j + 1 (quantize.pack_int4).
+                w = tl.interleave(packed >> 4, packed & 15).to(tl.float32)
+            else:
+                w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :],
+                            mask=n_ok[:, None], other=0).to(tl.float32)
+            if BLOCK_M == 1:
+                part = tl.sum(x.to(tl.float32) * w, axis=1)[None, :]
+            elif IEEE:
+                part = tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:  # codes are small integers: exact in any float dtype
+                part = tl.dot(x, tl.trans(w.to(x.dtype)))
+            if INT4:
+                # sum_k x (c - 8) s + x z = s * sum_k x c + (z - 8 s) * sum_k x
+                g = k0 // GROUP
+                scale = tl.load(s_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+                zero = tl.load(z_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+                x_sum = tl.sum(x.to(tl.float32), axis=1)
+                acc += part * scale[None, :] + x_sum[:, None] * (zero - 8.0 * scale)[None, :]
+            else:
+                acc += part
+        if not INT4:
+            acc *= tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + tl.program_id(2) * M * N + rm[:, None] * N + rn[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
