@@ -35,6 +35,7 @@ import torch
 from benchmarks import common
 from benchmarks.common import GiB, Timer, say
 from llama import Llama
+from llama import memory
 from llama.hf import hf_config
 from llama.sampling import Sampling
 
@@ -67,6 +68,8 @@ def parser() -> argparse.ArgumentParser:
     model.add_argument("--dtype", choices=sorted(common.DTYPES),
                        help="default: bfloat16 on CUDA, float32 on CPU")
     model.add_argument("--seed", type=int, default=1)
+    model.add_argument("--quantize", choices=["int8", "int4"],
+                       help="weights of the linear layers in 8 or 4 bits (default: none)")
     common.add_mode_args(p)
     plan = p.add_argument_group("scenarios (comma-separated lists; none skips them)")
     plan.add_argument("--prefill_lens", type=common.int_list, default="512,4096,16384",
@@ -148,11 +151,13 @@ def measure_bandwidth(device, timer: Timer, gib: float, repeats: int = 10) -> fl
 
 
 def decode_figures(args, elem: int, batch: int, context: int, steps: int, seconds: float,
-                   bandwidth: float, world: int) -> dict:
+                   bandwidth: float, world: int, quantize: Optional[str] = None) -> dict:
     """tokens/s, and the bandwidth roofline of one step: this rank's weights (all but the
     input embedding table) plus the KV cache read, at the mean context of the timed steps
-    (step k reads context + k positions of every row). `world`: GPUs sharing the model."""
-    weight_bytes = (args.num_params() - args.vocab_size * args.dim) * elem / world
+    (step k reads context + k positions of every row). `world`: GPUs sharing the model;
+    `quantize`: the linear layers' format."""
+    weight_bytes = (memory.weight_bytes(args, elem, quantize)
+                    - args.vocab_size * args.dim * elem) / world
     mean_context = context + (steps + 1) / 2
     kv_bytes = (2 * args.n_layers * args.kv_heads * args.head_dim * mean_context * batch
                 * elem / world)
@@ -191,7 +196,8 @@ def prefill_figures(seconds: float, length: int, timer: Timer) -> dict:
 
 def build_ours(opts, scenario: Scenario, device, dtype) -> Llama:
     kw = dict(max_seq_len=max(scenario.prompt_lens) + scenario.new,
-              max_batch_size=scenario.batch, device=device, dtype=dtype, seed=opts.seed)
+              max_batch_size=scenario.batch, device=device, dtype=dtype, seed=opts.seed,
+              quantize=opts.quantize)
     gen = (Llama.build(opts.ckpt_dir, **kw) if opts.ckpt_dir
            else Llama.from_preset(opts.preset, **kw))
     gen.configure(**common.configure_kwargs(opts.decode, opts.prefill_chunk,
@@ -235,7 +241,7 @@ def run_ours(opts, s: Scenario, device, dtype, timer: Timer, bandwidth: float):
             1 if s.long else opts.decode_repeats, opts.warmup)
     elem = torch.finfo(dtype).bits // 8
     return {**decode_figures(args, elem, s.batch, max(s.prompt_lens), steps, seconds,
-                             bandwidth, WORLD), **extra}, args
+                             bandwidth, WORLD, opts.quantize), **extra}, args
 
 
 # ---- Hugging Face peers --------------------------------------------------------------
@@ -353,7 +359,8 @@ def new_results(opts, device, dtype, timer: Timer, scenarios: List[Scenario]) ->
                            dtype=str(dtype).replace("torch.", ""), world_size=WORLD,
                            prompt_len=opts.prompt_len, gen_len=opts.gen_len,
                            repeats=opts.repeats, decode_repeats=opts.decode_repeats,
-                           peers=opts.peers, configure=common.configure_kwargs(
+                           peers=opts.peers, quantize=opts.quantize,
+                           configure=common.configure_kwargs(
                                opts.decode, opts.prefill_chunk, opts.symmetric_memory)),
             "env": {"torch": torch.__version__, "python": sys.version.split()[0],
                     "gpu": torch.cuda.get_device_name() if timer.cuda else None},

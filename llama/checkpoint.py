@@ -420,17 +420,28 @@ def load_folder(ckpt_dir: Path, rank: int, world: int):
     return params, state, ckpt_dir / "tokenizer.model"
 
 
-def random_state(model: torch.nn.Module, seed: int, device, dtype) -> Dict[str, torch.Tensor]:
-    """Random weights for every parameter of `model` (this rank's shapes), made directly on
-    `device`: for benchmarks and tests that need real shapes but no checkpoint."""
-    g = torch.Generator(device=device).manual_seed(seed)
+class RandomPart:
+    """A random weight made when loaded, on its device (see random_state)."""
+
+    def __init__(self, shape, seed: int, scale: Optional[float]):
+        self.shape, self.seed, self.scale = tuple(shape), seed, scale
+
+    def load(self, device: torch.device, dtype: Optional[torch.dtype]) -> torch.Tensor:
+        if self.scale is None:  # a norm's weight
+            return torch.ones(self.shape, device=device, dtype=dtype)
+        g = torch.Generator(device=device).manual_seed(self.seed)
+        return torch.randn(self.shape, generator=g, device=device, dtype=dtype).mul_(self.scale)
+
+
+def random_state(model: torch.nn.Module, seed: int, device=None, dtype=None) -> dict:
+    """Random weights for every parameter of `model` (this rank's shapes, Meta's names),
+    each made on its device when loaded: for benchmarks and tests that need real shapes
+    but no checkpoint. (device and dtype: where load_into puts them.)"""
     state = {}
-    for key, p in model.state_dict().items():
-        if key.endswith("norm.weight"):
-            state[key] = torch.ones(p.shape, device=device, dtype=dtype)
-        else:
-            w = torch.randn(p.shape, generator=g, device=device, dtype=dtype)
-            state[key] = w.mul_(p.shape[-1] ** -0.5 if "embeddings" not in key else 1.0)
+    for i, (key, p) in enumerate(model.state_dict().items()):
+        scale = None if key.endswith("norm.weight") else (
+            1.0 if "embeddings" in key else p.shape[-1] ** -0.5)
+        state[key] = RandomPart(p.shape, seed * 1_000_003 + i, scale)
     return state
 
 
@@ -461,24 +472,36 @@ def check_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: 
 
 
 def load_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: str,
-              device: torch.device, dtype: torch.dtype) -> None:
+              device: torch.device, dtype: torch.dtype, entries=None,
+              prepared: bool = False) -> None:
     """Check `state` strictly, then make it the model's parameters on device in dtype.
 
     Parameters are replaced one at a time and taken out of `state` (which is empty
     afterwards): each placeholder of the model is freed as its real weight arrives, and
     lazy parts (anything with `load(device, dtype)`, such as Deferred) are read just
     then, so neither host nor device memory ever holds two copies of the weights. A
-    weight holding NaN or infinity is refused by name.
+    weight holding NaN or infinity is refused by name. `entries(key, tensor)`, if given,
+    turns each loaded tensor into the state-dict entries to assign (quantization);
+    `prepared`: the caller has already run prepare_state on `state`.
     """
-    check_state(model, state, source)
-    stack_fused(model, state)
+    if not prepared:
+        prepare_state(model, state, source)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     for key in progress(list(state), f"loading {source}", rank):
         part = state.pop(key)
         tensor = load(part, device, dtype)
         if tensor.is_floating_point() and not all_finite(tensor):
             raise not_finite(key, part, dtype, source)
-        assign(model, key, tensor)
+        for name, value in (entries(key, tensor) if entries else {key: tensor}).items():
+            assign(model, name, value)
+        del tensor
+
+
+def prepare_state(model: torch.nn.Module, state: dict, source: str) -> None:
+    """Check `state` strictly against the model (Meta's names), then stack the parts of
+    each fused weight (stack_fused)."""
+    check_state(model, state, source)
+    stack_fused(model, state)
 
 
 class Stacked:

@@ -74,6 +74,7 @@ class Llama:
         seed: int = 1,
         device=None,
         dtype: Optional[torch.dtype] = None,
+        quantize: Optional[str] = None,
     ) -> "Llama":
         """Load a model folder and its tokenizer: Meta's format (`params.json`,
         `consolidated.NN.pth`) or a Hugging Face Llama folder (`config.json`, safetensors).
@@ -84,10 +85,12 @@ class Llama:
         tokenizer_path defaults to `<ckpt_dir>/tokenizer.model`; device to CUDA, else MPS,
         else CPU; dtype to bf16 on CUDA (fp16 without bf16), fp16 on MPS, float32 on CPU.
         All ranks must use the same `seed` so that they sample the same tokens.
+        quantize: "int8" or "int4" stores the linear layers' weights in 8 or 4 bits
+        (quantize.py), quantized one tensor at a time while loading.
         """
         return Llama(*loading.from_checkpoint(ckpt_dir, tokenizer_path, max_seq_len,
                                               max_batch_size, model_parallel_size, seed,
-                                              device, dtype))
+                                              device, dtype, quantize))
 
     @staticmethod
     def from_preset(
@@ -100,6 +103,7 @@ class Llama:
         seed: int = 1,
         device=None,
         dtype: Optional[torch.dtype] = None,
+        quantize: Optional[str] = None,
         **overrides,
     ) -> "Llama":
         """A model with the real shapes of a Code Llama size ("7b", "13b", "34b", "70b",
@@ -108,7 +112,7 @@ class Llama:
         `generate` runs to max_gen_len unless given a stop_token."""
         return Llama(*loading.from_preset(name, max_seq_len, max_batch_size,
                                           model_parallel_size, tokenizer_path, seed, device,
-                                          dtype, **overrides))
+                                          dtype, quantize, **overrides))
 
     def __init__(self, model: Transformer, tokenizer: Optional[Tokenizer]):
         """Wrap a loaded model; on CUDA decode steps replay CUDA graphs (see `configure`)."""

@@ -2,6 +2,7 @@
 shapes of a released size (for benchmarks). Used by `Llama.build` and `Llama.from_preset`."""
 
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -10,7 +11,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, quant_kernels
+from . import quantize as quantization
 from .memory import check_fits
 from .model import ModelArgs, Transformer, skip_fairscale_init
 from .tokenizer import Tokenizer
@@ -51,7 +53,8 @@ def setup(model_parallel_size, seed: int, device, dtype) -> Tuple[torch.device, 
 
 
 def from_checkpoint(ckpt_dir, tokenizer_path, max_seq_len: int, max_batch_size: int,
-                    model_parallel_size, seed: int, device, dtype):
+                    model_parallel_size, seed: int, device, dtype,
+                    quantize: Optional[str] = None):
     """(model, tokenizer) of a Meta or Hugging Face folder (see Llama.build)."""
     check_sizes(max_seq_len, max_batch_size)
     device, dtype = setup(model_parallel_size, seed, device, dtype)
@@ -79,14 +82,14 @@ def from_checkpoint(ckpt_dir, tokenizer_path, max_seq_len: int, max_batch_size: 
             f"{tokenizer.n_words} pieces; use the tokenizer.model shipped with these weights"
         )
     args = ModelArgs(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **params)
-    model = empty_model(args, device, dtype)
-    checkpoint.load_into(model, state, str(ckpt_dir), device, dtype)
+    model = build_model(args, device, dtype, lambda model: state, str(ckpt_dir), quantize)
     print(f"Loaded in {time.time() - start:.2f} seconds")
     return model, tokenizer
 
 
 def from_preset(name: str, max_seq_len: int, max_batch_size: int, model_parallel_size,
-                tokenizer_path: Optional[str], seed: int, device, dtype, **overrides):
+                tokenizer_path: Optional[str], seed: int, device, dtype,
+                quantize: Optional[str] = None, **overrides):
     """(model, tokenizer or None) with a released size's shapes and random weights made on
     the device (see Llama.from_preset)."""
     check_sizes(max_seq_len, max_batch_size)
@@ -96,8 +99,34 @@ def from_preset(name: str, max_seq_len: int, max_batch_size: int, model_parallel
         overrides["vocab_size"] = tokenizer.n_words
     args = ModelArgs.from_name(name, max_seq_len=max_seq_len,
                                max_batch_size=max_batch_size, **overrides)
-    model = empty_model(args, device, dtype)
-    state = checkpoint.random_state(model, seed + distributed.model_parallel_rank(),
-                                    device, dtype)
-    checkpoint.load_into(model, state, f"random {name}", device, dtype)
+    rank_seed = seed + distributed.model_parallel_rank()
+    model = build_model(args, device, dtype,
+                        lambda model: checkpoint.random_state(model, rank_seed),
+                        f"random {name}", quantize)
     return model, tokenizer
+
+
+def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, state_of,
+                source: str, quantize: Optional[str]) -> Transformer:
+    """The model of `args` on `device`, with the weights `state_of(model)` gives (Meta's
+    names, tensors or lazy parts) loaded one at a time. With `quantize` ("int8" or
+    "int4") its linear layers hold quantized weights, each quantized on the device as it
+    loads, so the full-precision model never sits there; the matrix-product kernel is
+    chosen once here (quant_kernels.select_kernel)."""
+    if quantize is None:
+        model = empty_model(args, device, dtype)
+        checkpoint.load_into(model, state_of(model), source, device, dtype)
+        return model
+    mode = quantization.check_mode(quantize)
+    check_fits(args, device, dtype, mode)
+    with default_dtype(dtype), torch.device("meta"), skip_fairscale_init():
+        model = Transformer(args).requires_grad_(False)  # shapes only, no memory
+    state = state_of(model)
+    checkpoint.prepare_state(model, state, source)
+    quantization.quantize(model, mode, empty=True)
+    model.to_empty(device=device)  # quantized sizes; loading replaces them one by one
+    model.reset_buffers()
+    checkpoint.load_into(model, state, source, device, dtype, prepared=True,
+                         entries=functools.partial(quantization.quantized_entries, model))
+    quant_kernels.use_kernel(model, quant_kernels.select_kernel(device, mode, dtype), dtype)
+    return model

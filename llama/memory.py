@@ -29,7 +29,20 @@ def available_host_memory() -> Optional[int]:
         return None
 
 
-def check_fits(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> None:
+def weight_bytes(args: ModelArgs, size: int, quantize: Optional[str] = None) -> int:
+    """Bytes of all ranks' weights: `size` bytes per parameter, except those of the linear
+    layers with `quantize` (int8: 1 byte and a scale per row; int4: half a byte and a
+    scale and zero per group of 128)."""
+    if quantize is None:
+        return args.num_params() * size
+    embedding_and_norms = args.vocab_size * args.dim + (2 * args.n_layers + 1) * args.dim
+    linear = args.num_params() - embedding_and_norms
+    per_weight = 1 + 2 / args.dim if quantize == "int8" else 0.5 + 4 / 128
+    return int(embedding_and_norms * size + linear * per_weight)
+
+
+def check_fits(args: ModelArgs, device: torch.device, dtype: torch.dtype,
+               quantize: Optional[str] = None) -> None:
     """Refuse a model whose weights plus KV cache exceed the free memory of a CUDA device
     or the available memory of the host (CPU), saying both numbers and what to lower.
     Other devices are not checked. Each model-parallel rank holds its share; on the CPU
@@ -38,7 +51,7 @@ def check_fits(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Non
         return
     world = distributed.model_parallel_world_size()
     size = torch.finfo(dtype).bits // 8
-    weights = args.num_params() * size // world
+    weights = weight_bytes(args, size, quantize) // world
     cache = args.kv_cache_bytes(size) // world
     if device.type == "cuda":
         free, where, ranks = torch.cuda.mem_get_info(device)[0], "on the GPU", 1

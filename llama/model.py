@@ -286,7 +286,9 @@ def stack_meta_parts(module: nn.Module, parts: Dict[str, tuple]) -> None:
         items = [(k, state.pop(k)) for k in ours]
         for key, value in items:
             names = parts.get(key[len(prefix):])
-            if names is None or not isinstance(value, torch.Tensor):
+            # Quantized weights (integer codes, with scales beside them) stay fused.
+            if names is None or not isinstance(value, torch.Tensor) \
+                    or not value.is_floating_point():
                 state[key] = value
                 continue
             rows = [module.meta_rows(name) for name in names]
@@ -388,6 +390,15 @@ class Transformer(nn.Module):
             "rope", rope_table(params.head_dim, params.max_seq_len, params.rope_theta),
             persistent=False,
         )
+
+    def reset_buffers(self) -> None:
+        """Fill the RoPE table and empty the KV caches: for a model whose tensors were
+        allocated without values (`to_empty`, after building it on the meta device)."""
+        p = self.params
+        self.rope.copy_(rope_table(p.head_dim, p.max_seq_len, p.rope_theta))
+        for layer in self.layers:
+            layer.attention.cache.k.zero_()
+            layer.attention.cache.v.zero_()
 
     def step_inputs(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor],
                     kv_len: Optional[int] = None) -> StepInputs:
