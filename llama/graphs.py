@@ -10,6 +10,7 @@ context length. So graphs are offered where that kernel runs (CUDA with Triton, 
 PyTorch's Linux CUDA wheels bring), and steps run eagerly elsewhere.
 """
 
+import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -17,7 +18,7 @@ import torch._dynamo
 import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 
-from . import kernels
+from . import distributed, kernels
 from .sampling import Sampling, decode_step
 
 # Compilations of decode_step allowed in one process (dynamo's default is 8 per function):
@@ -144,6 +145,10 @@ class GraphedDecoder:
         rows = batch_bucket(n, self.model.params.max_batch_size)
         key = (rows, temperature > 0)
         if key not in self.graphs:
+            if self.step is not decode_step and distributed.model_parallel_rank() == 0:
+                print(f"(compiling the decode step for {rows} row(s), "
+                      f"{'sampling' if temperature > 0 else 'greedy'}: once per batch bucket "
+                      f"and kind, a minute or more for a 7B model)", file=sys.stderr, flush=True)
             padding = rows - n
             self.graphs[key] = self.capture(F.pad(tokens, (0, padding)),
                                             F.pad(positions, (0, padding)), temperature, top_p)

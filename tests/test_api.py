@@ -129,3 +129,11 @@ def test_stream_arguments_are_checked_when_called(make_model):
         gen.stream_infilling("a", "b", stop=[""])
     with pytest.raises(ValueError, match="max_gen_len"):
         gen.stream_chat_completion([{"role": "user", "content": "hi"}], max_gen_len=-1)
+
+
+def test_compiling_a_decode_step_is_announced(capsys):
+    gen = Llama.from_preset("tiny", 32, 2, device="cpu").configure(decode="compiled")
+    gen.generate([[1, 2, 3]], max_gen_len=3, temperature=0)
+    assert "compiling the decode step for 1 row(s), greedy" in capsys.readouterr().err
+    gen.generate([[1, 2, 3]], max_gen_len=3, temperature=0)  # compiled once: no word
+    assert "compiling" not in capsys.readouterr().err
