@@ -53,7 +53,7 @@ class Engine:
         self.generating = False  # a generation running (or a stream paused inside it)
         on_cuda = model.rope.device.type == "cuda"
         # Launch each decode step before reading the previous step's tokens (see
-        # generate). On the CPU a step runs before its call returns: no gain there.
+        # _steps). On the CPU a step runs before its call returns: no gain there.
         self.launch_ahead = on_cuda
         self.settings = {}
         self.configure(decode="graphs" if graphs_available(model) else "eager",
