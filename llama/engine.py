@@ -19,7 +19,8 @@ from .sampling import Sampling, pick
 
 DECODE_MODES = ("eager", "graphs", "compiled")
 
-# One step's result per row: its new (token, logprob), or None once the row has finished.
+# One step's result per row: its new (token, logprob), or None for a row that has finished
+# (or, when speculating, that has no token at this index of the round: speculative.py).
 Step = List[Optional[Tuple[int, float]]]
 
 
@@ -56,6 +57,7 @@ class Engine:
         # generate). On the CPU a step runs before its call returns: no gain there.
         self.launch_ahead = on_cuda
         self.settings = {}
+        self.speculation = None  # speculative.Speculation: see speculate
         self.configure(decode="graphs" if graphs_available(model) else "eager",
                        prefill_chunk=16384, symmetric_memory=False)
 
@@ -85,6 +87,12 @@ class Engine:
         if any(new[k] != self.settings.get(k) for k in ("decode", "symmetric_memory")):
             self._make_runners(new)
         self.settings = new
+
+    def speculate(self, speculation, draft_tokens: int) -> None:
+        """Decode through `speculation` (speculative.configure's), or plainly if None."""
+        self.speculation = speculation
+        name = None if speculation is None else speculation.drafter.name
+        self.settings = {**self.settings, "draft": name, "draft_tokens": draft_tokens}
 
     def _make_runners(self, settings: dict) -> None:
         model, mode = self.model, settings["decode"]
@@ -202,6 +210,10 @@ class Engine:
     @torch.inference_mode()
     def _loop(self, prompt_tokens, budgets, sampling: Sampling, prompt_logprobs, on_token):
         with self.exclusive():
+            if self.speculation is not None:
+                yield from self.speculation.steps(self, prompt_tokens, budgets, sampling,
+                                                  prompt_logprobs, on_token)
+                return
             yield from self._steps(prompt_tokens, budgets, sampling, prompt_logprobs, on_token)
 
     def _steps(self, prompt_tokens, budgets, sampling: Sampling, prompt_logprobs, on_token):
