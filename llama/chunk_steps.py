@@ -15,7 +15,8 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
-from .graphs import COMPILE_SETTINGS, MAX_STEP_COMPILATIONS, batch_bucket, to_device, warm_up
+from .graphs import (COMPILE_SETTINGS, MAX_STEP_COMPILATIONS, batch_bucket, to_device,
+                     warm_up)
 
 
 def chunk_runner(model, decode: str):
@@ -55,7 +56,8 @@ class GraphedChunks:
     def __init__(self, model, compile: bool = False, capture: Optional[bool] = None):
         self.model = model
         self.graphs = {}
-        self.capture_graphs = model.rope.device.type == "cuda" if capture is None else capture
+        on_cuda = model.rope.device.type == "cuda"
+        self.capture_graphs = on_cuda if capture is None else capture
         self.pool = torch.cuda.graph_pool_handle() if self.capture_graphs else None
         self.compile = compile
         self.compiled = {}

@@ -41,12 +41,14 @@ def make_drafter(target, draft):
             return LookupDrafter()
         if draft == "int4":
             return int4_drafter(target)
-        raise ValueError(f"draft must be None, 'lookup', 'int4' or another Llama, got {draft!r}")
+        raise ValueError(f"draft must be None, 'lookup', 'int4' or another Llama, "
+                         f"got {draft!r}")
     if not isinstance(getattr(draft, "engine", None), Engine):
         raise ValueError(f"draft must be None, 'lookup', 'int4' or another Llama, got a "
                          f"{type(draft).__name__}")
     check_draft_model(target, draft)
-    return ModelDrafter(draft.model, draft.engine, describe(draft.model))
+    return ModelDrafter(draft.model, draft.engine, describe(draft.model),
+                        target.model.vocab_size)
 
 
 def describe(model) -> str:
@@ -106,21 +108,24 @@ def check_vocabulary(target_tok, draft_tok, target_vocab: int, draft_vocab: int)
 
 
 def int4_drafter(target):
-    """The target's weights quantized to int4, as a second model with its own KV cache
-    (the weights it does not quantize are shared with the target)."""
+    """The target's linear layers quantized to int4 (llama/quantize.py, default group
+    size) in a second model with its own KV cache; its other weights are the target's."""
     try:
-        from . import quantize
+        from . import quant_kernels, quantize
     except ImportError:
-        quantize = None
+        quantize = quant_kernels = None
     if not callable(getattr(quantize, "quantize", None)):
         raise ValueError("draft='int4' needs quantization (llama/quantize.py), not "
                          "available yet; use draft='lookup' or a smaller Llama")
     model = target.model
     shared = {id(p): p for p in model.parameters()}  # deepcopy's memo: copy buffers only
     draft_model = quantize.quantize(copy.deepcopy(model, shared), "int4")
+    dtype = model.norm.weight.dtype
+    kernel = quant_kernels.select_kernel(model.rope.device, "int4", dtype)
+    quant_kernels.use_kernel(draft_model, kernel, dtype)
     engine = Engine(draft_model)
     engine.configure(decode=target.engine.settings["decode"])
-    return ModelDrafter(draft_model, engine, "int4")
+    return ModelDrafter(draft_model, engine, "int4", model.vocab_size)
 
 
 class LookupDrafter:
@@ -184,9 +189,11 @@ def draft_step(model, tokens, starts, kv_len, last, temperature, top_p, *, vocab
 class ModelDrafter:
     """A second model (its own KV cache) that decodes the proposals."""
 
-    def __init__(self, model, engine: Engine, name: str):
+    def __init__(self, model, engine: Engine, name: str, target_vocab: int):
         self.model, self.engine, self.name = model, engine, name
         self.runner, self.made_for = None, None
+        # One function object for all generations: it keys the captured graphs.
+        self.step = functools.partial(draft_step, vocab=target_vocab)
 
     def chunks(self):
         """The runner for the draft engine's decode mode (remade with its decoder)."""
@@ -199,17 +206,16 @@ class ModelDrafter:
     def session(self, prompt_tokens, target):
         # The draft's KV cache holds this generation's rows until it ends.
         with self.engine.exclusive():
-            yield ModelSession(self, prompt_tokens, target.vocab_size)
+            yield ModelSession(self, prompt_tokens)
 
 
 class ModelSession:
     """The draft's cache rows of one generation. `fed[i]`: how many of row i's tokens
     have their keys and values in the draft's cache (positions 0 to fed[i] - 1)."""
 
-    def __init__(self, drafter: ModelDrafter, prompt_tokens, target_vocab: int):
+    def __init__(self, drafter: ModelDrafter, prompt_tokens):
         self.drafter, self.prompts = drafter, prompt_tokens
         self.fed: Optional[List[int]] = None  # prefilled at the first proposal
-        self.step = functools.partial(draft_step, vocab=target_vocab)
 
     def propose(self, history, allow: List[int], sampling: Sampling, fixed: bool):
         width = max(allow)
@@ -223,7 +229,8 @@ class ModelSession:
         tokens, starts, last = self.catch_up(history, positions)
         drafts, dists = [], []
         for j in range(width):
-            token, q = run(self.step, tokens, starts, [last], temperature, sampling.top_p)
+            token, q = run(self.drafter.step, tokens, starts, [last], temperature,
+                           sampling.top_p)
             drafts.append(token)
             dists.append(q)
             tokens, last = token[:, None], torch.zeros_like(last)

@@ -21,6 +21,7 @@ yields one step per token index, so a round that accepts 3 tokens for row 0 and 
 row 1 yields 3 steps, with row 1 None in the last two.
 """
 
+import operator
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -45,8 +46,8 @@ def nucleus(logits: torch.Tensor, temperature, top_p) -> torch.Tensor:
     probs = torch.softmax(logits / temperature, dim=-1)
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    kept = torch.zeros_like(probs).scatter_(-1, order,
-                                            sorted_probs.masked_fill(mass_before > top_p, 0.0))
+    sorted_probs = sorted_probs.masked_fill(mass_before > top_p, 0.0)
+    kept = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
@@ -225,9 +226,16 @@ class Speculation:
 
 
 def check_draft_tokens(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"draft_tokens must be a whole number of tokens >= 1, got {value!r}")
-    return value
+    try:  # ints, numpy integers, integer 0-d tensors; not floats or bools
+        if isinstance(value, bool):
+            raise TypeError
+        k = operator.index(value)
+    except TypeError:
+        k = 0
+    if k < 1:
+        raise ValueError(f"draft_tokens must be a whole number of tokens >= 1, "
+                         f"got {value!r}")
+    return k
 
 
 def draft_tokens_setting(engine: Engine, draft_tokens: Optional[int]) -> int:
