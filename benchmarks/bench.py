@@ -258,7 +258,9 @@ def run_ours(opts, s: Scenario, device, dtype, timer: Timer, bandwidth: float):
         elem = torch.finfo(dtype).bits // 8
         figures = {**decode_figures(args, elem, s.batch, max(s.prompt_lens), steps, seconds,
                                     bandwidth, WORLD), **extra}
-        draft = (speculation.make_draft(opts.draft, **build_kw(opts, s, device, dtype))
+        modes = common.configure_kwargs(opts.decode, opts.prefill_chunk,
+                                        opts.symmetric_memory)
+        draft = (speculation.make_draft(opts.draft, modes, **build_kw(opts, s, device, dtype))
                  if opts.draft else None)
         if draft is not None:
             figures["draft"] = speculation.drafted(gen, draft, opts.draft_tokens, s.batch,

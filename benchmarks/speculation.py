@@ -59,13 +59,16 @@ def edit_prompt(path: str, head_lines: int = EDIT_HEAD_LINES) -> str:
     return "".join(lines) + "\n\n" + "".join(head)
 
 
-def make_draft(spec: str, **build_kw):
-    """configure's draft for --draft: a name, or a Llama built like the target."""
+def make_draft(spec: str, configure: dict, **build_kw):
+    """configure's draft for --draft: a name, or a Llama built and configured (decode
+    mode) like the target."""
     if spec in ("lookup", "int4"):
         return spec
     if spec.startswith("preset:"):
-        return Llama.from_preset(spec[len("preset:"):], **build_kw)
-    return Llama.build(spec, **build_kw)
+        draft = Llama.from_preset(spec[len("preset:"):], **build_kw)
+    else:
+        draft = Llama.build(spec, **build_kw)
+    return draft.configure(**configure)
 
 
 def drafted(gen: Llama, draft, k: int, batch: int, timed_decodes, plain: dict) -> dict:

@@ -3,7 +3,8 @@ step, each row at its own position in the KV cache, until every row has finished
 
 Every public method of `Llama` ends here, through `Engine.generate`. How each step runs
 (eagerly, from CUDA graphs, compiled) is one decoder object chosen by `configure`; the
-loop itself is the same for all of them.
+loop itself is the same for all of them. With a draft (speculative.py) the loop is
+Speculation.steps instead, which yields steps of the same shape.
 """
 
 import contextlib

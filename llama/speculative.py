@@ -75,8 +75,8 @@ def accept_sampled(logits, drafts, n_drafted, q, temperature, top_p):
     proposals were drawn from, or None for deterministic proposals (point masses)."""
     n, width, vocab = logits.shape
     p = nucleus(logits, temperature, top_p)
-    if q is None:
-        q = F.one_hot(drafts, vocab).to(p.dtype)
+    if q is None:  # (not F.one_hot: it checks the ids on the host, which graphs forbid)
+        q = torch.zeros_like(p[:, :-1]).scatter_(-1, drafts[..., None], 1.0)
     p_x = p[:, :-1].gather(-1, drafts[..., None])[..., 0]
     q_x = q.gather(-1, drafts[..., None])[..., 0]
     proposed = torch.arange(width - 1, device=drafts.device) < n_drafted[:, None]
