@@ -28,16 +28,19 @@ import json
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import List, NamedTuple, Optional
 
 import torch
 
-from benchmarks import common
+from benchmarks import common, speculation
 from benchmarks.common import GiB, Timer, say
 from llama import Llama
 from llama import memory
 from llama.hf import hf_config
+from llama.prompts import completion_prompt_tokens
 from llama.sampling import Sampling
+from llama.tokenizer import Tokenizer
 
 
 PEERS = ("hf_eager", "hf_static")
@@ -50,6 +53,7 @@ class Scenario(NamedTuple):
     batch: int
     prompt_lens: List[int]
     new: int  # tokens to generate (decode) or 0 (prefill)
+    text: Optional[str] = None  # the prompt's text (code edit), else random tokens
 
     @property
     def long(self) -> bool:
@@ -100,6 +104,7 @@ def parser() -> argparse.ArgumentParser:
                         help="untimed runs first (default: %(default)s)")
     timing.add_argument("--bandwidth_gib", type=float,
                         help="size of the bandwidth copy (default: 2 on CUDA, 0.125 else)")
+    speculation.add_args(p)
     p.add_argument("--out", help="write the results as JSON to this file")
     return p
 
@@ -111,6 +116,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         if getattr(opts, flag) < 2:  # decode speed is timed from the first token to the last
             p.error(f"--{flag} must be at least 2 (decode speed is timed between the first "
                     f"and the last new token), got {getattr(opts, flag)}")
+    speculation.check_args(p, opts)
     return opts
 
 
@@ -127,6 +133,12 @@ def plan(opts: argparse.Namespace) -> List[Scenario]:
                                   [opts.long_len], 0))
         scenarios.append(Scenario(f"long decode ctx={opts.long_len}", "decode", 1,
                                   [opts.long_len], opts.long_gen_len))
+    if opts.edit_file:
+        text = speculation.edit_prompt(opts.edit_file)
+        tokenizer = Tokenizer(str(Path(opts.ckpt_dir) / "tokenizer.model"))
+        length = len(completion_prompt_tokens(tokenizer, text))
+        scenarios.append(Scenario(f"code edit {Path(opts.edit_file).name}", "decode", 1,
+                                  [length], opts.gen_len, text))
     return scenarios
 
 
@@ -194,10 +206,14 @@ def prefill_figures(seconds: float, length: int, timer: Timer) -> dict:
 
 # ---- ours ----------------------------------------------------------------------------
 
+def build_kw(opts, scenario: Scenario, device, dtype) -> dict:
+    return dict(max_seq_len=max(scenario.prompt_lens) + scenario.new,
+                max_batch_size=scenario.batch, device=device, dtype=dtype, seed=opts.seed,
+                quantize=opts.quantize)
+
+
 def build_ours(opts, scenario: Scenario, device, dtype) -> Llama:
-    kw = dict(max_seq_len=max(scenario.prompt_lens) + scenario.new,
-              max_batch_size=scenario.batch, device=device, dtype=dtype, seed=opts.seed,
-              quantize=opts.quantize)
+    kw = build_kw(opts, scenario, device, dtype)
     gen = (Llama.build(opts.ckpt_dir, **kw) if opts.ckpt_dir
            else Llama.from_preset(opts.preset, **kw))
     gen.configure(**common.configure_kwargs(opts.decode, opts.prefill_chunk,
@@ -213,18 +229,22 @@ def ours_prefill(gen: Llama, timer: Timer, length: int, repeats: int, warmup: in
 
 
 def ours_decode_once(gen: Llama, timer: Timer, prompts, gen_len: int):
-    """One greedy generation: (steps after the first token, their seconds, seconds to the
-    first token, a fingerprint of the tokens made, to compare runs' outputs)."""
+    """One greedy generation: (tokens per row after the first, their seconds, seconds to
+    the first token, a fingerprint of the tokens made, to compare runs' outputs). Rows
+    are counted, not steps: with a draft, rows take their tokens in different steps."""
     call = timer.mark()
     first = None
-    made = []
+    made = [[] for _ in prompts]
     for step in gen.engine.generate(prompts, Sampling(0.0, 0.9, gen_len)):
         if first is None:
             first = timer.mark()
-        made.append([None if s is None else s[0] for s in step])
+        for row, new in zip(made, step):
+            if new is not None:
+                row.append(new[0])
     end = timer.mark()
     fingerprint = hashlib.sha1(json.dumps(made).encode()).hexdigest()[:12]
-    return len(made) - 1, timer.seconds(first, end), timer.seconds(call, first), fingerprint
+    return (max(map(len, made)) - 1, timer.seconds(first, end), timer.seconds(call, first),
+            fingerprint)
 
 
 def run_ours(opts, s: Scenario, device, dtype, timer: Timer, bandwidth: float):
@@ -235,13 +255,28 @@ def run_ours(opts, s: Scenario, device, dtype, timer: Timer, bandwidth: float):
     with torch.inference_mode():
         if s.kind == "prefill":
             return ours_prefill(gen, timer, s.prompt_lens[0], repeats, opts.warmup), args
-        prompts = random_prompts(s.prompt_lens, args.vocab_size, opts.seed)
-        steps, seconds, extra = timed_decodes(
-            lambda: ours_decode_once(gen, timer, prompts, s.new), timer,
-            1 if s.long else opts.decode_repeats, opts.warmup)
-    elem = torch.finfo(dtype).bits // 8
-    return {**decode_figures(args, elem, s.batch, max(s.prompt_lens), steps, seconds,
-                             bandwidth, WORLD, opts.quantize), **extra}, args
+        prompts = ([completion_prompt_tokens(gen.tokenizer, s.text)] if s.text
+                   else random_prompts(s.prompt_lens, args.vocab_size, opts.seed))
+
+        def timed():
+            return timed_decodes(lambda: ours_decode_once(gen, timer, prompts, s.new),
+                                 timer, 1 if s.long else opts.decode_repeats, opts.warmup)
+        steps, seconds, extra = timed()
+        elem = torch.finfo(dtype).bits // 8
+        figures = {**decode_figures(args, elem, s.batch, max(s.prompt_lens), steps, seconds,
+                                    bandwidth, WORLD, opts.quantize), **extra}
+        modes = common.configure_kwargs(opts.decode, opts.prefill_chunk,
+                                        opts.symmetric_memory)
+        draft = (speculation.make_draft(opts.draft, modes, **build_kw(opts, s, device, dtype))
+                 if opts.draft else None)
+        if draft is not None:
+            figures["draft"] = speculation.drafted(gen, draft, opts.draft_tokens, s.batch,
+                                                   timed, figures)
+        if opts.verify_widths:
+            figures["step_costs"] = speculation.step_costs(
+                gen, timer, opts.verify_widths, s.batch, max(s.prompt_lens), opts.repeats,
+                draft)
+    return figures, args
 
 
 # ---- Hugging Face peers --------------------------------------------------------------
@@ -315,7 +350,10 @@ def run_peer(opts, peer: str, model, s: Scenario, args, dtype, timer: Timer,
 
 
 def peers_of(s: Scenario, peers: List[str]) -> List[str]:
-    """Prefill is the same eager SDPA forward for both peers: run it once."""
+    """Prefill is the same eager SDPA forward for both peers: run it once. The peers
+    decode random prompts only."""
+    if s.text is not None:
+        return []
     return [p for p in peers if p == "hf_eager"] if s.kind == "prefill" else peers
 
 
@@ -446,6 +484,12 @@ def print_table(results: dict) -> None:
         else:
             add(name, scen, "decode speed", "tokens_per_s", "tok/s", True, roofline=True)
             add(name, scen, "time to 1st token", "ttft_ms", "ms", False)
+            draft = scen.get("ours", {}).get("draft")
+            if draft:
+                rows.append((name, "with draft", fmt(draft["tokens_per_s"], "tok/s"), "-",
+                             f"{draft['speedup']:.2f}x plain",
+                             f"accepted {100 * draft['acceptance']:.0f}%, "
+                             f"same tokens: {draft['same_tokens']}"))
         add(name, scen, "peak memory", "peak_mem_gib", "GiB", False)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print()

@@ -3,7 +3,8 @@ step, each row at its own position in the KV cache, until every row has finished
 
 Every public method of `Llama` ends here, through `Engine.generate`. How each step runs
 (eagerly, from CUDA graphs, compiled) is one decoder object chosen by `configure`; the
-loop itself is the same for all of them.
+loop itself is the same for all of them. With a draft (speculative.py) the loop is
+Speculation.steps instead, which yields steps of the same shape.
 """
 
 import contextlib
@@ -19,7 +20,8 @@ from .sampling import Sampling, pick
 
 DECODE_MODES = ("eager", "graphs", "compiled")
 
-# One step's result per row: its new (token, logprob), or None once the row has finished.
+# One step's result per row: its new (token, logprob), or None for a row that has finished
+# (or, when speculating, that has no token at this index of the round: speculative.py).
 Step = List[Optional[Tuple[int, float]]]
 
 
@@ -56,6 +58,7 @@ class Engine:
         # _steps). On the CPU a step runs before its call returns: no gain there.
         self.launch_ahead = on_cuda
         self.settings = {}
+        self.speculation = None  # speculative.Speculation: see speculate
         self.configure(decode="graphs" if graphs_available(model) else "eager",
                        prefill_chunk=16384, symmetric_memory=False)
 
@@ -85,6 +88,12 @@ class Engine:
         if any(new[k] != self.settings.get(k) for k in ("decode", "symmetric_memory")):
             self._make_runners(new)
         self.settings = new
+
+    def speculate(self, speculation, draft_tokens: int) -> None:
+        """Decode through `speculation` (speculative.configure's), or plainly if None."""
+        self.speculation = speculation
+        name = None if speculation is None else speculation.drafter.name
+        self.settings = {**self.settings, "draft": name, "draft_tokens": draft_tokens}
 
     def _make_runners(self, settings: dict) -> None:
         model, mode = self.model, settings["decode"]
@@ -205,6 +214,10 @@ class Engine:
             # one rank while a stream is paused still makes them drift apart.)
             distributed.sync_random_state(self.model.rope.device)
         with self.exclusive():
+            if self.speculation is not None:
+                yield from self.speculation.steps(self, prompt_tokens, budgets, sampling,
+                                                  prompt_logprobs, on_token)
+                return
             yield from self._steps(prompt_tokens, budgets, sampling, prompt_logprobs, on_token)
 
     def _steps(self, prompt_tokens, budgets, sampling: Sampling, prompt_logprobs, on_token):

@@ -11,7 +11,7 @@ from typing import Iterator, List, Optional, Set, Tuple, TypedDict
 
 import torch
 
-from . import loading
+from . import drafting, loading, speculative
 from .engine import Engine
 from .model import Transformer
 from .prompts import (
@@ -119,9 +119,11 @@ class Llama:
         self.model = model
         self.tokenizer = tokenizer
         self.engine = Engine(model)
+        self.engine.speculate(None, speculative.DEFAULT_DRAFT_TOKENS)
 
     def configure(self, decode: Optional[str] = None, prefill_chunk: Optional[int] = None,
                   symmetric_memory: Optional[bool] = None, *,
+                  draft=speculative.KEEP, draft_tokens: Optional[int] = None,
                   cuda_graphs: Optional[bool] = None,
                   compile: Optional[bool] = None) -> "Llama":
         """Choose how prompts and decode steps run; options left out keep their values,
@@ -140,13 +142,24 @@ class Llama:
         instead of an NCCL all-reduce and two more kernels. It needs GPUs that can write
         into each other's memory (tested over NVLink), so it is opt-in. Ignored where it
         cannot run (MP=1, no CUDA).
+        draft: speculative decoding (docs/speculative.md): None (off, the default),
+        "lookup" (propose the continuation of the latest earlier match of the last few
+        tokens in the prompt and the text so far), "int4" (the target's weights in int4,
+        where llama/quantize.py exists) or another Llama sharing this one's tokenizer,
+        model-parallel size and device, with a KV cache at least as large. Greedy output
+        is the same as without a draft; sampled output has the same distribution.
+        draft_tokens: tokens proposed per row per round (default 4).
         cuda_graphs, compile: the older spelling of `decode` (deprecated)."""
         if cuda_graphs is not None or compile is not None:
             warnings.warn("configure(cuda_graphs=..., compile=...) is deprecated; use "
                           "configure(decode='eager' | 'graphs' | 'compiled')",
                           DeprecationWarning, stacklevel=2)
             decode = legacy_decode_mode(decode, cuda_graphs, compile)
+        k = speculative.draft_tokens_setting(self.engine, draft_tokens)
+        drafter = draft if draft is speculative.KEEP else drafting.make_drafter(self, draft)
+        speculation = speculative.configure(self.engine, drafter, k)
         self.engine.configure(decode, prefill_chunk, symmetric_memory)
+        self.engine.speculate(speculation, k)
         return self
 
     @property

@@ -65,8 +65,8 @@ def test_configure_keeps_options_it_is_not_given():
     gen = Llama.from_preset("tiny", max_seq_len=32, max_batch_size=2, device="cpu",
                             dtype=torch.float32)
     engine = gen.engine
-    assert gen.settings == dict(decode="eager", prefill_chunk=16384,
-                                symmetric_memory=False)  # no CUDA graphs off CUDA
+    assert gen.settings == dict(decode="eager", prefill_chunk=16384, symmetric_memory=False,
+                                draft=None, draft_tokens=4)  # no CUDA graphs off CUDA
     assert engine.compiled_prefill is None
     gen.configure(decode="compiled")
     compiled, decoder = engine.compiled_prefill, engine.decoder
@@ -90,7 +90,8 @@ def test_invalid_configure_values_are_refused(bad, match):
                             dtype=torch.float32)
     with pytest.raises(ValueError, match=match):
         gen.configure(**bad)
-    assert gen.settings == dict(decode="eager", prefill_chunk=16384, symmetric_memory=False)
+    assert gen.settings == dict(decode="eager", prefill_chunk=16384, symmetric_memory=False,
+                                draft=None, draft_tokens=4)
     assert gen.generate([[1, 2]], max_gen_len=2, temperature=0)[0][0]  # still works
 
 

@@ -1,0 +1,131 @@
+"""Ways to run a forward step over a chunk of tokens per row, each row starting at its own
+cache position: eagerly, or with fixed shapes replayed from CUDA graphs (compiled by
+torch.compile first under decode="compiled"). Speculative decoding runs its draft steps
+and its verify steps (the last accepted token plus k drafted ones) through these, as the
+plain decode step runs through graphs.py.
+
+A step function has the signature `fn(model, tokens, starts, kv_len, *inputs,
+temperature, top_p)` and returns a tuple of tensors (or None) whose first dimension is the
+rows; `inputs` are tensors with one entry per row.
+"""
+
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+
+from .graphs import (COMPILE_SETTINGS, MAX_STEP_COMPILATIONS, batch_bucket, to_device,
+                     warm_up)
+
+
+def chunk_runner(model, decode: str):
+    """The runner for a model whose plain steps run in mode `decode` (Engine settings)."""
+    if decode == "eager":
+        return EagerChunks(model)
+    return GraphedChunks(model, compile=decode == "compiled")
+
+
+class EagerChunks:
+    """Steps run as they are; rows all at one start attend with no mask."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, fn: Callable, tokens: torch.Tensor, starts: List[int],
+                 inputs: Sequence[torch.Tensor] = (), temperature: float = 0.0,
+                 top_p: float = 1.0):
+        same = all(s == starts[0] for s in starts)
+        start = starts[0] if same else to_device(starts, tokens.device)
+        kv_len = max(starts) + tokens.shape[1]
+        return fn(self.model, tokens, start, kv_len, *inputs, temperature, top_p)
+
+
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x with zero rows appended up to `rows` rows."""
+    return F.pad(x, (0, 0) * (x.dim() - 1) + (0, rows - x.shape[0]))
+
+
+class GraphedChunks:
+    """Steps with fixed shapes: one CUDA graph per (step function, rows bucket, chunk
+    width, input shapes, greedy or sampled), each attending over the whole cache with a
+    mask, captured on first use. Padding rows start at position 0 of cache rows that the
+    generation does not use. Off CUDA (`capture` False) the same fixed-shape steps run
+    directly, so that compiled steps compile once per key there too."""
+
+    def __init__(self, model, compile: bool = False, capture: Optional[bool] = None):
+        self.model = model
+        self.graphs = {}
+        on_cuda = model.rope.device.type == "cuda"
+        self.capture_graphs = on_cuda if capture is None else capture
+        self.pool = torch.cuda.graph_pool_handle() if self.capture_graphs else None
+        self.compile = compile
+        self.compiled = {}
+
+    def __call__(self, fn: Callable, tokens: torch.Tensor, starts: List[int],
+                 inputs: Sequence[torch.Tensor] = (), temperature: float = 0.0,
+                 top_p: float = 1.0):
+        n, width = tokens.shape
+        rows = batch_bucket(n, self.model.params.max_batch_size)
+        starts = to_device(starts, tokens.device)
+        padded = [pad_rows(x, rows) for x in (tokens, starts, *inputs)]
+        sampled = temperature > 0
+        key = (fn, rows, width, sampled, tuple(tuple(x.shape[1:]) for x in inputs))
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(fn, padded, temperature, top_p)
+        replay, statics, settings, outputs = self.graphs[key]
+        for static, value in zip(statics, padded):
+            static.copy_(value)
+        if sampled:
+            settings[0].fill_(temperature)
+            settings[1].fill_(top_p)
+        replay()
+        # The next replay overwrites the outputs.
+        return tuple(None if out is None else out[:n].clone() for out in outputs)
+
+    def step_fn(self, fn: Callable) -> Callable:
+        if not self.compile:
+            return fn
+        if fn not in self.compiled:
+            compiled = torch.compile(fn, dynamic=False, options=dict(COMPILE_SETTINGS))
+
+            def step(*args):  # past dynamo's default limit it would quietly run uncompiled
+                with torch._dynamo.config.patch(recompile_limit=max(
+                        torch._dynamo.config.recompile_limit, MAX_STEP_COMPILATIONS)):
+                    return compiled(*args)
+            self.compiled[fn] = step
+        return self.compiled[fn]
+
+    def capture(self, fn, padded, temperature, top_p):
+        device = padded[0].device
+        # Under no_grad, not inference_mode, as graphs.GraphedDecoder.capture explains.
+        with torch.inference_mode(False), torch.no_grad():
+            statics = [torch.empty_like(x).copy_(x) for x in padded]
+            settings = (0.0, 1.0)
+            if temperature > 0:  # tensors each call fills: one graph serves every setting
+                settings = tuple(torch.tensor(v, dtype=torch.float32, device=device)
+                                 for v in (temperature, top_p))
+            step_fn, whole_cache = self.step_fn(fn), self.model.params.max_seq_len
+            step = lambda: step_fn(self.model, *statics[:2], whole_cache,  # noqa: E731
+                                   *statics[2:], *settings)
+            warm_up(step, device)  # writes the cache entries the real step writes
+            outputs, replay = self.record(step)
+        return replay, statics, settings, outputs
+
+    def record(self, step):
+        """(outputs, replay), as graphs.GraphedDecoder.record."""
+        if not self.capture_graphs:
+            with torch.random.fork_rng(devices=[]):
+                outputs = step()
+
+            def rerun():
+                with torch.inference_mode(False), torch.no_grad():
+                    new = step()
+                for out, value in zip(outputs, new):
+                    if out is not None:
+                        out.copy_(value)
+            return outputs, rerun
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = step()
+        return outputs, graph.replay
