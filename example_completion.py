@@ -34,6 +34,9 @@ def main(
     dtype: Optional[str] = None,
     device: Optional[str] = None,
     quantize: Optional[str] = None,
+    draft: Optional[str] = None,
+    draft_ckpt_dir: Optional[str] = None,
+    draft_tokens: int = 4,
     stats: bool = True,
 ):
     """Continue each code prompt: two built-in ones, or those of --prompt and
@@ -48,6 +51,9 @@ def main(
         max_batch_size=max_batch_size,
         **cli.build_options(device, dtype, quantize),
     )
+    cli.use_draft(generator, draft, draft_ckpt_dir, draft_tokens,
+                  dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                       **cli.build_options(device, dtype, quantize)))
     if stats:
         cli.watch_speed(generator)
     sampling = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, stop=stop)

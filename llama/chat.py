@@ -145,6 +145,9 @@ def chat(
     dtype: Optional[str] = None,
     device: Optional[str] = None,
     quantize: Optional[str] = None,
+    draft: Optional[str] = None,
+    draft_ckpt_dir: Optional[str] = None,
+    draft_tokens: int = 4,
     stats: bool = True,
 ):
     r"""Chat with a Code Llama - Instruct model (by default the bundled demo model, which
@@ -166,8 +169,10 @@ def chat(
     scripted = cli.user_prompts(prompt, prompts_file)
     if max_gen_len is not None and max_gen_len < 1:
         raise ValueError(f"--max_gen_len must be a positive number of tokens, got {max_gen_len}")
-    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len,
-                            max_batch_size=1, **cli.build_options(device, dtype, quantize))
+    build = dict(max_seq_len=max_seq_len, max_batch_size=1,
+                 **cli.build_options(device, dtype, quantize))
+    generator = Llama.build(ckpt_dir, tokenizer_path, **build)
+    cli.use_draft(generator, draft, draft_ckpt_dir, draft_tokens, build)
     if stats:
         cli.watch_speed(generator)
     answer_room = max_gen_len or max(1, max_seq_len // 4)

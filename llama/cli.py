@@ -53,7 +53,13 @@ OPTIONS = {
     "dtype": f"weights and KV cache precision: {', '.join(DTYPES)} (none: bfloat16 on "
              f"CUDA, float16 on MPS, float32 on CPU)",
     "device": "cpu, cuda, cuda:N or mps (none: cuda if present, else mps, else cpu)",
-    "quantize": "weight quantization scheme, passed to Llama.build as quantize=",
+    "quantize": "int8 or int4: store the linear layers' weights in 8 or 4 bits (none: "
+                "the checkpoint's precision)",
+    "draft": "speculative decoding without a second model: lookup (continue n-grams "
+             "found in the prompt and the text so far) or int4 (an int4 copy of the model)",
+    "draft_ckpt_dir": "speculative decoding with a smaller model of the same tokenizer "
+                      "as the draft (for example CodeLlama-7b for 34B)",
+    "draft_tokens": "tokens the draft proposes per step",
     "stats": "after each generation, print its tokens per second and the time to the "
              "first token to stderr (--nostats: don't)",
 }
@@ -304,6 +310,19 @@ def build_options(device: Optional[str], dtype: Optional[str],
                              "takes no quantize argument; leave the option out")
         options["quantize"] = quantize
     return options
+
+
+def use_draft(generator, draft: Optional[str], draft_ckpt_dir: Optional[str],
+              draft_tokens: int, build: dict) -> None:
+    """Configure speculative decoding from --draft / --draft_ckpt_dir / --draft_tokens;
+    `build`: Llama.build's arguments of the target (the draft model gets the same)."""
+    if draft is not None and draft_ckpt_dir is not None:
+        raise ValueError("give either --draft or --draft_ckpt_dir, not both")
+    if draft_ckpt_dir is not None:
+        from .generation import Llama
+        draft = Llama.build(draft_ckpt_dir, **{**build, "tokenizer_path": None})
+    if draft is not None:
+        generator.configure(draft=draft, draft_tokens=draft_tokens)
 
 
 def watch_speed(generator) -> None:

@@ -147,3 +147,22 @@ def test_a_user_error_under_torchrun_is_one_line_from_rank_0():
     assert proc.stderr.count("error: checkpoint folder /no/such/folder does not exist\n") == 1
     assert "[rank0]" not in proc.stderr and "[rank1]" not in proc.stderr
     assert "Traceback" not in proc.stderr.split("error: checkpoint folder")[0]
+
+
+@pytest.mark.parametrize("draft", [["--draft", "lookup"], ["--draft_ckpt_dir", "SELF"]])
+def test_examples_take_the_draft_options(make_model, capsys, draft):
+    """--draft lookup and --draft_ckpt_dir (here the model itself) give the greedy answers
+    of plain decoding; both at once are refused in one line."""
+    import example_completion
+    from conftest import build
+    folder = make_model()[0]
+    draft = [str(folder) if a == "SELF" else a for a in draft]
+    run_main(example_completion.main, "--ckpt_dir", folder, "--prompt", "def f(x):",
+             "--max_gen_len", 12, "--temperature", 0, "--device", "cpu", "--nostats",
+             "--draft_tokens", 3, *draft)
+    want = build(folder).text_completion(["def f(x):"], temperature=0, max_gen_len=12)
+    assert f"def f(x):\n> {want[0]['generation']}\n{SEPARATOR}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run_main(example_completion.main, "--ckpt_dir", folder, "--device", "cpu",
+                 "--draft", "lookup", "--draft_ckpt_dir", folder)
+    assert "either --draft or --draft_ckpt_dir" in capsys.readouterr().err
