@@ -254,7 +254,8 @@ def test_llama_is_exported():
     import llama
     for name in ["Llama", "Transformer", "ModelArgs", "Tokenizer", "Dialog"]:
         assert hasattr(llama, name)
-    assert Llama.build.__kwdefaults__ == {"seed": 1, "device": None, "dtype": None}
+    assert Llama.build.__kwdefaults__ == {"seed": 1, "device": None, "dtype": None,
+                                          "quantize": None}
 
 
 def test_graphed_decoder_bookkeeping_on_cpu(make_model):
