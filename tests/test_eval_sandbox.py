@@ -163,6 +163,12 @@ def test_probe_reports_what_is_enforced():
         assert measures["limits"]["RLIMIT_FSIZE"] == FAST.file_size_mb << 20
 
 
+def test_installed_packages_only_when_asked_for():
+    code = "import pytest\n"  # installed beside this Python, not in the standard library
+    assert not run_program(code, FAST).passed
+    assert run_program(code, Limits(timeout=5.0, site_packages=True)).passed
+
+
 def test_limits_are_checked():
     with pytest.raises(ValueError, match="positive"):
         Limits(timeout=0)

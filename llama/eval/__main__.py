@@ -51,6 +51,9 @@ def sampling_options(p: argparse.ArgumentParser, max_gen_len: int) -> None:
                    help="seconds each test program may run (default 3)")
     p.add_argument("--memory_mb", type=int, default=4096,
                    help="address-space limit of each test program (default 4096)")
+    p.add_argument("--site_packages", action="store_true",
+                   help="let test programs import installed packages (default: the "
+                        "standard library only)")
     p.add_argument("--workers", type=int, default=None,
                    help="test programs run at once (default: the number of CPUs)")
 

@@ -45,7 +45,7 @@ REFUSED = {
            "setuid", "setgid", "seteuid", "setegid", "setreuid", "setregid", "setresuid",
            "setresgid", "execl", "execle", "execlp", "execlpe", "execv", "execve", "execvp",
            "execvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve",
-           "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp", "register_at_fork",
+           "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp",
            "mkfifo", "mknod", "unshare"],
     "subprocess": ["Popen", "run", "call", "check_call", "check_output", "getoutput",
                    "getstatusoutput"],

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import data
-from .protocol import STOP_HUMANEVAL
+from .protocol import STOP_HUMANEVAL, continue_prompts
 from .protocol import humaneval_program as program  # noqa: F401  (the benchmark's test program)
 
 FIELDS = ("task_id", "prompt", "entry_point", "canonical_solution", "test")
@@ -28,7 +28,4 @@ def load(path: Optional[str] = None) -> List[dict]:
 
 
 def complete(generator, problems: List[dict], settings: dict) -> List[str]:
-    results = generator.text_completion(
-        [p["prompt"] for p in problems], temperature=settings["temperature"],
-        top_p=settings["top_p"], max_gen_len=settings["max_gen_len"], stop=STOP_HUMANEVAL)
-    return [r["generation"] for r in results]
+    return continue_prompts(generator, [p["prompt"] for p in problems], settings, STOP_HUMANEVAL)

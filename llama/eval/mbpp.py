@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import data
-from .protocol import MBPP_SHOT_IDS, MBPP_TEST_IDS, STOP_MBPP, mbpp_prompt
+from .protocol import MBPP_SHOT_IDS, MBPP_TEST_IDS, STOP_MBPP, continue_prompts, mbpp_prompt
 from .protocol import mbpp_program as program  # noqa: F401  (the benchmark's test program)
 
 # The MBPP repository's file at a fixed commit. Its SHA-256 is not pinned: no copy of the
@@ -31,7 +31,4 @@ def load(path: Optional[str] = None) -> List[dict]:
 
 
 def complete(generator, problems: List[dict], settings: dict) -> List[str]:
-    results = generator.text_completion(
-        [p["prompt"] for p in problems], temperature=settings["temperature"],
-        top_p=settings["top_p"], max_gen_len=settings["max_gen_len"], stop=STOP_MBPP)
-    return [r["generation"] for r in results]
+    return continue_prompts(generator, [p["prompt"] for p in problems], settings, STOP_MBPP)

@@ -4,7 +4,7 @@ completion becomes the test program that decides pass or fail.
 
 HumanEval (164 problems, 0-shot). The prompt is the problem's `prompt` field unchanged
 (signature and docstring, ending in a newline), encoded with BOS, and continued by
-`text_completion`. Generation stops at the first of STOP_HUMANEVAL (a new top-level
+`text_completion` (see `continue_prompts` for how the completion is cut out). Generation stops at the first of STOP_HUMANEVAL (a new top-level
 statement: the function body is finished), which is left out, or after max_gen_len
 tokens. The test program is prompt + completion + "\\n" + test + "\\n" + "check(<entry
 point>)", as in OpenAI's human-eval.
@@ -44,6 +44,20 @@ MBPP_TEST_IDS = range(11, 511)
 MBPP_TEMPLATE = ("You are an expert Python programmer, and here is your task: {text} "
                  "Your code should pass these tests:\n\n{tests}\n[BEGIN]\n")
 MBPP_SHOT_END = "\n[DONE]"
+
+
+def continue_prompts(generator, prompts: List[str], settings: dict, stop: List[str]
+                     ) -> List[str]:
+    """The text each prompt is continued with. Taken from the echoed text (prompt and
+    continuation decoded together) past the decoded prompt: decoding the new tokens alone,
+    as text_completion does without echo (and Meta's reference), drops the leading space of
+    the first token (SentencePiece strips it), which breaks the first line's indentation."""
+    results = generator.text_completion(
+        prompts, temperature=settings["temperature"], top_p=settings["top_p"],
+        max_gen_len=settings["max_gen_len"], stop=stop, echo=True)
+    tok = generator.tokenizer
+    return [r["generation"][len(tok.decode(tok.encode(p, bos=True, eos=False))):]
+            for p, r in zip(prompts, results)]
 
 
 def humaneval_program(problem: dict, completion: str) -> str:

@@ -195,7 +195,8 @@ def evaluate(args, path: Path, fixed: dict):
         records = [r for r in results.records if r["task_id"] in wanted]
         return perplexity.summarize(records), settings_of(args, None, None)
     problems = load_problems(args)
-    limits = execution.Limits(timeout=args.timeout, memory_mb=args.memory_mb)
+    limits = execution.Limits(timeout=args.timeout, memory_mb=args.memory_mb,
+                              site_packages=args.site_packages)
     if args.samples:
         results = scoring.ResultsFile(path, fixed)
         task_ids = score_samples(args, problems, results, limits)
