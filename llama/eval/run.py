@@ -174,6 +174,8 @@ def settings_of(args, problems: Optional[List[dict]], limits) -> dict:
     settings = {k: v for k, v in vars(args).items() if v is not None}
     if getattr(args, "samples", None):  # nothing was generated: no generation settings
         settings = {k: v for k, v in settings.items() if k not in GENERATION_ONLY}
+    if getattr(args, "data", None):
+        settings["data_sha256"] = data.sha256_of(Path(args.data))
     if problems is not None:
         if not getattr(args, "samples", None):
             settings["stop"] = STOPS[args.benchmark]
