@@ -228,15 +228,17 @@ def test_perplexity_windows_cover_every_token():
     assert windows([1, 10, 11, 12, 13, 14], bos=1, size=3) == [[1, 10, 11], [1, 12, 13], [1, 14]]
 
 
-def test_quantize_needs_the_build_keyword(tiny, tmp_path):
-    import inspect
-
+def test_quantize_reaches_the_build(tiny, tmp_path, monkeypatch):
+    """--quantize is Llama.build's quantize=; a value it does not know is a clear error."""
     from llama import Llama
-    if "quantize" in inspect.signature(Llama.build).parameters:
-        pytest.skip("Llama.build takes quantize= now")
-    with pytest.raises(ValueError, match="quantize"):
-        main(["humaneval", "--ckpt_dir", str(tiny[0]), "--quantize", "int8",
-              "--data", str(write_jsonl(tmp_path / "he.jsonl", HUMANEVAL))])
+    seen, real = [], Llama.build
+    monkeypatch.setattr(Llama, "build", lambda *a, **k: seen.append(k["quantize"]) or
+                        real(*a, **k))
+    data = str(write_jsonl(tmp_path / "he.jsonl", HUMANEVAL))
+    with pytest.raises(ValueError, match="int5"):
+        main(["humaneval", "--ckpt_dir", str(tiny[0]), "--quantize", "int5", "--data", data,
+              "--out", str(tmp_path / "a")])
+    assert seen == ["int5"]
 
 
 def test_command_line_refuses_bad_options(capsys):

@@ -5,7 +5,6 @@ ranks together under torchrun), score each completion in the sandbox as soon as 
 
 import datetime
 import importlib
-import inspect
 import json
 import os
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -53,16 +52,11 @@ def shared(value):
 
 
 def build_generator(args):
-    """Llama.build with the run's options; `quantize` only when asked for."""
+    """Llama.build with the run's options."""
     from llama import Llama
-    kwargs = dict(max_seq_len=args.max_seq_len, max_batch_size=args.batch_size,
-                  seed=args.seed)
-    if args.quantize is not None:
-        if "quantize" not in inspect.signature(Llama.build).parameters:
-            raise ValueError("--quantize needs Llama.build(..., quantize=...), which this "
-                             "version of llama does not have yet; run without --quantize")
-        kwargs["quantize"] = args.quantize
-    return Llama.build(args.ckpt_dir, **kwargs)
+    return Llama.build(args.ckpt_dir, max_seq_len=args.max_seq_len,
+                       max_batch_size=args.batch_size, seed=args.seed,
+                       quantize=args.quantize)
 
 
 def load_problems(args) -> List[dict]:
