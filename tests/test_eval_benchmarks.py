@@ -259,3 +259,16 @@ def test_help_lists_the_benchmarks():
         assert name in text
     sub = parser().parse_args(["infilling", "--samples", "s.jsonl", "--format", "spm"])
     assert (sub.task, sub.format, sub.timeout, sub.max_gen_len) == ("single-line", "spm", 3.0, 256)
+
+
+@pytest.mark.parametrize("draft", ["lookup", "SELF"])
+def test_a_draft_leaves_greedy_completions_unchanged(tiny, tmp_path, draft):
+    """--draft lookup and --draft <folder>: the same greedy completions as without."""
+    problems = write_jsonl(tmp_path / "he.jsonl", HUMANEVAL)
+    base = ["humaneval", "--ckpt_dir", str(tiny[0]), "--data", str(problems),
+            "--max_seq_len", "160", "--max_gen_len", "12", "--limit", "2"]
+    assert main(base + ["--out", str(tmp_path / "plain.jsonl")]) == 0
+    assert main(base + ["--draft", str(tiny[0]) if draft == "SELF" else draft,
+                        "--draft_tokens", "3", "--out", str(tmp_path / "draft.jsonl")]) == 0
+    plain, drafted = lines(tmp_path / "plain.jsonl"), lines(tmp_path / "draft.jsonl")
+    assert [r["completion"] for r in drafted] == [r["completion"] for r in plain]

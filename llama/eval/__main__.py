@@ -26,6 +26,11 @@ def model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch_size", type=int, default=4, help="prompts per forward pass")
     p.add_argument("--quantize", default=None,
                    help="passed to Llama.build(quantize=...) (default: no quantization)")
+    p.add_argument("--draft", default=None,
+                   help="speculative decoding: lookup, int4, or a draft model's folder "
+                        "(same output when greedy; default: none)")
+    p.add_argument("--draft_tokens", type=int, default=4,
+                   help="tokens the draft proposes per step (default 4)")
     p.add_argument("--seed", type=int, default=1, help="sampling seed (default 1)")
     p.add_argument("--limit", type=int, default=None, help="only the first N problems/files")
     p.add_argument("--out", default=None,

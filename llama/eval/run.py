@@ -52,11 +52,17 @@ def shared(value):
 
 
 def build_generator(args):
-    """Llama.build with the run's options."""
+    """Llama.build with the run's options, and its draft for speculative decoding."""
     from llama import Llama
-    return Llama.build(args.ckpt_dir, max_seq_len=args.max_seq_len,
-                       max_batch_size=args.batch_size, seed=args.seed,
-                       quantize=args.quantize)
+    build = dict(max_seq_len=args.max_seq_len, max_batch_size=args.batch_size,
+                 seed=args.seed, quantize=args.quantize)
+    generator = Llama.build(args.ckpt_dir, **build)
+    draft = getattr(args, "draft", None)
+    if draft is not None:
+        if draft not in ("lookup", "int4"):
+            draft = Llama.build(draft, **build)
+        generator.configure(draft=draft, draft_tokens=args.draft_tokens)
+    return generator
 
 
 def load_problems(args) -> List[dict]:
@@ -160,7 +166,8 @@ def run_perplexity(args, generator, results) -> List[str]:
     return keys
 
 
-GENERATION_ONLY = ("max_seq_len", "batch_size", "quantize", "seed", "n_samples",
+GENERATION_ONLY = ("max_seq_len", "batch_size", "quantize", "draft", "draft_tokens", "seed",
+                   "n_samples",
                    "temperature", "top_p", "max_gen_len")
 
 
