@@ -276,14 +276,20 @@ def check_small_files(ckpt_dir: Path) -> None:
                 f"changed it on purpose, update its line in {listing}")
 
 
-def read_params(ckpt_dir: Path) -> dict:
+def read_params(ckpt_dir: Path, quantized: bool = False) -> dict:
     """params.json of a Meta folder: known keys, values that can work (hparams.check), and
-    with checklist.chk, the same as downloaded."""
+    with checklist.chk, the same as downloaded. A pre-quantized folder's "quantization"
+    entry (prequantized.py reads it) is left out with `quantized`, refused without."""
     path = Path(ckpt_dir) / "params.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a Code Llama model folder needs params.json")
     check_small_files(ckpt_dir)
     params = hparams.read_json(path)
+    if "quantization" in params and not quantized:
+        raise ValueError(f"{ckpt_dir} holds pre-quantized weights (params.json says "
+                         f"quantization {params['quantization']}); load it with Llama.build, "
+                         f"or convert the original checkpoint instead")
+    params.pop("quantization", None)
     unknown = set(params) - ModelArgs.field_names()
     if unknown:
         raise ValueError(

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import checkpoint, distributed, quant_kernels
+from . import checkpoint, distributed, prequantized, quant_kernels
 from . import quantize as quantization
 from .memory import check_fits
 from .model import ModelArgs, Transformer, skip_fairscale_init
@@ -67,7 +67,12 @@ def from_checkpoint(ckpt_dir, tokenizer_path, max_seq_len: int, max_batch_size: 
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"checkpoint folder {ckpt_dir} does not exist")
     rank = distributed.model_parallel_rank()
-    params, state, default_tokenizer = checkpoint.load_folder(ckpt_dir, rank, mp_size)
+    stored = prequantized.read(ckpt_dir)
+    if stored is None:
+        params, state, default_tokenizer = checkpoint.load_folder(ckpt_dir, rank, mp_size)
+    else:
+        quantize = prequantized.check_request(stored, quantize, mp_size, ckpt_dir)
+        params, state, default_tokenizer = prequantized.load_folder(ckpt_dir, rank, stored)
     tokenizer = Tokenizer(str(tokenizer_path or default_tokenizer))
     if params.get("vocab_size", -1) > 0 and params["vocab_size"] != tokenizer.n_words:
         raise ValueError(
@@ -82,7 +87,8 @@ def from_checkpoint(ckpt_dir, tokenizer_path, max_seq_len: int, max_batch_size: 
             f"{tokenizer.n_words} pieces; use the tokenizer.model shipped with these weights"
         )
     args = ModelArgs(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **params)
-    model = build_model(args, device, dtype, lambda model: state, str(ckpt_dir), quantize)
+    model = build_model(args, device, dtype, lambda model: state, str(ckpt_dir), quantize,
+                        stored)
     print(f"Loaded in {time.time() - start:.2f} seconds")
     return model, tokenizer
 
@@ -107,26 +113,54 @@ def from_preset(name: str, max_seq_len: int, max_batch_size: int, model_parallel
 
 
 def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, state_of,
-                source: str, quantize: Optional[str]) -> Transformer:
+                source: str, quantize: Optional[str],
+                stored: Optional[prequantized.Stored] = None) -> Transformer:
     """The model of `args` on `device`, with the weights `state_of(model)` gives (Meta's
     names, tensors or lazy parts) loaded one at a time. With `quantize` ("int8" or
-    "int4") its linear layers hold quantized weights, each quantized on the device as it
-    loads, so the full-precision model never sits there; the matrix-product kernel is
-    chosen once here (quant_kernels.select_kernel)."""
+    "int4") its linear layers but quantize.KEPT hold quantized weights, each quantized on
+    the device as it loads, so the full-precision model never sits there; or, with
+    `stored` (a pre-quantized folder's), the pieces are loaded as they are. The
+    matrix-product kernel is chosen once here (quant_kernels.select_kernel)."""
     if quantize is None:
         model = empty_model(args, device, dtype)
         checkpoint.load_into(model, state_of(model), source, device, dtype)
         return model
     mode = quantization.check_mode(quantize)
-    check_fits(args, device, dtype, mode)
+    group_size = stored.group_size if stored else quantization.DEFAULT_GROUP_SIZE
+    skip = stored.skip if stored else quantization.KEPT
+    check_fits(args, device, dtype, mode, group_size, skip)
     with default_dtype(dtype), torch.device("meta"), skip_fairscale_init():
         model = Transformer(args).requires_grad_(False)  # shapes only, no memory
     state = state_of(model)
-    checkpoint.prepare_state(model, state, source)
-    quantization.quantize(model, mode, empty=True)
+    if stored is None:
+        checkpoint.prepare_state(model, state, source)
+        check_int4_widths(model, mode, group_size, skip)
+    quantization.quantize(model, mode, group_size, skip=skip, empty=True)
+    if stored is not None:
+        checkpoint.check_state(model, state, source)  # the pieces, under the fused names
     model.to_empty(device=device)  # quantized sizes; loading replaces them one by one
     model.reset_buffers()
-    checkpoint.load_into(model, state, source, device, dtype, prepared=True,
-                         entries=functools.partial(quantization.quantized_entries, model))
+    entries = None if stored else functools.partial(quantization.quantized_entries, model)
+    checkpoint.load_into(model, state, source, device, dtype, prepared=True, entries=entries)
     quant_kernels.use_kernel(model, quant_kernels.select_kernel(device, mode, dtype), dtype)
     return model
+
+
+def check_int4_widths(model: Transformer, mode: str, group_size: int, skip) -> None:
+    """Refuse int4 where a layer's input width (this rank's) is not a whole number of
+    groups, saying what can be done instead."""
+    misfit = quantization.int4_misfit(model, group_size, skip) if mode == "int4" else None
+    if misfit is None:
+        return
+    name, width = misfit
+    world = distributed.model_parallel_world_size()
+    fewer = world > 1 and (width * world) % group_size == 0  # a row-parallel split
+    groups = [g for g in (64, 32) if width % g == 0]
+    fix = (f"write a pre-quantized folder with groups of {groups[0]}: python -m llama.convert "
+           f"quantize --ckpt_dir ... --out_dir ... --bits 4 --group_size {groups[0]} "
+           f"--mp {world}, and load that" if groups else "leave the model unquantized")
+    raise ValueError(
+        f"int4 quantizes groups of {group_size} inputs, but layer {name} takes {width} "
+        f"inputs{' per process' if world > 1 else ''}, not a multiple of {group_size}; use "
+        f"quantize='int8'{', or fewer model-parallel processes' if fewer else ''}, or "
+        f"{fix}")

@@ -3,12 +3,13 @@ before anything is allocated, so that a model too big fails with numbers and a f
 rather than with an out-of-memory error (or, on the CPU, the system's OOM killer)."""
 
 import os
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
 from . import distributed
 from .model import ModelArgs
+from .quantize import DEFAULT_GROUP_SIZE, KEPT
 
 GIB = 2**30
 
@@ -29,20 +30,24 @@ def available_host_memory() -> Optional[int]:
         return None
 
 
-def weight_bytes(args: ModelArgs, size: int, quantize: Optional[str] = None) -> int:
+def weight_bytes(args: ModelArgs, size: int, quantize: Optional[str] = None,
+                 group_size: int = DEFAULT_GROUP_SIZE, kept: Iterable[str] = KEPT) -> int:
     """Bytes of all ranks' weights: `size` bytes per parameter, except those of the linear
-    layers with `quantize` (int8: 1 byte and a scale per row; int4: half a byte and a
-    scale and zero per group of 128)."""
+    layers that `quantize` quantizes (all but `kept`; int8: 1 byte and a 2-byte scale per
+    row; int4: half a byte and a 2-byte scale and zero per group)."""
     if quantize is None:
         return args.num_params() * size
-    embedding_and_norms = args.vocab_size * args.dim + (2 * args.n_layers + 1) * args.dim
-    linear = args.num_params() - embedding_and_norms
-    per_weight = 1 + 2 / args.dim if quantize == "int8" else 0.5 + 4 / 128
-    return int(embedding_and_norms * size + linear * per_weight)
+    full = args.vocab_size * args.dim + (2 * args.n_layers + 1) * args.dim  # embedding, norms
+    if "output" in kept:
+        full += args.vocab_size * args.dim
+    linear = args.num_params() - full
+    per_weight = 1 + 2 / args.dim if quantize == "int8" else 0.5 + 4 / group_size
+    return int(full * size + linear * per_weight)
 
 
 def check_fits(args: ModelArgs, device: torch.device, dtype: torch.dtype,
-               quantize: Optional[str] = None) -> None:
+               quantize: Optional[str] = None, group_size: int = DEFAULT_GROUP_SIZE,
+               kept: Iterable[str] = KEPT) -> None:
     """Refuse a model whose weights plus KV cache exceed the free memory of a CUDA device
     or the available memory of the host (CPU), saying both numbers and what to lower.
     Other devices are not checked. Each model-parallel rank holds its share; on the CPU
@@ -51,7 +56,7 @@ def check_fits(args: ModelArgs, device: torch.device, dtype: torch.dtype,
         return
     world = distributed.model_parallel_world_size()
     size = torch.finfo(dtype).bits // 8
-    weights = weight_bytes(args, size, quantize) // world
+    weights = weight_bytes(args, size, quantize, group_size, kept) // world
     cache = args.kv_cache_bytes(size) // world
     if device.type == "cuda":
         free, where, ranks = torch.cuda.mem_get_info(device)[0], "on the GPU", 1

@@ -21,22 +21,30 @@ any scale a trained weight has, to float16.
 
 Every row is quantized on its own, so quantizing rows one by one, a rank's slice of
 them, or wq/wk/wv before fusing them into wqkv gives the same bytes as quantizing the
-whole matrix: pieces concatenate along dim 0. A rank of a row-parallel layer quantizes
-its own columns, so int4 groups never straddle a model-parallel split.
+whole matrix: pieces concatenate along dim 0. A rank of a row-parallel layer holds some
+columns of every row: its int4 groups lie within them (the rank's width must be a
+multiple of the group size), and its int8 scales are the whole rows' (the ranks agree on
+them, QuantizedLinear.quantized), so the pieces are the whole matrix's, sliced, and a
+model computes the same at every model-parallel size.
 """
 
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel import layers as fairscale
+from fairscale.nn.model_parallel.initialize import get_model_parallel_group
 from torch import nn
 
-from .distributed import all_gather_last_dim, all_reduce
+from .distributed import all_gather_last_dim, all_reduce, model_parallel_world_size
 
 MODES = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 128
 SCALE_DTYPE = torch.bfloat16
+# Layers that Llama.build leaves in the model dtype: the output projection, whose int4
+# error shows in every logit while it is a small share of a step's bytes (measured in
+# docs/quantization.md).
+KEPT = ("output",)
 ROWS_PER_CHUNK = 2048  # rows quantized at once: bounds the float32 temporaries
 _TINY = torch.finfo(SCALE_DTYPE).tiny  # the scale of an all-zero row or group
 
@@ -70,17 +78,30 @@ def _in_row_chunks(weight: torch.Tensor, quantize_rows, outputs):
     return outputs
 
 
-def quantize_int8(weight: torch.Tensor):
-    """(weight int8 (N, K), scales (N,)) with weight[n] * scales[n] ~= the input row."""
+def quantize_int8(weight: torch.Tensor, absmax: Optional[torch.Tensor] = None):
+    """(weight int8 (N, K), scales (N,)) with weight[n] * scales[n] ~= the input row.
+    absmax: each row's largest magnitude, when `weight` holds only some of each row's
+    inputs (a rank's slice of a row-parallel layer) and the scale is the whole row's."""
     n, k = weight.shape
     device = weight.device
+    if absmax is None:
+        absmax = row_absmax(weight)
     outputs = (torch.empty(n, k, dtype=torch.int8, device=device),
                torch.empty(n, dtype=SCALE_DTYPE, device=device))
-    return _in_row_chunks(weight, _int8_rows, outputs)
+    for start in range(0, n, ROWS_PER_CHUNK):  # bounds the float32 temporaries
+        rows = slice(start, start + ROWS_PER_CHUNK)
+        outputs[0][rows], outputs[1][rows] = _int8_rows(weight[rows].float(), absmax[rows])
+    return outputs
 
 
-def _int8_rows(w: torch.Tensor):
-    scales = (w.abs().amax(dim=1) / 127).clamp(min=_TINY).to(SCALE_DTYPE)
+def row_absmax(weight: torch.Tensor) -> torch.Tensor:
+    """Each row's largest magnitude, float32 (N,)."""
+    return torch.cat([weight[start:start + ROWS_PER_CHUNK].float().abs().amax(dim=1)
+                      for start in range(0, weight.shape[0], ROWS_PER_CHUNK)])
+
+
+def _int8_rows(w: torch.Tensor, absmax: torch.Tensor):
+    scales = (absmax / 127).clamp(min=_TINY).to(SCALE_DTYPE)
     # Against the rounded scale: the largest entry lands within 127.25, so the clamp
     # moves it less than half a step.
     codes = torch.round(w / scales.float()[:, None]).clamp_(-127, 127)
@@ -132,12 +153,13 @@ def dequantize_int4(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     return w.flatten(1).to(dtype)
 
 
-def quantize_weight(weight: torch.Tensor, mode: str,
-                    group_size: int = DEFAULT_GROUP_SIZE) -> Dict[str, torch.Tensor]:
+def quantize_weight(weight: torch.Tensor, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
+                    absmax: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """The quantized pieces of one (out, in) weight, on its device, by buffer name of
-    QuantizedLinear: {"weight", "scales"} for int8, plus "zeros" for int4."""
+    QuantizedLinear: {"weight", "scales"} for int8, plus "zeros" for int4. absmax: see
+    quantize_int8 (int8 only)."""
     if check_mode(mode) == "int8":
-        q, scales = quantize_int8(weight)
+        q, scales = quantize_int8(weight, absmax)
         return {"weight": q, "scales": scales}
     q, scales, zeros = quantize_int4(weight, group_size)
     return {"weight": q, "scales": scales, "zeros": zeros}
@@ -206,8 +228,21 @@ class QuantizedLinear(nn.Module):
                   reduce_output=not column and getattr(layer, "reduce_output", True),
                   device=layer.weight.device)
         if not empty:
-            new.load_pieces(quantize_weight(layer.weight.detach(), mode, group_size))
+            new.load_pieces(new.quantized(layer.weight.detach()))
         return new
+
+    def quantized(self, weight: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The pieces of this rank's (out, in) `weight`, the same at every world size: a
+        rank of a row-parallel layer (its output summed over ranks) holds a slice of each
+        row, so int8 takes each row's largest magnitude over all ranks (a collective: every
+        rank quantizes its layers in the same order); int4 groups lie within a slice."""
+        absmax = None
+        if self.mode == "int8" and self.reduce_output and model_parallel_world_size() > 1:
+            absmax = row_absmax(weight)
+            torch.distributed.all_reduce(absmax, torch.distributed.ReduceOp.MAX,
+                                         group=get_model_parallel_group())
+        return quantize_weight(weight, self.mode, self.group_size or DEFAULT_GROUP_SIZE,
+                               absmax)
 
     def load_pieces(self, pieces: Dict[str, torch.Tensor]) -> None:
         """Take quantize_weight's pieces as this layer's buffers (no copy)."""
@@ -255,29 +290,47 @@ def quantize(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
     Otherwise each weight is quantized on its device and released as its layer goes.
     """
     check_mode(mode)
-    skip = set(skip)
-    linear_types = (fairscale.ColumnParallelLinear, fairscale.RowParallelLinear)
-    modules = dict(model.named_modules())
-    missing = skip - set(modules)
-    if missing:
-        raise ValueError(f"skip names no module of the model: {sorted(missing)}")
-    # Names only from here on: a reference kept to a replaced layer would keep its
-    # full-precision weight alive until the end.
-    targets = [name for name, module in modules.items()
-               if isinstance(module, linear_types) and name not in skip]
+    # Names only: a reference kept to a replaced layer would keep its full-precision
+    # weight alive until the end.
+    targets = linear_layers(model, skip)
     if mode == "int4":  # refuse before touching any layer
-        for name in targets:
+        misfit = int4_misfit(model, group_size, skip)
+        if misfit:
+            name, width = misfit
             try:
-                check_group_size(modules[name].weight.shape[1], group_size)
+                check_group_size(width, group_size)
             except ValueError as error:
                 raise ValueError(f"layer {name}: {error}") from None
-    del modules
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         new = QuantizedLinear.replacing(getattr(parent, child), mode, group_size, empty)
         setattr(parent, child, new)
     return model
+
+
+def linear_layers(model: nn.Module, skip: Iterable[str] = ()) -> List[str]:
+    """Names of the Column/RowParallelLinear layers of `model` that `quantize` replaces
+    (all but `skip`); ValueError if `skip` names a module the model lacks."""
+    skip = set(skip)
+    modules = dict(model.named_modules())
+    missing = skip - set(modules)
+    if missing:
+        raise ValueError(f"skip names no module of the model: {sorted(missing)}")
+    linear_types = (fairscale.ColumnParallelLinear, fairscale.RowParallelLinear)
+    return [name for name, module in modules.items()
+            if isinstance(module, linear_types) and name not in skip]
+
+
+def int4_misfit(model: nn.Module, group_size: int,
+                skip: Iterable[str] = ()) -> Optional[Tuple[str, int]]:
+    """(name, input width) of the first layer `quantize` would replace whose input width
+    (this rank's) int4 groups of `group_size` do not tile; None if they all fit."""
+    for name in linear_layers(model, skip):
+        width = model.get_submodule(name).weight.shape[1]
+        if group_size < 2 or group_size % 2 or width % group_size:
+            return name, width
+    return None
 
 
 def quantized_entries(model: nn.Module, key: str,
@@ -295,8 +348,7 @@ def quantized_entries(model: nn.Module, key: str,
     if tuple(tensor.shape) != expected:
         raise ValueError(f"{key}: expected a full-precision {expected} weight to quantize, "
                          f"got {tuple(tensor.shape)} {tensor.dtype}")
-    pieces = quantize_weight(tensor, layer.mode, layer.group_size or DEFAULT_GROUP_SIZE)
-    return {f"{prefix}.{name}": piece for name, piece in pieces.items()}
+    return {f"{prefix}.{name}": piece for name, piece in layer.quantized(tensor).items()}
 
 
 def _submodule_or_none(model: nn.Module, name: str) -> Optional[nn.Module]:

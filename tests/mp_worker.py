@@ -1,6 +1,7 @@
 """Run under torchrun: build a checkpoint at the launched world size and save, on rank 0,
 its logits and greedy generations for the test that compares them with MP=1; or, with
-the mode "compile", one decode step compiled with torch.compile next to the eager one."""
+the mode "compile", one decode step compiled with torch.compile next to the eager one;
+or, with "quantize", the logits and greedy generations of the int8 and int4 builds."""
 
 import os
 import sys
@@ -38,9 +39,24 @@ def seeds_per_rank(ckpt_dir: str, out_path: str):
         torch.save({"error": error}, out_path)
 
 
+def quantized(ckpt_dir: str, out_path: str):
+    tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(11))
+    results = {}
+    for mode in ("int8", "int4"):
+        gen = Llama.build(ckpt_dir, max_seq_len=64, max_batch_size=4, device="cpu",
+                          quantize=mode)
+        greedy = gen.text_completion(["def fib(n):", "import re\n"], temperature=0,
+                                     max_gen_len=16)
+        results[mode] = {"logits": gen.model.forward(tokens, 0), "greedy": greedy}
+    if torch.distributed.get_rank() == 0:
+        torch.save(results, out_path)
+
+
 def main(ckpt_dir: str, out_path: str, mode: str = "generate"):
     if mode == "seeds":
         return seeds_per_rank(ckpt_dir, out_path)
+    if mode == "quantize":
+        return quantized(ckpt_dir, out_path)
     gen = Llama.build(ckpt_dir, max_seq_len=64, max_batch_size=4, device="cpu")
     if mode == "compile":
         return compiled_step(gen, out_path)

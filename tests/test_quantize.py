@@ -86,9 +86,18 @@ def test_rows_and_rank_slices_quantize_independently(mode, monkeypatch):
     monkeypatch.setattr(q, "ROWS_PER_CHUNK", 7)
     chunked = q.quantize_weight(torch.cat([a, b]), mode)
     assert all(torch.equal(whole[name], chunked[name]) for name in whole)
-    if mode == "int4":  # rank 1 of MP=2 of a row-parallel layer: columns 128..255
+    # Rank 1 of MP=2 of a row-parallel layer: columns 128..255. int4 groups lie within
+    # them; int8 takes the whole rows' largest magnitudes.
+    whole_a = q.quantize_weight(a, mode)
+    if mode == "int4":
         rank = q.quantize_weight(a[:, 128:], mode)
-        assert torch.equal(rank["weight"], q.quantize_weight(a, mode)["weight"][:, 64:])
+        assert torch.equal(rank["weight"], whole_a["weight"][:, 64:])
+        assert torch.equal(rank["scales"], whole_a["scales"][:, 1:])
+    else:
+        rank = q.quantize_weight(a[:, 128:], mode, absmax=q.row_absmax(a))
+        assert torch.equal(rank["weight"], whole_a["weight"][:, 128:])
+        assert torch.equal(rank["scales"], whole_a["scales"])
+        assert not torch.equal(q.quantize_weight(a[:, 128:], mode)["scales"], rank["scales"])
 
 
 def test_int4_width_not_a_multiple_of_the_group_size():
