@@ -1,14 +1,15 @@
-"""Convert checkpoints between Meta's format and Hugging Face's, or reshard them.
+"""Convert checkpoints between Meta's format and Hugging Face's, reshard or quantize them.
 
     python -m llama.convert to_hf --ckpt_dir CodeLlama-7b --out_dir CodeLlama-7b-hf
     python -m llama.convert from_hf --hf_dir CodeLlama-7b-hf --out_dir CodeLlama-7b-mp2 --mp 2
     python -m llama.convert reshard --ckpt_dir CodeLlama-34b --out_dir CodeLlama-34b-mp2 --mp 2
+    python -m llama.convert quantize --ckpt_dir CodeLlama-7b --out_dir CodeLlama-7b-int4 --bits 4
 
 fire also accepts `to-hf`, `from-hf` and `--ckpt-dir`. Inputs are memory-mapped and
 converted one tensor at a time, and each output file is written as soon as it is complete,
 so host memory holds about one output file: a safetensors shard of at most
 `--max_shard_size` for to_hf, one consolidated.NN.pth (the checkpoint divided by --mp)
-for from_hf and reshard. The output is written into `.NAME.partial` beside the output
+for from_hf and reshard, one rank's quantized file for quantize. The output is written into `.NAME.partial` beside the output
 folder and renamed when complete, so an interrupted conversion leaves no half-written
 folder; free space is checked first.
 
@@ -16,7 +17,8 @@ Tensors round-trip bit for bit, and params.json keeps its keys and values: to_hf
 the original params.json inside config.json (under "codellama_params") and from_hf writes
 it back (indented like Meta's files) when config.json still describes the same model.
 rope.freqs, an unused buffer of Meta's files, has no place in Hugging Face's layout and
-is not carried over.
+is not carried over. quantize writes the layout of llama/prequantized.py, with the
+pieces that quantizing the stored weights while loading gives.
 """
 
 import contextlib
@@ -32,7 +34,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from . import checkpoint, distributed, hf, hparams
+from . import checkpoint, distributed, hf, hparams, prequantized
+from . import quantize as quantization
 from .model import ModelArgs, Transformer
 from .tokenizer import Tokenizer
 
@@ -342,7 +345,107 @@ def reshard(ckpt_dir: str, out_dir: str, mp: int) -> None:
         write_checklist(out)
 
 
-COMMANDS = {"to_hf": to_hf, "from_hf": from_hf, "reshard": reshard}
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """One tensor of a pre-quantized rank file: the model's (fused) key, the Meta keys
+    stacked in it, whether it is a quantized layer's weight, and whether its inputs are
+    split over ranks (a row-parallel layer)."""
+    name: str
+    keys: List[str]
+    quantized: bool
+    row_parallel: bool
+
+
+def quantization_plan(args: ModelArgs) -> List[Planned]:
+    """The model's parameters in order, as Llama.build quantizes them (all linear layers
+    but quantize.KEPT), from a model built on the meta device at MP=1."""
+    distributed.initialize(1, torch.device("cpu"))  # fairscale layers ask for the MP size
+    with torch.device("meta"):
+        model = Transformer(dataclasses.replace(args, max_batch_size=1))
+    fused = {}
+    for prefix, module in model.named_modules():
+        for name, parts in getattr(module, "meta_parts", {}).items():
+            fused[f"{prefix}.{name}"] = [f"{prefix}.{part}" for part in parts]
+    layers = set(quantization.linear_layers(model, quantization.KEPT))
+    return [Planned(name, fused.get(name, [name]), name.rpartition(".")[0] in layers,
+                    checkpoint.split_dim(fused.get(name, [name])[0]) == 1)
+            for name, _ in model.named_parameters()]
+
+
+def planned_bytes(src: checkpoint.MappedShards, plan: List[Planned], mode: str,
+                  group_size: int, mp: int) -> int:
+    """Bytes of all rank files; refuses first an int4 group size that does not tile a
+    rank's input width."""
+    total = 0
+    for entry in plan:
+        shapes = [src.rank_shape(k, mp) for k in entry.keys]
+        if not entry.quantized:
+            total += mp * sum(src.parts[k][0].element_size() * torch.Size(s).numel()
+                              for k, s in zip(entry.keys, shapes))
+            continue
+        rows, width = sum(s[0] for s in shapes), shapes[0][1]
+        if mode == "int4":
+            try:
+                quantization.check_group_size(width, group_size)
+            except ValueError as error:
+                raise ValueError(f"{entry.name} at --mp {mp}: {error}") from None
+        pieces = quantization.pieces_shapes(rows, width, mode, group_size).values()
+        total += mp * sum(torch.Size(s).numel() * d.itemsize for s, d in pieces)
+    return total
+
+
+def quantized_rank(src: checkpoint.MappedShards, plan: List[Planned], mode: str,
+                   group_size: int, rank: int, mp: int) -> Dict[str, torch.Tensor]:
+    """One rank's state: quantized layers as their pieces under the fused names (the
+    pieces of the whole matrix, sliced: int8 rows take the whole row's scale), the rest
+    as stored."""
+    state = {}
+    for entry in checkpoint.progress(plan, f"quantizing rank {rank + 1}/{mp}"):
+        tensor = torch.cat([src.read(k, rank, mp) for k in entry.keys])
+        if not entry.quantized:
+            state[entry.name] = tensor
+            continue
+        absmax = None
+        if mode == "int8" and entry.row_parallel and mp > 1:
+            absmax = quantization.row_absmax(src.read(entry.keys[0], 0, 1))
+        pieces = quantization.quantize_weight(tensor, mode, group_size, absmax)
+        layer = entry.name.rpartition(".")[0]
+        state.update({f"{layer}.{name}": piece for name, piece in pieces.items()})
+    return state
+
+
+def quantize(ckpt_dir: str, out_dir: str, bits: int, mp: int = 1,
+             group_size: int = quantization.DEFAULT_GROUP_SIZE) -> None:
+    """Meta folder -> pre-quantized folder for `mp` model-parallel processes, which
+    Llama.build loads without quantizing (see llama/prequantized.py): the linear layers
+    in int8 (--bits 8) or int4 in groups of --group_size inputs (--bits 4), the output
+    projection, embedding and norms as stored."""
+    modes = {8: "int8", 4: "int4"}
+    if isinstance(bits, bool) or bits not in modes:
+        raise ValueError(f"--bits must be 8 or 4, got {bits!r}")
+    mode = modes[bits]
+    positive_int(group_size, "--group_size")
+    ckpt_dir = Path(ckpt_dir)
+    params, src, shapes, args = read_meta(ckpt_dir)
+    check_split(args, shapes, mp, ckpt_dir / "params.json")
+    plan = quantization_plan(args)
+    need = planned_bytes(src, plan, mode, group_size, mp)
+    tokenizer = check_tokenizer(ckpt_dir, args.vocab_size, str(ckpt_dir))
+    stored = prequantized.Stored(mode, group_size if mode == "int4" else None, mp,
+                                 quantization.KEPT)
+    with staged(out_dir, need + SPARE_BYTES) as out:
+        for rank in range(mp):
+            state = quantized_rank(src, plan, mode, group_size, rank, mp)
+            save_torch(state, out / f"consolidated.{rank:02d}.pth")
+            del state  # before the next rank's
+        params = {**params, prequantized.KEY: stored.to_json()}
+        (out / "params.json").write_text(json.dumps(params, indent=4))
+        if tokenizer:
+            copy_file(tokenizer, out / "tokenizer.model")
+        write_checklist(out)
+
+
+COMMANDS = {"to_hf": to_hf, "from_hf": from_hf, "reshard": reshard, "quantize": quantize}
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -126,7 +126,7 @@ def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, state
         checkpoint.load_into(model, state_of(model), source, device, dtype)
         return model
     mode = quantization.check_mode(quantize)
-    group_size = stored.group_size if stored else quantization.DEFAULT_GROUP_SIZE
+    group_size = (stored and stored.group_size) or quantization.DEFAULT_GROUP_SIZE
     skip = stored.skip if stored else quantization.KEPT
     check_fits(args, device, dtype, mode, group_size, skip)
     with default_dtype(dtype), torch.device("meta"), skip_fairscale_init():

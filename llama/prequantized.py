@@ -17,7 +17,7 @@ from typing import Dict, Optional
 import torch
 
 from . import checkpoint, hparams
-from .quantize import DEFAULT_GROUP_SIZE, check_mode
+from .quantize import check_mode
 
 KEY = "quantization"
 PIECE_SUFFIXES = (".scales", ".zeros")
@@ -27,7 +27,7 @@ PIECE_SUFFIXES = (".scales", ".zeros")
 class Stored:
     """How a folder's weights are quantized."""
     mode: str
-    group_size: int
+    group_size: Optional[int]  # int4's; None for int8
     mp: int
     skip: tuple
 
@@ -45,9 +45,9 @@ def read(ckpt_dir) -> Optional[Stored]:
     if entry is None:
         return None
     try:
-        stored = Stored(check_mode(entry["mode"]),
-                        int(entry.get("group_size", DEFAULT_GROUP_SIZE)), int(entry["mp"]),
-                        tuple(entry.get("skip", ())))
+        mode = check_mode(entry["mode"])
+        group_size = int(entry["group_size"]) if mode == "int4" else None
+        stored = Stored(mode, group_size, int(entry["mp"]), tuple(entry["skip"]))
     except (TypeError, KeyError, ValueError) as error:
         raise ValueError(f"{path}: {KEY!r} must be {{\"mode\": \"int8\" or \"int4\", "
                          f"\"group_size\": int, \"mp\": int, \"skip\": [layer names]}}, "
@@ -65,9 +65,10 @@ def check_request(stored: Stored, quantize: Optional[str], world: int, ckpt_dir)
         check_mode(quantize)
         raise ValueError(
             f"{ckpt_dir} holds {stored.mode} weights (params.json), not {quantize}; pass "
-            f"quantize={stored.mode!r} or None, or quantize the original checkpoint: "
-            f"python -m llama.convert quantize --ckpt_dir ORIGINAL --out_dir NEW "
-            f"--bits {quantize[3:]} --mp {world}")
+            f"quantize={stored.mode!r} or None to load it, or load the original checkpoint "
+            f"with quantize={quantize!r} (or write a {quantize} folder from it: python -m "
+            f"llama.convert quantize --ckpt_dir ORIGINAL --out_dir NEW --bits {quantize[3:]} "
+            f"--mp {world})")
     if world != stored.mp:
         raise ValueError(
             f"{ckpt_dir} was quantized for {stored.mp} model-parallel process(es), and this "

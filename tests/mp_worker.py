@@ -1,7 +1,8 @@
 """Run under torchrun: build a checkpoint at the launched world size and save, on rank 0,
 its logits and greedy generations for the test that compares them with MP=1; or, with
 the mode "compile", one decode step compiled with torch.compile next to the eager one;
-or, with "quantize", the logits and greedy generations of the int8 and int4 builds."""
+or, with "quantize", the logits and greedy generations of the int8 and int4 builds
+(with "prequantized", of pre-quantized folders)."""
 
 import os
 import sys
@@ -39,15 +40,19 @@ def seeds_per_rank(ckpt_dir: str, out_path: str):
         torch.save({"error": error}, out_path)
 
 
-def quantized(ckpt_dir: str, out_path: str):
+def quantized(ckpt_dir: str, out_path: str, prequantized: bool):
+    """Logits and greedy text of the int8 and int4 builds of ckpt_dir, or, with
+    `prequantized`, of each folder in ckpt_dir (os.pathsep-separated) as it is."""
     tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(11))
+    builds = ({folder: None for folder in ckpt_dir.split(os.pathsep)} if prequantized
+              else {mode: mode for mode in ("int8", "int4")})
     results = {}
-    for mode in ("int8", "int4"):
-        gen = Llama.build(ckpt_dir, max_seq_len=64, max_batch_size=4, device="cpu",
-                          quantize=mode)
+    for name, mode in builds.items():
+        gen = Llama.build(ckpt_dir if mode else name, max_seq_len=64, max_batch_size=4,
+                          device="cpu", quantize=mode)
         greedy = gen.text_completion(["def fib(n):", "import re\n"], temperature=0,
                                      max_gen_len=16)
-        results[mode] = {"logits": gen.model.forward(tokens, 0), "greedy": greedy}
+        results[name] = {"logits": gen.model.forward(tokens, 0), "greedy": greedy}
     if torch.distributed.get_rank() == 0:
         torch.save(results, out_path)
 
@@ -55,8 +60,8 @@ def quantized(ckpt_dir: str, out_path: str):
 def main(ckpt_dir: str, out_path: str, mode: str = "generate"):
     if mode == "seeds":
         return seeds_per_rank(ckpt_dir, out_path)
-    if mode == "quantize":
-        return quantized(ckpt_dir, out_path)
+    if mode in ("quantize", "prequantized"):
+        return quantized(ckpt_dir, out_path, mode == "prequantized")
     gen = Llama.build(ckpt_dir, max_seq_len=64, max_batch_size=4, device="cpu")
     if mode == "compile":
         return compiled_step(gen, out_path)
