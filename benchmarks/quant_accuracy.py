@@ -1,8 +1,9 @@
-"""Accuracy of quantized weights on the bundled demo model (CPU): held-out perplexity and
-greedy agreement with the unquantized model, with and without the output projection
+"""Accuracy of quantized weights (the bundled demo model by default): held-out perplexity
+and greedy agreement with the float32 model, with and without the output projection
 quantized.
 
     PYTHONPATH=. python benchmarks/quant_accuracy.py [--every 6] [--out out/acc.json]
+    PYTHONPATH=. python benchmarks/quant_accuracy.py --model_dir CodeLlama-7b --device cuda
 
 Perplexity: tools/eval_demo_model.py's `perplexity` (windows of --max_seq_len tokens of
 the concatenated held-out files, every token but a window's first scored) over every
@@ -12,7 +13,7 @@ just after a `def` line; --gen_len tokens generated greedily by every variant; f
 prompt, the tokens generated before the first difference from the float32 model's. The
 score is their sum over the sum of the float32 model's lengths (1.0: all identical).
 
-Each variant is the float32 model quantized in place (`quantize`) with the plain kernel,
+Each quantized variant is the float32 model quantized in place (`quantize`) with the plain kernel,
 which computes exactly what a model holding the dequantized weights computes (the CPU
 kernels match it within 1e-3, tests/test_quantize*.py); loading quantized gives the same
 pieces (tests/test_quantize_model.py).
@@ -36,9 +37,10 @@ from llama import Llama  # noqa: E402
 from llama.quant_kernels import select_kernel, use_kernel  # noqa: E402
 from llama.quantize import quantize  # noqa: E402
 
-# name: (mode or None, layers left unquantized)
+# name: (quantization mode, "bfloat16" or None, layers left unquantized)
 VARIANTS = {
     "float32": (None, ()),
+    "bfloat16": ("bfloat16", ()),  # the whole model in bf16: the usual GPU dtype
     "int8": ("int8", ("output",)),
     "int8+output": ("int8", ()),
     "int4": ("int4", ("output",)),
@@ -70,6 +72,7 @@ def agreement(reference, other) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_dir", default=str(ROOT / "models" / "CodeLlama-demo"))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (float32 either way)")
     parser.add_argument("--every", type=int, default=6, help="every n-th held-out file")
     parser.add_argument("--max_seq_len", type=int, default=1024)
     parser.add_argument("--prompts", type=int, default=32)
@@ -84,10 +87,12 @@ def main():
         start = time.time()
         mode, skip = VARIANTS[name]
         gen = Llama.build(args.model_dir, max_seq_len=args.max_seq_len, max_batch_size=8,
-                          device="cpu", dtype=torch.float32)
-        if mode:
+                          device=args.device, dtype=torch.float32)
+        if mode == "bfloat16":
+            gen.model.to(torch.bfloat16)
+        elif mode:
             quantize(gen.model, mode, skip=skip)
-            use_kernel(gen.model, select_kernel("cpu", mode, torch.float32, "plain"),
+            use_kernel(gen.model, select_kernel(args.device, mode, torch.float32, "plain"),
                        torch.float32)
         ppl = perplexity(gen, scored, args.max_seq_len, 8)
         asked, tokens = prompts(files, args.prompts, gen.tokenizer), []

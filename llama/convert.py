@@ -9,9 +9,9 @@ fire also accepts `to-hf`, `from-hf` and `--ckpt-dir`. Inputs are memory-mapped 
 converted one tensor at a time, and each output file is written as soon as it is complete,
 so host memory holds about one output file: a safetensors shard of at most
 `--max_shard_size` for to_hf, one consolidated.NN.pth (the checkpoint divided by --mp)
-for from_hf and reshard, one rank's quantized file for quantize. The output is written into `.NAME.partial` beside the output
-folder and renamed when complete, so an interrupted conversion leaves no half-written
-folder; free space is checked first.
+for from_hf and reshard, one rank's quantized file for quantize. The output is written
+into `.NAME.partial` beside the output folder and renamed when complete, so an
+interrupted conversion leaves no half-written folder; free space is checked first.
 
 Tensors round-trip bit for bit, and params.json keeps its keys and values: to_hf keeps
 the original params.json inside config.json (under "codellama_params") and from_hf writes

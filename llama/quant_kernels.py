@@ -15,6 +15,7 @@ On CUDA, int8 takes the plain path: decode.py compiles the model, and inductor t
 read them.
 """
 
+import ctypes
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
@@ -159,7 +160,26 @@ def use_kernel(model: nn.Module, kernel: Kernel, dtype: torch.dtype) -> Dict[str
             fallbacks[name], chosen = reason, KERNELS["plain"]
         chosen.prepare(layer, dtype)
         layer.matmul, layer.kernel = chosen.matmul, chosen.name
+        if layer.weight.device.type == "cpu":
+            # Repacking frees temporaries of a few megabytes between weights that stay;
+            # glibc keeps such holes in its heap unless asked to return them.
+            _trim_host_heap()
     return fallbacks
+
+
+def _glibc_malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _glibc_malloc_trim()
+
+
+def _trim_host_heap() -> None:
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 # --- Triton: dequantize inside the product, reading the stored layout --------------------
