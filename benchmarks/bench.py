@@ -84,6 +84,11 @@ def parser() -> argparse.ArgumentParser:
                       help="prompt length of decode scenarios (default: %(default)s)")
     plan.add_argument("--gen_len", type=common.positive_int, default=256,
                       help="tokens per decode (at least 2; default: %(default)s)")
+    plan.add_argument("--temperature", type=float, default=0.0,
+                      help="sampling temperature of our decode scenarios (default: "
+                           "%(default)s, greedy; the peers always decode greedily)")
+    plan.add_argument("--top_p", type=float, default=0.9,
+                      help="nucleus mass when sampling (default: %(default)s)")
     plan.add_argument("--ragged", action="store_true",
                       help="also decode each batch with prompt lengths from half to twice "
                            "--prompt_len")
@@ -228,14 +233,14 @@ def ours_prefill(gen: Llama, timer: Timer, length: int, repeats: int, warmup: in
     return prefill_figures(seconds, length, timer)
 
 
-def ours_decode_once(gen: Llama, timer: Timer, prompts, gen_len: int):
-    """One greedy generation: (tokens per row after the first, their seconds, seconds to
+def ours_decode_once(gen: Llama, timer: Timer, prompts, sampling: Sampling):
+    """One generation: (tokens per row after the first, their seconds, seconds to
     the first token, a fingerprint of the tokens made, to compare runs' outputs). Rows
     are counted, not steps: with a draft, rows take their tokens in different steps."""
     call = timer.mark()
     first = None
     made = [[] for _ in prompts]
-    for step in gen.engine.generate(prompts, Sampling(0.0, 0.9, gen_len)):
+    for step in gen.engine.generate(prompts, sampling):
         if first is None:
             first = timer.mark()
         for row, new in zip(made, step):
@@ -259,7 +264,8 @@ def run_ours(opts, s: Scenario, device, dtype, timer: Timer, bandwidth: float):
                    else random_prompts(s.prompt_lens, args.vocab_size, opts.seed))
 
         def timed():
-            return timed_decodes(lambda: ours_decode_once(gen, timer, prompts, s.new),
+            sampling = Sampling(opts.temperature, opts.top_p, s.new)
+            return timed_decodes(lambda: ours_decode_once(gen, timer, prompts, sampling),
                                  timer, 1 if s.long else opts.decode_repeats, opts.warmup)
         steps, seconds, extra = timed()
         elem = torch.finfo(dtype).bits // 8
