@@ -292,7 +292,6 @@ def build_options(device: Optional[str], dtype: Optional[str],
     """Llama.build's keyword arguments for --device, --dtype and --quantize (those given)."""
     import torch
 
-    from .generation import Llama
     options = {}
     if device is not None:
         try:
@@ -304,10 +303,7 @@ def build_options(device: Optional[str], dtype: Optional[str],
         if dtype not in DTYPES:
             raise ValueError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         options["dtype"] = getattr(torch, dtype)
-    if quantize is not None:
-        if "quantize" not in inspect.signature(Llama.build).parameters:
-            raise ValueError("--quantize is not available yet: this version of Llama.build "
-                             "takes no quantize argument; leave the option out")
+    if quantize is not None:  # Llama.build names the choices if this is not one
         options["quantize"] = quantize
     return options
 
@@ -325,12 +321,13 @@ def use_draft(generator, draft: Optional[str], draft_ckpt_dir: Optional[str],
         generator.configure(draft=draft, draft_tokens=draft_tokens)
 
 
-def watch_speed(generator) -> None:
-    """After each generation of `generator`, print to stderr (rank 0) the tokens it
-    made, the tokens per second from the call on (prefill included) and the time to the
-    first token. It times the one generation core that every public method runs
+def watch_speed(generator, report: Optional[Callable[[int, float, float], None]] = None) -> None:
+    """After each generation of `generator`, call report(tokens made, seconds from the
+    call on (prefill included), seconds to the first token); by default print them to
+    stderr on rank 0. It times the one generation core that every public method runs
     (Llama.engine.generate), which yields once per step with each row's new token."""
     core = generator.engine.generate
+    report = report or print_speed
 
     def timed(*args, **kwargs):
         start, first, tokens = time.perf_counter(), None, 0
@@ -340,9 +337,13 @@ def watch_speed(generator) -> None:
                 tokens += sum(token is not None for token in step)
                 yield step
         finally:
-            if first is not None and rank() == 0:
-                took = time.perf_counter() - start
-                print(f"[{tokens} tokens in {took:.2f} s, {tokens / took:.1f} tokens/s; "
-                      f"first token after {first - start:.2f} s]", file=sys.stderr, flush=True)
+            if first is not None:
+                report(tokens, time.perf_counter() - start, first - start)
 
     generator.engine.generate = timed
+
+
+def print_speed(tokens: int, seconds: float, first: float) -> None:
+    if rank() == 0:
+        print(f"[{tokens} tokens in {seconds:.2f} s, {tokens / seconds:.1f} tokens/s; "
+              f"first token after {first:.2f} s]", file=sys.stderr, flush=True)

@@ -107,16 +107,12 @@ def check_vocabulary(target_tok, draft_tok, target_vocab: int, draft_vocab: int)
                              f"{target_sp.id_to_piece(i)!r}); {fix}")
 
 
+@torch.inference_mode(False)  # its KV cache is updated in place (see loading.build_model)
 def int4_drafter(target):
     """The target's linear layers quantized to int4 (llama/quantize.py, default group
     size) in a second model with its own KV cache; its other weights are the target's."""
-    try:
-        from . import quant_kernels, quantize
-    except ImportError:
-        quantize = quant_kernels = None
-    if not callable(getattr(quantize, "quantize", None)):
-        raise ValueError("draft='int4' needs quantization (llama/quantize.py), not "
-                         "available yet; use draft='lookup' or a smaller Llama")
+    from . import quant_kernels, quantize
+
     model = target.model
     shared = {id(p): p for p in model.parameters()}  # deepcopy's memo: copy buffers only
     draft_model = quantize.quantize(copy.deepcopy(model, shared), "int4")

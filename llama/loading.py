@@ -112,6 +112,9 @@ def from_preset(name: str, max_seq_len: int, max_batch_size: int, model_parallel
     return model, tokenizer
 
 
+# Outside inference mode even when called inside it: CUDA graphs and compiled steps run
+# under no_grad and update the KV cache in place, which inference tensors refuse.
+@torch.inference_mode(False)
 def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, state_of,
                 source: str, quantize: Optional[str],
                 stored: Optional[prequantized.Stored] = None) -> Transformer:

@@ -9,10 +9,12 @@ kernel's own where it has one.
 | cpu          | int8, int4 | CPU              | aten._weight_int8pack_mm / _int4pack_mm_for_cpu |
 | tinygemm     | int4       | CUDA, bfloat16   | aten._weight_int4pack_mm (tensor-core tiles)  |
 | triton       | int8, int4 | CUDA (Triton)    | _quantized_matmul below, on the stored layout |
+| cuda_int8    | int8       | CUDA (Triton)    | triton, or plain while torch.compile traces   |
 
-On CUDA, int8 takes the plain path: decode.py compiles the model, and inductor turns
-`linear(x, w.to(bf16) * scales[:, None])` into kernels that convert the weights as they
-read them.
+cuda_int8 is int8's default on CUDA. Eager and CUDA-graph steps need a kernel that reads
+the int8 weights directly (the plain path writes a dequantized copy of every weight at
+every step); under torch.compile, inductor turns the plain expression into kernels that
+convert the weights as they read them, which it can fuse with their neighbours.
 """
 
 import ctypes
@@ -121,6 +123,13 @@ def _triton_refuses(layer, dtype) -> Optional[str]:
     return None
 
 
+def _cuda_int8_matmul(x, layer):
+    # is_compiling() is decided while tracing, so each mode keeps one path with no branch.
+    if torch.compiler.is_compiling():
+        return plain_matmul(x, layer)
+    return triton_matmul(x, layer)
+
+
 KERNELS = {
     "plain": Kernel("plain", ("int8", "int4"), plain_matmul, _cast_scales, _no_limits),
     "cpu": Kernel("cpu", ("int8", "int4"), _cpu_matmul, _cpu_prepare, _cpu_dtype),
@@ -128,6 +137,8 @@ KERNELS = {
                        _tinygemm_refuses),
     "triton": Kernel("triton", ("int8", "int4"), lambda x, layer: triton_matmul(x, layer),
                      lambda layer, dtype: _triton_prepare(layer, dtype), _triton_refuses),
+    "cuda_int8": Kernel("cuda_int8", ("int8",), _cuda_int8_matmul,
+                        lambda layer, dtype: _triton_prepare(layer, dtype), _triton_refuses),
 }
 
 
@@ -142,6 +153,8 @@ def select_kernel(device, mode: str, dtype: torch.dtype, name: Optional[str] = N
             name = "cpu"
         elif device.type == "cuda" and mode == "int4" and dtype == torch.bfloat16:
             name = "tinygemm"
+        elif device.type == "cuda" and mode == "int8" and triton is not None:
+            name = "cuda_int8"
     if name not in KERNELS or mode not in KERNELS[name].modes:
         choices = [k for k, kernel in KERNELS.items() if mode in kernel.modes]
         raise ValueError(f"unknown kernel {name!r} for {mode}; choose one of {choices}")

@@ -144,7 +144,7 @@ def test_prompts_come_from_options_and_files(tmp_path):
     assert cli.batches([1, 2, 3, 4, 5], 2) == [[1, 2], [3, 4], [5]]
 
 
-def test_build_options(monkeypatch):
+def test_build_options():
     assert cli.build_options(None, None, None) == {}
     assert cli.build_options("cpu", "bfloat16", None) == {"device": torch.device("cpu"),
                                                           "dtype": torch.bfloat16}
@@ -152,13 +152,6 @@ def test_build_options(monkeypatch):
         cli.build_options(None, "fp64", None)
     with pytest.raises(ValueError, match="--device 'gpu' is not a device"):
         cli.build_options("gpu", None, None)
-    if "quantize" not in inspect.signature(Llama.build).parameters:
-        with pytest.raises(ValueError, match="--quantize is not available yet"):
-            cli.build_options(None, None, "int8")
-
-    def build_with_quantize(ckpt_dir, quantize=None):
-        pass
-    monkeypatch.setattr(Llama, "build", staticmethod(build_with_quantize))
     assert cli.build_options(None, None, "int8") == {"quantize": "int8"}
 
 

@@ -192,6 +192,9 @@ def test_generation_writes_resumes_and_refuses_other_settings(tiny, tmp_path, mo
     assert summary["summary"]["problems"] == 3 and summary["summary"]["samples"] == 9
     assert summary["settings"]["temperature"] == 0.8
     assert summary["settings"]["stop"] == protocol.STOP_HUMANEVAL
+    time = summary["summary"]["time"]  # of the second run: five samples of at most 6 tokens
+    assert 0 < time["generated_tokens"] <= 5 * 6 and time["tests_s"] > 0
+    assert time["wall_s"] >= time["generating_s"] > 0
     with pytest.raises(ValueError, match="other settings"):
         main(base[:-6] + ["--temperature", "0.5", "--n_samples", "3"])
 

@@ -146,7 +146,8 @@ def test_cpu_default_kernels_and_fallbacks():
     assert qk.select_kernel("cpu", "int8", torch.float32).name == "cpu"
     assert qk.select_kernel("cuda", "int4", torch.bfloat16).name == "tinygemm"
     assert qk.select_kernel("cuda", "int4", torch.float16).name == "plain"
-    assert qk.select_kernel("cuda", "int8", torch.bfloat16).name == "plain"
+    assert qk.select_kernel("cuda", "int8", torch.bfloat16).name == (
+        "plain" if qk.triton is None else "cuda_int8")
     assert qk.select_kernel("mps", "int4", torch.float16).name == "plain"
     # The CPU int4 kernel needs out_features % 16 == 0: that layer takes the plain path.
     tree = nn.ModuleDict({"odd": layer_with("int4", 40, 128), "even": layer_with("int4", 48, 128)})
@@ -270,6 +271,21 @@ def test_skeleton_on_the_meta_device_takes_no_memory(one_process_group):
     assert layer.weight is pieces["weight"]
     with pytest.raises(ValueError, match=r"weight: expected \(64, 128\) torch.uint8"):
         layer.load_pieces({**pieces, "weight": pieces["weight"][:, :64]})
+
+
+def test_cuda_int8_reads_int8_eagerly_and_leaves_compiled_code_to_inductor(monkeypatch):
+    layer = layer_with("int8", 48, 128)
+    calls = []
+
+    def triton_matmul(x, layer):
+        calls.append("triton")
+        return qk.plain_matmul(x, layer)
+    monkeypatch.setattr(qk, "triton_matmul", triton_matmul)
+    x = torch.randn(2, 128)
+    want = qk.plain_matmul(x, layer)
+    assert torch.equal(qk.KERNELS["cuda_int8"].matmul(x, layer), want) and calls == ["triton"]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch.equal(qk.KERNELS["cuda_int8"].matmul(x, layer), want) and calls == ["triton"]
 
 
 @pytest.mark.skipif(qk.triton is None, reason="Triton is not installed")

@@ -399,15 +399,7 @@ def test_vocabulary_checks():
 
 
 def test_int4_draft(target, make_model):
-    """Self-speculation with the target's weights in int4, where llama/quantize.py
-    exists; a clear error where it does not."""
-    try:
-        import llama.quantize  # noqa: F401
-    except ImportError:
-        with pytest.raises(ValueError, match="needs quantization"):
-            target.configure(draft="int4")
-        assert target.settings["draft"] is None
-        return
+    """Self-speculation with the target's weights in int4."""
     with pytest.raises(ValueError, match="group_size"):  # widths of 64: no int4 groups
         target.configure(draft="int4")
     gen = build(make_model(dim=128, multiple_of=128)[0], max_seq_len=48)
@@ -455,3 +447,16 @@ def test_benchmark_reports_speculation(tmp_path):
     source.write_text('"""Doc."""\n\nimport os\n\n\ndef f():\n    return os.sep\n')
     prompt = speculation.edit_prompt(str(source), head_lines=3)
     assert prompt == source.read_text() + '\n\n"""Doc."""  # edited\n\nimport os\n'
+
+
+def test_made_inside_inference_mode_the_caches_stay_writable(make_model):
+    """Captured and compiled steps run outside inference mode and write the KV cache in
+    place, which an inference tensor refuses: a model or an int4 draft made inside
+    torch.inference_mode() must still hold ordinary tensors."""
+    with torch.inference_mode():
+        gen = build(make_model(dim=128, multiple_of=128)[0], max_seq_len=48)
+        gen.configure(draft="int4")
+    draft_model = gen.engine.speculation.drafter.model
+    caches = [layer.attention.cache for m in (gen.model, draft_model) for layer in m.layers]
+    assert caches and not any(c.k.is_inference() or c.v.is_inference() for c in caches)
+    gen.configure(draft=None)

@@ -7,12 +7,15 @@ import datetime
 import importlib
 import json
 import os
+import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import List, Optional
 
 from tqdm import tqdm
 
+from .. import cli
 from . import data, execution, perplexity, scoring
 from .protocol import STOP_HUMANEVAL, STOP_MBPP
 
@@ -93,23 +96,47 @@ def score_one(program, problem: dict, completion: str, limits, extra: dict) -> d
                 result=outcome.result, **extra)
 
 
-def generate_and_score(args, generator, problems, results, limits) -> None:
+def generate_and_score(args, generator, problems, results, limits) -> dict:
+    """Generate the missing samples and score them while the next batch generates;
+    returns where this run's time went (generation, tests, waiting for the last tests)."""
     bench = importlib.import_module(f"llama.eval.{args.benchmark}")
     settings = vars(args)
     todo = shared([i for i, p in enumerate(problems)
                    for _ in range(results.remaining(p["task_id"], args.n_samples))])
     bar = tqdm(total=len(todo), desc=run_name(args), disable=not results.writer)
+    clock = {"generating_s": 0.0, "generated_tokens": 0, "tests_s": 0.0}
+    lock = threading.Lock()
+
+    def count(tokens, seconds, first):
+        clock["generated_tokens"] += tokens
+    cli.watch_speed(generator, count)
+
+    def timed_score(*job):
+        start = time.perf_counter()
+        record = score_one(*job)
+        with lock:
+            clock["tests_s"] += time.perf_counter() - start
+        return record
+
+    run_start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.workers or os.cpu_count()) as pool:
         pending = set()
         for start in range(0, len(todo), args.batch_size):
             batch = [problems[i] for i in todo[start:start + args.batch_size]]
+            began = time.perf_counter()
             completions = bench.complete(generator, batch, settings)
+            clock["generating_s"] += time.perf_counter() - began
             if results.writer:
-                pending |= {pool.submit(score_one, bench.program, p, c, limits, {})
+                pending |= {pool.submit(timed_score, bench.program, p, c, limits, {})
                             for p, c in zip(batch, completions)}
                 pending = drain(pending, results, bar, block=False)
+        began = time.perf_counter()
         drain(pending, results, bar, block=True)
+        clock["waiting_for_tests_s"] = time.perf_counter() - began
     bar.close()
+    clock["wall_s"] = time.perf_counter() - run_start
+    clock["tokens_per_s"] = clock["generated_tokens"] / max(clock["generating_s"], 1e-9)
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in clock.items()}
 
 
 def score_samples(args, problems, results, limits) -> List[str]:
@@ -208,11 +235,12 @@ def evaluate(args, path: Path, fixed: dict):
     else:
         generator = build_generator(args)
         results = scoring.ResultsFile(path, fixed, writer=is_writer())
-        generate_and_score(args, generator, problems, results, limits)
+        clock = generate_and_score(args, generator, problems, results, limits)
         if not results.writer:
             return None
         summary = scoring.summarize(results.records, [p["task_id"] for p in problems],
                                     args.n_samples)
+        summary["time"] = clock  # of this run: a resumed run's earlier part is not in it
     return summary, settings_of(args, problems, limits)
 
 
