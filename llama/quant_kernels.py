@@ -9,12 +9,14 @@ kernel's own where it has one.
 | cpu          | int8, int4 | CPU              | aten._weight_int8pack_mm / _int4pack_mm_for_cpu |
 | tinygemm     | int4       | CUDA, bfloat16   | aten._weight_int4pack_mm (tensor-core tiles)  |
 | triton       | int8, int4 | CUDA (Triton)    | _quantized_matmul below, on the stored layout |
-| cuda_int8    | int8       | CUDA (Triton)    | triton, or plain while torch.compile traces   |
+| cuda_int8    | int8       | CUDA (Triton)    | triton; plain for one row under torch.compile |
 
 cuda_int8 is int8's default on CUDA. Eager and CUDA-graph steps need a kernel that reads
 the int8 weights directly (the plain path writes a dequantized copy of every weight at
-every step); under torch.compile, inductor turns the plain expression into kernels that
-convert the weights as they read them, which it can fuse with their neighbours.
+every step). Under torch.compile, inductor turns the plain expression for one row into a
+matrix-vector kernel that converts the weights as it reads them (the path measured for
+decoding one sequence); for more rows it writes the dequantized weights out first, which
+the Triton kernel avoids (docs/quantization.md has both measurements).
 """
 
 import ctypes
@@ -124,8 +126,8 @@ def _triton_refuses(layer, dtype) -> Optional[str]:
 
 
 def _cuda_int8_matmul(x, layer):
-    # is_compiling() is decided while tracing, so each mode keeps one path with no branch.
-    if torch.compiler.is_compiling():
+    # Decided while tracing (shapes are fixed per captured step), so no branch at run time.
+    if torch.compiler.is_compiling() and x.shape[0] == 1:
         return plain_matmul(x, layer)
     return triton_matmul(x, layer)
 

@@ -273,19 +273,23 @@ def test_skeleton_on_the_meta_device_takes_no_memory(one_process_group):
         layer.load_pieces({**pieces, "weight": pieces["weight"][:, :64]})
 
 
-def test_cuda_int8_reads_int8_eagerly_and_leaves_compiled_code_to_inductor(monkeypatch):
+def test_cuda_int8_leaves_only_compiled_one_row_products_to_inductor(monkeypatch):
     layer = layer_with("int8", 48, 128)
     calls = []
 
     def triton_matmul(x, layer):
-        calls.append("triton")
+        calls.append(x.shape[0])
         return qk.plain_matmul(x, layer)
     monkeypatch.setattr(qk, "triton_matmul", triton_matmul)
-    x = torch.randn(2, 128)
-    want = qk.plain_matmul(x, layer)
-    assert torch.equal(qk.KERNELS["cuda_int8"].matmul(x, layer), want) and calls == ["triton"]
+    one, two = torch.randn(1, 128), torch.randn(2, 128)
+    matmul = qk.KERNELS["cuda_int8"].matmul
+    for x in (one, two):  # eager or CUDA graphs: always the Triton kernel
+        assert torch.equal(matmul(x, layer), qk.plain_matmul(x, layer))
+    assert calls == [1, 2]
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert torch.equal(qk.KERNELS["cuda_int8"].matmul(x, layer), want) and calls == ["triton"]
+    for x in (one, two):
+        assert torch.equal(matmul(x, layer), qk.plain_matmul(x, layer))
+    assert calls == [1, 2, 2]
 
 
 @pytest.mark.skipif(qk.triton is None, reason="Triton is not installed")
