@@ -20,13 +20,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
 
-import torch
-
 from benchmarks import common
-from llama import Llama
-from llama.checkpoint import split_dim
-from llama.convert import check_split, new_out_dir
 
+# write, run and compare import torch and the library themselves: --help needs neither.
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "tests" / "data" / "llama2-tokenizer.model"
 PROMPTS = ["def fibonacci(n):", "import numpy as np\n\nclass Matrix:\n",
@@ -38,6 +34,12 @@ PARAM_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_di
 def write(out_dir: str, preset: str = "13b", n_layers: int = 8, shards: int = 2,
           seed: int = 0):
     """Random bf16 weights of `preset`'s widths, saved as `shards` consolidated.NN.pth."""
+    import torch
+
+    from llama import Llama
+    from llama.checkpoint import split_dim
+    from llama.conversion import check_split, new_out_dir
+
     gen = Llama.from_preset(preset, max_seq_len=64, max_batch_size=1, seed=seed,
                             n_layers=n_layers, vocab_size=32000, dtype=torch.bfloat16)
     state = {k: v.cpu() for k, v in gen.model.state_dict().items()}
@@ -63,8 +65,12 @@ def run(ckpt_dir: str, out: str, gen_len: int = 32, dtype: Optional[str] = None,
     dtype: e.g. float32 (default: the library's, bf16 on CUDA). Random weights give flat
     next-token distributions full of near-ties, which bf16 rounding flips; in float32 the
     only difference between world sizes is the order of the sums."""
+    import torch
+
+    from llama import Llama
+
     gen = Llama.build(ckpt_dir, max_seq_len=128, max_batch_size=len(PROMPTS),
-                      dtype=common.DTYPES[dtype] if dtype else None)
+                      dtype=getattr(torch, common.DTYPES[dtype]) if dtype else None)
     configure = common.configure_kwargs(decode, symmetric_memory=symmetric_memory)
     gen.configure(**configure)
     results = gen.text_completion(PROMPTS, temperature=0, max_gen_len=gen_len, logprobs=True)
@@ -82,6 +88,8 @@ def run(ckpt_dir: str, out: str, gen_len: int = 32, dtype: Optional[str] = None,
 def compare(a: str, b: str) -> bool:
     """Agreeing greedy tokens per prompt and the logits' relative difference of two run
     files; True if the logits agree to bf16 precision with the same top-1 tokens."""
+    import torch
+
     x, y = json.loads(Path(a).read_text()), json.loads(Path(b).read_text())
     la, lb = torch.tensor(x["logits"]), torch.tensor(y["logits"])
     rel = ((la - lb).norm() / la.norm()).item()

@@ -1,25 +1,23 @@
-"""What the benchmark scripts share: one timer, comma-separated list arguments, output
+"""What the benchmark scripts share: comma-separated list arguments, dtype names, output
 from rank 0 only, and the mapping from a decode mode to `Llama.configure`'s keywords.
+Their timer is in timing.py: this module imports no torch, so that a script whose
+command line needs nothing more answers `--help` at once.
 
 The scripts form a package run from the checkout's root (`python -m benchmarks.bench`,
 `torchrun ... -m benchmarks.bench`) and import the installed `llama` (`pip install -e .`).
 """
 
 import argparse
-import gc
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-import torch
-
 GiB = 2**30
 DECODE_MODES = ("eager", "graphs", "compiled")
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-          "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+# --dtype's names -> the torch dtype's name.
+DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
+          "fp16": "float16", "float32": "float32", "fp32": "float32"}
 
 
 # ---- how the library runs ------------------------------------------------------------
@@ -55,11 +53,13 @@ def add_mode_args(parser: argparse.ArgumentParser) -> None:
                        help="at MP>1 on CUDA, sum over ranks with the fused kernel")
 
 
-def dtype_for(name: Optional[str], device: torch.device) -> torch.dtype:
-    """The dtype called `name` (a key of DTYPES), else bf16 on CUDA (fp16 on GPUs
-    without bf16) and float32 elsewhere."""
+def dtype_for(name: Optional[str], device):
+    """The torch dtype called `name` (a key of DTYPES), else for the torch `device` bf16
+    on CUDA (fp16 on GPUs without bf16) and float32 elsewhere."""
+    import torch  # here: the scripts' arguments need no torch
+
     if name is not None:
-        return DTYPES[name]
+        return getattr(torch, DTYPES[name])
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
@@ -120,50 +120,3 @@ def write_json(path: Optional[str], data) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(data, indent=2))
     print(f"results written to {path}", flush=True)
-
-
-# ---- timing ------------------------------------------------------------------------
-
-class Timer:
-    """Marks on the device's timeline: CUDA events on CUDA (recorded after a synchronize
-    unless told not to), time.perf_counter elsewhere."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = torch.device(device).type == "cuda"
-
-    def mark(self, sync: bool = True):
-        if not self.cuda:
-            return time.perf_counter()
-        if sync:
-            torch.cuda.synchronize()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def seconds(self, start, end) -> float:
-        if not self.cuda:
-            return end - start
-        end.synchronize()
-        return start.elapsed_time(end) / 1000
-
-    def median(self, fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-        """Median seconds of `repeats` calls of fn, after `warmup` untimed calls."""
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(max(1, repeats)):
-            start = self.mark()
-            fn()
-            times.append(self.seconds(start, self.mark()))
-        return statistics.median(times)
-
-    def reset_peak(self) -> None:
-        """Free what earlier work left, so that the next peak is the next work's own."""
-        if self.cuda:
-            gc.collect()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-
-    def peak_gib(self) -> Optional[float]:
-        """Peak CUDA memory allocated since reset_peak; None off CUDA (not measured)."""
-        return torch.cuda.max_memory_allocated() / GiB if self.cuda else None

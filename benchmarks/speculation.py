@@ -9,13 +9,13 @@ verify forward of w tokens per row against one plain decode step, and with a dra
 model its decode step too, and the speed-ups those costs imply at given acceptance rates.
 """
 
-import argparse
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 
 from benchmarks import common
+from benchmarks.timing import Timer
 from llama import Llama
 from llama.drafting import LookupDrafter
 from llama.sampling import Sampling
@@ -23,29 +23,6 @@ from llama.speculative import Speculation, verify
 
 ACCEPTANCE_RATES = (0.6, 0.7, 0.8)
 EDIT_HEAD_LINES = 8  # lines of the edited copy in the prompt
-
-
-def add_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("speculative decoding (Llama.configure(draft=...))")
-    g.add_argument("--draft",
-                   help="run each decode scenario again with this draft: lookup, int4, a "
-                        "checkpoint folder sharing the tokenizer, or preset:NAME (random "
-                        "weights of a size, for step costs)")
-    g.add_argument("--draft_tokens", type=common.positive_int, default=4,
-                   help="proposals per row per round (default: %(default)s)")
-    g.add_argument("--edit_file",
-                   help="add a code-editing decode scenario on this source file (needs "
-                        "--ckpt_dir, whose tokenizer encodes it)")
-    g.add_argument("--verify_widths", type=common.int_list, default="none",
-                   help="time verify forwards of these numbers of tokens per row in each "
-                        "decode scenario, e.g. 1,2,4,8 (default: %(default)s)")
-
-
-def check_args(p: argparse.ArgumentParser, opts: argparse.Namespace) -> None:
-    if opts.edit_file and not opts.ckpt_dir:
-        p.error("--edit_file needs --ckpt_dir (a model with a tokenizer)")
-    if opts.edit_file and not Path(opts.edit_file).is_file():
-        p.error(f"--edit_file {opts.edit_file} is not a file")
 
 
 def edit_prompt(path: str, head_lines: int = EDIT_HEAD_LINES) -> str:
@@ -89,7 +66,7 @@ def drafted(gen: Llama, draft, k: int, batch: int, timed_decodes, plain: dict) -
             "runs_ms_per_step": extra["runs_ms_per_step"]}
 
 
-def step_costs(gen: Llama, timer: common.Timer, widths: List[int], batch: int,
+def step_costs(gen: Llama, timer: Timer, widths: List[int], batch: int,
                context: int, repeats: int, draft: Optional[Llama] = None) -> dict:
     """Milliseconds of one plain decode step and of one verify forward of each width (w
     tokens per row, through the runner speculation uses), at `context` cached positions;
@@ -116,7 +93,7 @@ def step_costs(gen: Llama, timer: common.Timer, widths: List[int], batch: int,
     return costs
 
 
-def decode_step_ms(gen: Llama, timer: common.Timer, batch: int, context: int,
+def decode_step_ms(gen: Llama, timer: Timer, batch: int, context: int,
                    repeats: int) -> float:
     tokens = torch.ones(batch, dtype=torch.long, device=gen.model.rope.device)
     greedy = Sampling(0.0, 1.0)

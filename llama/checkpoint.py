@@ -7,7 +7,7 @@ Hugging Face folder holds `config.json`, `*.safetensors` (with
 `model.safetensors.index.json` when there are several) and, for us, `tokenizer.model`.
 SPLIT_DIMS below is the one place that says how each tensor is split across ranks; it
 drives loading (any shard count onto any world size whose splits divide evenly) and
-llama/convert.py.
+llama/conversion.py.
 
 Files are memory-mapped and sliced, so a rank reads from disk only its own part, and each
 part is copied out of the file as the model takes it: parameters never share memory with

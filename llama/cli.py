@@ -4,8 +4,10 @@ Arguments are parsed by `fire`, as in Meta's scripts (`--stop '["\n\n"]'` is a P
 list, its escapes read by fire), then checked against the entry point's annotations.
 `--help` is written here from the signature and the docstring: fire's own shows mangled
 types and cut defaults, and this module imports neither torch nor fire until after it,
-so help is instant. User errors (ValueError, missing files, a model too big) end the
-process with one line on stderr and exit status 2; other exceptions keep their traceback.
+so help is instant. User errors (ValueError, missing files, a model too big, arguments
+fire cannot place) end the process with one line on stderr and exit status 2; other
+exceptions keep their traceback. `run_commands` does the same for a program of several
+commands (`python -m llama.convert to_hf ...`).
 """
 
 import contextlib
@@ -30,6 +32,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
 # (`--stop '["\n"]'`) but not in a bare string (`--stop '\n'`), and a real newline is
 # awkward to type in a shell argument, so both spellings mean a newline.
 ESCAPED = ("prompt", "stop", "system")
+# What fire is given as the default of a required option, to tell it was left out.
+MISSING = object()
 
 # Descriptions of the options that several entry points share; an entry point's own
 # docstring (its "Args:" section) describes the rest and may override these.
@@ -66,13 +70,15 @@ OPTIONS = {
 
 
 def run(main: Callable, argv: Optional[Sequence[str]] = None,
-        repeatable: Sequence[str] = ("prompt",), epilog: str = "") -> None:
+        repeatable: Sequence[str] = ("prompt",), epilog: str = "", prog: Optional[str] = None,
+        errors: Tuple[type, ...] = USER_ERRORS, status: int = 2) -> None:
     """Run `main(**options)` from the command line (sys.argv by default). Options named
     in `repeatable` may be given several times; their values are taken as plain text.
-    `epilog` ends the help."""
+    `epilog` ends the help, `prog` names the command there (default: how it was called).
+    An exception among `errors` is the user's: one line on stderr and exit `status`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    prog = program_name()
-    with user_errors():
+    prog = prog or program_name()
+    with user_errors(errors, status):
         given, argv = take_repeated(argv, repeatable)
         if "-h" in argv or "--help" in argv:
             print(help_text(main, prog, repeatable, epilog))
@@ -80,6 +86,40 @@ def run(main: Callable, argv: Optional[Sequence[str]] = None,
         options = parse(main, argv, prog)
         options.update(given)
         main(**checked(main, options))
+
+
+def run_commands(commands: Dict[str, Callable], doc: str,
+                 argv: Optional[Sequence[str]] = None, **options) -> None:
+    """Run `PROG COMMAND [--option value ...]`: commands[COMMAND] through run(), which
+    takes `options`. COMMAND may be spelled with hyphens (to-hf for to_hf). `--help` in
+    place of a command lists the commands with `doc` (the module's docstring); no command
+    or an unknown one prints that list and an error line on stderr, and exits with 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = program_name()
+    name = argv[0].replace("-", "_") if argv else ""
+    if name in commands:
+        run(commands[name], argv[1:], prog=f"{prog} {name}", **options)
+        return
+    with user_errors():
+        if argv[:1] in (["-h"], ["--help"]):
+            print(commands_help(commands, doc, prog))
+            return
+    problem = f"{argv[0]!r} is not a command" if argv else "no command given"
+    print(f"{commands_help(commands, doc, prog)}\n\nerror: {problem}; choose one of "
+          f"{', '.join(commands)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def commands_help(commands: Dict[str, Callable], doc: str, prog: str) -> str:
+    """Usage, the first paragraph of `doc`, each command with the first line of its
+    docstring, the rest of `doc`, and where each command's options are described."""
+    summary, _, rest = inspect.cleandoc(doc).partition("\n\n")
+    width = max(map(len, commands)) + 2
+    lines = [f"usage: {prog} COMMAND [--option value ...]", "", summary, "", "commands:"]
+    lines += [f"  {name:<{width}}{inspect.cleandoc(fn.__doc__).splitlines()[0]}"
+              for name, fn in commands.items()]
+    lines += ["", rest, "", f"{prog} COMMAND --help describes the options of COMMAND."]
+    return "\n".join(lines)
 
 
 def program_name() -> str:
@@ -110,17 +150,46 @@ def take_repeated(argv: List[str], names: Sequence[str]) -> Tuple[Dict[str, list
 
 
 def parse(main: Callable, argv: List[str], prog: str) -> dict:
-    """main's options from argv, parsed by fire (its errors exit with status 2)."""
+    """main's options from argv, parsed by fire. Arguments fire cannot place, and a
+    required option left out, raise ValueError (one line, where fire would print its
+    usage screen)."""
     import fire
 
-    def arguments(*args, **kwargs):
-        return signature.bind(*args, **kwargs).arguments
-
+    # fire sees every option as optional, so that a missing one is reported here.
     signature = inspect.signature(main)
-    arguments.__signature__ = signature
-    quiet = contextlib.redirect_stderr(io.StringIO()) if rank() else contextlib.nullcontext()
-    with quiet:  # under torchrun, rank 0 alone says what is wrong
-        return dict(fire.Fire(arguments, command=argv, name=prog, serialize=lambda _: None))
+    relaxed = signature.replace(parameters=[
+        p.replace(default=MISSING) if p.default is p.empty else p
+        for p in signature.parameters.values()])
+
+    def arguments(*args, **kwargs):
+        return relaxed.bind(*args, **kwargs).arguments
+
+    arguments.__signature__ = relaxed
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            options = dict(fire.Fire(arguments, command=argv, name=prog,
+                                     serialize=lambda _: None))
+    except fire.core.FireExit:  # also fire's own flags after `--`, which we do not offer
+        raise ValueError(f"{fire_error(said.getvalue())} (see {prog} --help)") from None
+    missing = [name for name, p in signature.parameters.items()
+               if p.default is p.empty and options.get(name, MISSING) is MISSING]
+    if missing:
+        raise ValueError(f"--{missing[0]} is required (see {prog} --help)")
+    return options
+
+
+def fire_error(said: str) -> str:
+    """fire's complaint about the arguments, from what it wrote to stderr, in one line."""
+    said = re.sub(r"\x1b\[[0-9;]*m", "", said)  # fire colours its "ERROR: " on a terminal
+    line = next((line[len("ERROR: "):] for line in said.splitlines()
+                 if line.startswith("ERROR: ")), "")
+    unplaced = re.fullmatch(r"(?:Cannot find key|Could not consume arg): (.*)", line)
+    if unplaced:
+        arg = unplaced.group(1)
+        return (f"unknown option {arg}" if arg.startswith("-")
+                else f"unexpected argument {arg!r}")
+    return line or "the arguments cannot be read"
 
 
 def checked(main: Callable, options: dict) -> dict:
@@ -179,17 +248,23 @@ def type_name(hint) -> str:
 def help_text(main: Callable, prog: str, repeatable: Sequence[str] = (),
               epilog: str = "") -> str:
     """Usage, main's docstring without its Args section, every option with its type,
-    default and description, then the epilog."""
+    default (or `required`) and description, then the epilog."""
     description, described = split_docstring(main.__doc__ or "")
     hints = typing.get_type_hints(main)
-    lines = [f"usage: {prog} [--option value ...]", "", description, "", "options:"]
-    for name, param in inspect.signature(main).parameters.items():
+    parameters = inspect.signature(main).parameters
+    required = "".join(f"--{name} {name.upper()} " for name, param in parameters.items()
+                       if param.default is param.empty)
+    lines = [f"usage: {prog} {required}[--option value ...]", "", description, "",
+             "options:"]
+    for name, param in parameters.items():
         text = described.get(name) or OPTIONS.get(name)
         if text is None:
             raise TypeError(f"option {name} of {prog} has no description")
         flag = f"--{name}, --no{name}" if hints.get(name) is bool else f"--{name}"
         kind = "str, repeatable" if name in repeatable else type_name(hints.get(name))
-        lines.append(f"  {flag}  ({kind}; default: {shown(param.default)})")
+        default = ("required" if param.default is param.empty
+                   else f"default: {shown(param.default)}")
+        lines.append(f"  {flag}  ({kind}; {default})")
         lines.append(textwrap.fill(text, 88, initial_indent=" " * 6, subsequent_indent=" " * 6))
     lines += ["  -h, --help", "      show this help and exit"] + (["", epilog] if epilog else [])
     return "\n".join(lines)
@@ -227,9 +302,10 @@ def rank() -> int:
 
 
 @contextlib.contextmanager
-def user_errors():
-    """Turn a user error into one line on stderr (rank 0 only) and exit status 2, and
-    Ctrl-C into a quiet exit (status 130). CODELLAMA_TRACEBACK=1 shows the traceback."""
+def user_errors(errors: Tuple[type, ...] = USER_ERRORS, status: int = 2):
+    """Turn a user error (one of `errors`) into one line on stderr (rank 0 only) and exit
+    `status`, and Ctrl-C into a quiet exit (status 130). CODELLAMA_TRACEBACK=1 shows the
+    traceback."""
     try:
         yield
     except KeyboardInterrupt:
@@ -237,12 +313,12 @@ def user_errors():
     except BrokenPipeError:  # the reader of stdout (`| head`) has gone: nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
-    except USER_ERRORS as e:
+    except errors as e:
         if os.environ.get("CODELLAMA_TRACEBACK"):
             raise
         if rank() == 0:
             print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(status)
 
 
 def user_prompts(prompt: Optional[List[str]], prompts_file: Optional[str],

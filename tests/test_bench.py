@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import bench, check_gpu, check_mp, common, compare_mp
+from benchmarks import bench, check_gpu, check_mp, common, compare_mp, measure
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--device", "cpu", "--preset", "tiny"]
@@ -136,9 +136,9 @@ def test_a_failing_peer_is_reported_not_fatal(tmp_path, capsys, monkeypatch, one
     def fail(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (pretend)")
 
-    monkeypatch.setattr(bench, "hf_build", lambda *a: FakeHF())
-    monkeypatch.setattr(bench, "hf_decode_once", fail)
-    monkeypatch.setattr(bench, "hf_prefill", fail)
+    monkeypatch.setattr(measure, "hf_build", lambda *a: FakeHF())
+    monkeypatch.setattr(measure, "hf_decode_once", fail)
+    monkeypatch.setattr(measure, "hf_prefill", fail)
     monkeypatch.setitem(sys.modules, "transformers", type("M", (), {"__version__": "x"}))
     scen = bench.main([*TINY, "--prefill_lens", "8", "--batch_sizes", "1", "--prompt_len", "4",
                        "--gen_len", "3", "--repeats", "1"])["scenarios"]
@@ -152,13 +152,13 @@ def test_roofline_bytes_of_7b():
     """Bytes of one decode step: the weights less the input embedding, plus the KV read."""
     from llama import ModelArgs
     args = ModelArgs.from_name("7b")
-    fig = bench.decode_figures(args, 2, batch=1, context=15, steps=1, seconds=0.01,
-                               bandwidth=4e12, world=1)  # the one step reads 16 positions
+    fig = measure.decode_figures(args, 2, batch=1, context=15, steps=1, seconds=0.01,
+                                 bandwidth=4e12, world=1)  # the one step reads 16 positions
     weights = (6_738_546_688 - 32016 * 4096) * 2
     kv = 2 * 32 * 32 * 128 * 16 * 2
     assert fig["bytes_per_step_gb"] * 1e9 == pytest.approx(weights + kv)
     assert fig["roofline_tokens_per_s"] == pytest.approx(4e12 / (weights + kv))
-    half = bench.decode_figures(args, 2, 1, 15, 1, 0.01, 4e12, world=2)
+    half = measure.decode_figures(args, 2, 1, 15, 1, 0.01, 4e12, world=2)
     assert half["bytes_per_step_gb"] == pytest.approx(fig["bytes_per_step_gb"] / 2)
 
 
@@ -244,7 +244,7 @@ def test_compare_mp_runs_the_bench_it_reads(monkeypatch):
                                            "--decode", "eager"])
     for world in (1, 2):
         parsed = bench.parse_args(compare_mp.bench_args(opts, world))
-        assert [s.name for s in bench.plan(parsed)] == [compare_mp.SCENARIO]
+        assert [s.name for s in measure.plan(parsed)] == [compare_mp.SCENARIO]
         assert parsed.peers == [] and parsed.decode == "eager"
         assert parsed.symmetric_memory is (world == 2)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

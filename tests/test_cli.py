@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 from typing import List, Optional
 
@@ -17,7 +18,7 @@ import example_completion
 import example_infilling
 import example_instructions
 from conftest import build
-from llama import Llama, cli
+from llama import Llama, cli, convert
 from llama.chat import COMMANDS, chat
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,19 +45,79 @@ def test_help_describes_every_option_on_stdout(main, capsys):
     assert "--stats, --nostats  (switch; default: on)" in out
 
 
-def test_help_loads_neither_torch_nor_fire():
-    """Help answers at once: every entry point prints it before importing torch."""
-    script = (
-        "import runpy, sys\n"
-        "for name in ('example_completion', 'example_infilling', 'example_instructions',\n"
-        "             'llama.chat'):\n"
-        "    sys.argv = [name.replace('.', '/') + '.py', '--help']\n"
-        "    runpy.run_module(name, run_name='__main__')\n"
-        "print(sorted(m for m in ('torch', 'fire', 'fairscale') if m in sys.modules))\n")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("usage: ") == 4 and proc.stdout.endswith("[]\n")
+def installed(target: str, name: str) -> List[str]:
+    """python's arguments that run `target` (module:function) as its console script does."""
+    module, function = target.split(":")
+    return ["-c", f"import sys; from {module} import {function}; sys.argv[0] = {name!r}; "
+                  f"sys.exit({function}())"]
+
+
+def convert_options(command: str) -> List[str]:
+    return [f"--{name}" for name in inspect.signature(convert.COMMANDS[command]).parameters]
+
+
+# Every command line, run as users run it (a script, python -m, or the command setup.py
+# installs), with words its help must show.
+HELP = {
+    "example_completion": (["example_completion.py"], ["--ckpt_dir", "--prompt", "--stop"]),
+    "example_infilling": (["example_infilling.py"], ["--prompts_file", "--max_gen_len"]),
+    "example_instructions": (["example_instructions.py"], ["--temperature", "--dtype"]),
+    "chat": (["-m", "llama.chat"], ["--system", "/reset"]),
+    "codellama-chat": (installed("llama.chat:main", "codellama-chat"), ["--system"]),
+    "convert": (["-m", "llama.convert"], list(convert.COMMANDS) + ["--help"]),
+    "codellama-convert": (installed("llama.convert:main", "codellama-convert"),
+                          ["usage: codellama-convert COMMAND", "to_hf", "quantize"]),
+    **{f"convert {name}": (["-m", "llama.convert", name], convert_options(name))
+       for name in convert.COMMANDS},
+    "convert to-hf": (["-m", "llama.convert", "to-hf"], ["to_hf --ckpt_dir CKPT_DIR"]),
+    "codellama-convert reshard": (installed("llama.convert:main", "codellama-convert")
+                                  + ["reshard"], ["codellama-convert reshard", "--mp"]),
+    "eval": (["-m", "llama.eval"], ["humaneval", "perplexity"]),
+    "codellama-eval": (installed("llama.eval.__main__:main", "codellama-eval"),
+                       ["humaneval"]),
+    "bench": (["-m", "benchmarks.bench"], ["--decode", "--prefill_lens", "--draft", "--out"]),
+    "compare_mp": (["-m", "benchmarks.compare_mp"], ["--nproc", "--rounds"]),
+    "check_mp": (["-m", "benchmarks.check_mp"], ["write", "run", "compare"]),
+    "check_mp run": (["-m", "benchmarks.check_mp", "run"], ["--ckpt_dir", "--dtype"]),
+}
+
+
+@pytest.mark.parametrize("name", HELP)
+def test_help_is_on_stdout_and_imports_no_torch(name):
+    """--help answers at once: printed before torch (or fire) is imported, which python's
+    -X importtime would list."""
+    command, words = HELP[name]
+    proc = subprocess.run([sys.executable, "-X", "importtime", *command, "--help"], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=120)
+    timed = [line for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    imported = {line.rsplit("|", 1)[1].strip() for line in timed}
+    assert proc.returncode == 0 and len(timed) == len(proc.stderr.splitlines()), proc.stderr
+    assert proc.stdout.startswith("usage: ") and "INFO" not in proc.stdout, proc.stdout
+    for word in words:
+        assert word in proc.stdout
+    assert imported & {"llama", "benchmarks"}  # importtime lists what the command loads
+    assert not imported & {"torch", "fire", "fairscale"}
+
+
+@pytest.mark.parametrize("command", convert.COMMANDS)
+def test_convert_help_describes_every_option(command, capsys):
+    convert.main([command, "--help"])
+    out, err = capsys.readouterr()
+    assert err == "" and out.startswith(f"usage: {cli.program_name()} {command} --")
+    assert "Optional" not in out and "INFO" not in out
+    for name, param in inspect.signature(convert.COMMANDS[command]).parameters.items():
+        line = next(line for line in out.splitlines() if line.startswith(f"  --{name}  ("))
+        kind = cli.type_name(typing.get_type_hints(convert.COMMANDS[command])[name])
+        if param.default is param.empty:
+            assert line.endswith(f"({kind}; required)") and f"--{name} {name.upper()}" in out
+        else:
+            assert line.endswith(f"({kind}; default: {param.default})")
+        described = out.split(line + "\n", 1)[1].splitlines()[0]
+        assert described.startswith("      ") and len(described.strip()) > 3
+    # Its default stands in the signature (no torch to read it from): the same number.
+    from llama import quantize
+    assert convert.DEFAULT_GROUP_SIZE == quantize.DEFAULT_GROUP_SIZE
 
 
 def options(argv):
@@ -94,6 +155,28 @@ def test_a_bad_option_is_one_line_and_status_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit:
         options(argv)
     assert exit.value.code == 2 and capsys.readouterr() == ("", message)
+
+
+def test_what_fire_cannot_place_and_a_missing_option_are_one_line(capsys):
+    def needs(ckpt_dir: str, mp: int = 1):
+        """Something of a folder.
+
+        Args:
+            ckpt_dir: a folder
+            mp: processes
+        """
+    prog = cli.program_name()
+    for argv, problem in [(["x", "--bogus", "1"], "unknown option --bogus"),
+                          (["x", "2", "3"], "unexpected argument '3'"),
+                          (["--mp", "2"], "--ckpt_dir is required")]:
+        with pytest.raises(SystemExit) as exit:
+            cli.run(needs, argv)
+        assert exit.value.code == 2
+        assert capsys.readouterr() == ("", f"error: {problem} (see {prog} --help)\n")
+    # On a terminal fire colours its "ERROR: ".
+    said = "\x1b[1m\x1b[31mERROR: \x1b[0mCould not consume arg: --x\nUsage: prog <flags>\n"
+    assert cli.fire_error(said) == "unknown option --x"
+    assert "--ckpt_dir CKPT_DIR [--option" in cli.help_text(needs, "prog")
 
 
 def test_user_errors_are_one_line_on_rank_0_others_keep_their_traceback(capsys, monkeypatch):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT, build
-from llama import convert
+from llama import conversion, convert
 from llama.checkpoint import IGNORED_KEYS, load_rank_state
 
 TOKENS = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(3))
@@ -219,7 +219,7 @@ def test_params_json_that_does_not_match_the_weights(make_model, tmp_path):
 @pytest.mark.parametrize("size, expected", [("5GB", 5 * 10**9), ("2GiB", 2 * 2**30),
                                             ("500mb", 5 * 10**8), (1000, 1000)])
 def test_parse_size(size, expected):
-    assert convert.parse_size(size) == expected
+    assert conversion.parse_size(size) == expected
 
 
 def test_bad_size(make_model, tmp_path):
@@ -234,7 +234,7 @@ DEV_FULL = Path("/dev/full")
 
 def test_too_little_space_is_refused_before_writing(make_model, tmp_path, monkeypatch):
     free = collections.namedtuple("usage", "total used free")(10**9, 10**9 - 5000, 5000)
-    monkeypatch.setattr(convert.shutil, "disk_usage", lambda path: free)
+    monkeypatch.setattr(conversion.shutil, "disk_usage", lambda path: free)
     for run in (lambda: convert.to_hf(make_model()[0], tmp_path / "out"),
                 lambda: convert.reshard(make_model()[0], tmp_path / "out", mp=2)):
         with pytest.raises(OSError, match=r"the disk mounted at /\S* has 0.00 GB free, and "
@@ -259,8 +259,9 @@ def test_disk_filling_up_while_writing(make_model, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
     if not DEV_FULL.exists():
         return
-    real_save = convert.save_torch  # the real torch.save, onto a device that is always full
-    monkeypatch.setattr(convert, "save_torch", lambda state, path: real_save(state, DEV_FULL))
+    real_save = conversion.save_torch  # the real torch.save, onto a device always full
+    monkeypatch.setattr(conversion, "save_torch",
+                        lambda state, path: real_save(state, DEV_FULL))
     with pytest.raises(OSError, match=r"the disk mounted at /\S* is full"):
         convert.reshard(make_model()[0], tmp_path / "mp2", mp=2)
     assert not list(tmp_path.iterdir())
@@ -276,15 +277,15 @@ def test_interrupted_conversion_leaves_nothing_and_can_be_rerun(make_model, tmp_
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real_save(state, path)
-    real_save = convert.save_torch
-    monkeypatch.setattr(convert, "save_torch", interrupted)
+    real_save = conversion.save_torch
+    monkeypatch.setattr(conversion, "save_torch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert.reshard(meta, tmp_path / "mp2", mp=2)
     assert calls[0].parent.name == ".mp2.partial" and not list(tmp_path.iterdir())
     # A killed conversion (no chance to clean up) leaves only the hidden folder.
     (tmp_path / ".mp2.partial").mkdir()
     (tmp_path / ".mp2.partial" / "consolidated.00.pth").write_bytes(b"half")
-    monkeypatch.setattr(convert, "save_torch", real_save)
+    monkeypatch.setattr(conversion, "save_torch", real_save)
     convert.reshard(meta, tmp_path / "mp2", mp=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mp2"]
     assert_same_tensors(full_state(tmp_path / "mp2"), state)
@@ -328,7 +329,10 @@ def test_cli_user_errors_print_one_line(make_model, tmp_path, capsys):
     (tmp_path / "full" / "x").write_text("x")
     for argv, message in [
         (["reshard", meta, str(tmp_path / "a"), "--mp", "3"], "do not split over 3"),
-        (["reshard", meta, str(tmp_path / "a"), "--mp", "two"], "--mp must be a positive"),
+        (["reshard", meta, str(tmp_path / "a"), "--mp", "0"], "--mp must be a positive"),
+        (["reshard", meta, str(tmp_path / "a"), "--mp", "two"], "--mp takes int, got 'two'"),
+        (["reshard", meta, str(tmp_path / "a")], "--mp is required (see "),
+        (["reshard", meta, str(tmp_path / "a"), "2", "--bogus", "1"], "unknown option --bogus"),
         (["to_hf", meta, str(tmp_path / "full")], "is not empty"),
         (["from_hf", str(tmp_path / "nothing"), str(tmp_path / "b")], "config.json not found"),
     ]:
@@ -342,7 +346,7 @@ def test_cli_user_errors_print_one_line(make_model, tmp_path, capsys):
 def test_cli_internal_errors_keep_their_traceback(make_model, tmp_path, monkeypatch):
     def bug(*args):
         raise KeyError("a bug")
-    monkeypatch.setattr(convert, "write_ranks", bug)
+    monkeypatch.setattr(conversion, "write_ranks", bug)
     with pytest.raises(KeyError, match="a bug"):
         convert.main(["reshard", str(make_model()[0]), str(tmp_path / "a"), "--mp", "1"])
 
