@@ -17,7 +17,7 @@ from benchmarks import common, speculation
 from benchmarks.common import GiB, say
 from benchmarks.timing import Timer
 from llama import Llama
-from llama import memory
+from llama import distributed, memory
 from llama.hf import hf_config
 from llama.prompts import completion_prompt_tokens
 from llama.sampling import Sampling
@@ -332,7 +332,7 @@ def run(opts: argparse.Namespace) -> dict:
     written to --out). Exits with status 1 if one of our scenarios failed."""
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(distributed.local_rank())
     dtype = common.dtype_for(opts.dtype, device)
     timer = Timer(device)
     scenarios = plan(opts)

@@ -2,19 +2,19 @@
 
     python benchmarks/quant_gpu.py --out q.json [--batches 1 32] [--budget 170]
 
-For each linear shape of one 7B layer (and the output head) at each batch size: the
-bf16 F.linear baseline; int8 and int4 through the plain path (eager and compiled, as
-decode.py compiles it), the Triton kernel, tinygemm `_weight_int4pack_mm` (int4), the
-gpt-fast peer's compiled int8 (`linear(x, w.to(bf16)) * scales`), and torchao / gemlite
-where importable. Each
-product is checked against dequantize-then-multiply of the same stored weights (float32
-products of the bf16 inputs, rounded to bf16 once; a kernel passes when it is within
-1e-3 of the float32-weight or of the bf16-weight reference), then timed from a CUDA
-graph of 20 calls that cycle through enough copies of the weights (>= 256 MB) that none
-is still in L2 cache, as in a real decoding step. The Triton kernel's launch settings
-are then swept per shape and batch, in what is left of --budget seconds (the whole run's). Prints a table
-and writes everything to --out as JSON. Imports only torch, triton and this package's
-quantize/quant_kernels modules, not the model.
+For each linear shape of one 7B layer (and the output head) at each batch size: the bf16
+F.linear baseline; int8 and int4 through the plain path (eager and compiled, as
+graphs.py compiles decode steps), the Triton kernel, tinygemm `_weight_int4pack_mm`
+(int4), the gpt-fast peer's compiled int8 (`linear(x, w.to(bf16)) * scales`), and
+torchao / gemlite where importable. Each product is checked against
+dequantize-then-multiply of the same stored weights (float32 products of the bf16
+inputs, rounded to bf16 once; a kernel passes when it is within 1e-3 of the
+float32-weight or of the bf16-weight reference), then timed from a CUDA graph of 20
+calls that cycle through enough copies of the weights (>= 256 MB) that none is still in
+L2 cache, as in a real decoding step. The Triton kernel's launch settings are then swept
+per shape and batch, in what is left of --budget seconds (the whole run's). Prints a
+table and writes everything to --out as JSON. Imports only torch, triton and this
+package's quantize/quant_kernels modules, not the model.
 """
 
 import argparse
@@ -100,7 +100,7 @@ def variants(weight, pieces, x):
     n, k = weight.shape
     bf16_copies = [weight.clone() for _ in range(copies_for(2 * n * k))]
     out["bf16"] = (2 * n * k, [lambda w=w: F.linear(x, w) for w in bf16_copies])
-    # What decode.py's compilation makes of the plain path, and the gpt-fast peer's int8
+    # What graphs.py's compilation makes of the plain path, and the gpt-fast peer's int8
     # (the product scaled after: rounded twice in bf16).
     compiled = {"int8": torch.compile(q.int8_linear, dynamic=False),
                 "int4": torch.compile(q.int4_linear, dynamic=False)}

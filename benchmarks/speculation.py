@@ -14,7 +14,6 @@ from typing import List, Optional
 
 import torch
 
-from benchmarks import common
 from benchmarks.timing import Timer
 from llama import Llama
 from llama.drafting import LookupDrafter

@@ -15,8 +15,8 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
-from .graphs import (COMPILE_SETTINGS, MAX_STEP_COMPILATIONS, batch_bucket, to_device,
-                     warm_up)
+from .graphs import (COMPILE_SETTINGS, MAX_STEP_COMPILATIONS, batch_bucket, record,
+                     to_device, warm_up)
 
 
 def chunk_runner(model, decode: str):
@@ -109,23 +109,5 @@ class GraphedChunks:
             step = lambda: step_fn(self.model, *statics[:2], whole_cache,  # noqa: E731
                                    *statics[2:], *settings)
             warm_up(step, device)  # writes the cache entries the real step writes
-            outputs, replay = self.record(step)
+            outputs, replay = record(step, self.capture_graphs, self.pool)
         return replay, statics, settings, outputs
-
-    def record(self, step):
-        """(outputs, replay), as graphs.GraphedDecoder.record."""
-        if not self.capture_graphs:
-            with torch.random.fork_rng(devices=[]):
-                outputs = step()
-
-            def rerun():
-                with torch.inference_mode(False), torch.no_grad():
-                    new = step()
-                for out, value in zip(outputs, new):
-                    if out is not None:
-                        out.copy_(value)
-            return outputs, rerun
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            outputs = step()
-        return outputs, graph.replay

@@ -159,8 +159,8 @@ def check_shapes(args: ModelArgs, shapes: Dict[str, Tuple[int, ...]], source: st
 
 
 def positive_int(value, flag: str) -> None:
-    # bool is an int to Python, and fire turns a bare flag into True.
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    # hparams.is_count refuses bools: fire turns a bare flag into True.
+    if not hparams.is_count(value):
         raise ValueError(f"{flag} must be a positive whole number, got {value!r}")
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from . import allreduce, distributed
 from .graphs import EagerDecoder, GraphedDecoder, graphs_available
+from .hparams import is_count
 from .sampling import Sampling, pick
 
 DECODE_MODES = ("eager", "graphs", "compiled")
@@ -79,7 +80,7 @@ class Engine:
             raise ValueError("decode='graphs' needs a CUDA device with Triton; use "
                              "decode='eager' or decode='compiled' here")
         chunk = new["prefill_chunk"]
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        if not is_count(chunk):
             raise ValueError(f"prefill_chunk must be a positive whole number of positions, "
                              f"got {chunk!r}")
         if not isinstance(new["symmetric_memory"], bool):

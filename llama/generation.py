@@ -145,7 +145,7 @@ class Llama:
         draft: speculative decoding (docs/speculative.md): None (off, the default),
         "lookup" (propose the continuation of the latest earlier match of the last few
         tokens in the prompt and the text so far), "int4" (the target's weights in int4,
-        where llama/quantize.py exists) or another Llama sharing this one's tokenizer,
+        quantize.py) or another Llama sharing this one's tokenizer,
         model-parallel size and device, with a KV cache at least as large. Greedy output
         is the same as without a draft; sampled output has the same distribution.
         draft_tokens: tokens proposed per row per round (default 4).

@@ -102,6 +102,27 @@ def warm_up(step, device: torch.device, runs: int = 2) -> None:
         torch.cuda.current_stream(device).wait_stream(side)
 
 
+def record(step, capture: bool, pool) -> Tuple[tuple, Callable[[], None]]:
+    """(outputs, replay): `step` captured in a CUDA graph in `pool` (or, without
+    `capture`, run once); each replay runs it again on the static inputs and writes its
+    outputs into the same tensors. GraphedDecoder's and chunk_steps.GraphedChunks'."""
+    if not capture:
+        with torch.random.fork_rng(devices=[]):  # capturing draws no random numbers
+            outputs = step()
+
+        def rerun():  # in the mode the step was traced in (see GraphedDecoder.capture)
+            with torch.inference_mode(False), torch.no_grad():
+                new = step()
+            for out, value in zip(outputs, new):
+                if out is not None:  # a chunk step may leave an output out
+                    out.copy_(value)
+        return outputs, rerun
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        outputs = step()
+    return outputs, graph.replay
+
+
 def batch_bucket(rows: int, max_batch_size: int) -> int:
     """Rows a graphed step runs for a batch of `rows`: the next power of two, at most
     max_batch_size. The padding costs little in a step that mostly reads weights, and
@@ -121,13 +142,12 @@ class GraphedDecoder:
 
     With `compile`, steps are first compiled by torch.compile (inductor fuses the small
     kernels of RMSNorm, RoPE and the cache update), and the compiled kernels are what the
-    graph captures; `inductor` updates COMPILE_SETTINGS for them. Compiling takes a
-    minute or more per graph the first time. Off CUDA (`capture` False) the same
-    fixed-shape steps run directly, so that a compiled step compiles once per graph key
-    there too (at the price of attending over the whole cache, masked)."""
+    graph captures. Compiling takes a minute or more per graph the first time. Off CUDA
+    (`capture` False) the same fixed-shape steps run directly, so that a compiled step
+    compiles once per graph key there too (at the price of attending over the whole
+    cache, masked)."""
 
-    def __init__(self, model, compile: bool = False, inductor: Optional[dict] = None,
-                 capture: Optional[bool] = None):
+    def __init__(self, model, compile: bool = False, capture: Optional[bool] = None):
         self.model = model
         self.graphs: Dict[tuple, Tuple[Callable[[], None], tuple, tuple]] = {}
         # Per graph, the batch size and sampling settings its inputs were last given: the
@@ -136,7 +156,7 @@ class GraphedDecoder:
         self.capture_graphs = model.rope.device.type == "cuda" if capture is None else capture
         # One memory pool shared by all graphs.
         self.pool = torch.cuda.graph_pool_handle() if self.capture_graphs else None
-        self.step = compile_step(inductor) if compile else decode_step
+        self.step = compile_step() if compile else decode_step
 
     def __call__(self, tokens, positions: List[int], sampling: Sampling):
         temperature, top_p = sampling.temperature, sampling.top_p
@@ -186,24 +206,6 @@ class GraphedDecoder:
                 self.model, static_tokens, static_positions, whole_cache, *settings)
             # The warm-up writes the same cache entries the real step writes.
             warm_up(step, tokens.device)
-            outputs, replay = self.record(step)
+            outputs, replay = record(step, self.capture_graphs, self.pool)
         return replay, (static_tokens, static_positions, settings), outputs
 
-    def record(self, step):
-        """(outputs, replay): `step` captured in a CUDA graph (or, without capture, run
-        once); each replay runs it again on the static inputs and writes its outputs into
-        the same tensors."""
-        if not self.capture_graphs:
-            with torch.random.fork_rng(devices=[]):  # capturing draws no random numbers
-                outputs = step()
-
-            def rerun():  # in the mode the step was traced in (see capture)
-                with torch.inference_mode(False), torch.no_grad():
-                    new = step()
-                for out, value in zip(outputs, new):
-                    out.copy_(value)
-            return outputs, rerun
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            outputs = step()
-        return outputs, graph.replay

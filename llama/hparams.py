@@ -33,6 +33,8 @@ def read_json(path: Path) -> dict:
 
 
 def is_count(value) -> bool:
+    """A whole number of at least 1; not a bool (Python counts True as 1). Also the
+    check of the library's own size arguments."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import checkpoint, distributed, prequantized, quant_kernels
+from . import checkpoint, distributed, hparams, prequantized, quant_kernels
 from . import quantize as quantization
 from .memory import check_fits
 from .model import ModelArgs, Transformer, skip_fairscale_init
@@ -38,7 +38,7 @@ def empty_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Tr
 
 def check_sizes(max_seq_len, max_batch_size) -> None:
     for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not hparams.is_count(value):
             raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
 
 

@@ -16,9 +16,10 @@ Every accepted proposal is a token gained. The output is the target's own:
   exactly as p says (Leviathan et al. 2023; Chen et al. 2023). Prompt lookup proposes
   deterministically: q is a point mass.
 
-Drafters (drafting.py): another Llama sharing the tokenizer, or prompt lookup. The engine
-yields one step per token index, so a round that accepts 3 tokens for row 0 and 1 for
-row 1 yields 3 steps, with row 1 None in the last two.
+Drafters (drafting.py): another Llama sharing the tokenizer, the target's own weights in
+int4, or prompt lookup. The engine yields one step per token index, so a round that
+accepts 3 tokens for row 0 and 1 for row 1 yields 3 steps, with row 1 None in the last
+two.
 """
 
 import operator

@@ -252,7 +252,7 @@ def test_speed_report_counts_the_generated_tokens(make_model, capsys):
     assert re.match(r"\[\d tokens in ", capsys.readouterr().err)
 
 
-# ---- what the library does for a command-line user (issue 24 items 4 and 10) -----------
+# ---- what the library does for a command-line user ---------------------------------------
 
 def test_prompts_that_are_not_unicode_get_a_value_error(make_model):
     generator = build(make_model()[0])

@@ -359,9 +359,9 @@ def test_compiled_steps_keep_their_own_inductor_settings(make_model):
 
 
 def test_compiled_steps_compile_past_dynamos_default_limit(make_model):
-    """Each batch size, greedy or sampling (and cache bucket) compiles decode_step once
-    more; dynamo's default of 8 per function would run the ninth uncompiled. Nine
-    different cache lengths: nine compilations, each equal to the eager step."""
+    """Each batch bucket, greedy or sampling, compiles decode_step once more; dynamo's
+    default of 8 per function would run the ninth uncompiled. Nine different cache
+    lengths force nine compilations here, each equal to the eager step."""
     import torch._dynamo
     from llama.graphs import compile_step
     from llama.sampling import decode_step

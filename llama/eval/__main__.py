@@ -7,7 +7,6 @@ import argparse
 import sys
 from typing import List, Optional
 
-BENCHMARKS = ("humaneval", "infilling", "mbpp", "perplexity")
 EXAMPLES = """examples:
   python -m llama.eval humaneval --ckpt_dir CodeLlama-7b
   python -m llama.eval humaneval --ckpt_dir CodeLlama-7b --n_samples 200   # pass@10/100

@@ -1,5 +1,5 @@
 """Run generated test programs, each in its own sandboxed process (see guard.py for what
-the child enforces), several at a time.
+the child enforces); run.py runs several at a time, each from its own thread.
 
 Each program runs in a fresh Python interpreter started with `-I` (no environment
 variables, user site or current folder on its path) and, unless Limits.site_packages,
@@ -15,10 +15,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, Optional, Tuple
+from typing import Dict, Optional
 
 GUARD = str(Path(__file__).with_name("guard.py"))
 # Wall-clock allowance on top of the program's time limit for starting the interpreter
@@ -118,15 +117,6 @@ def run_program(program: str, limits: Limits = Limits()) -> Outcome:
         report = read_report(proc.stdout, token)
         proc.stdout.close()
     return outcome_of(report, proc.returncode, timed_out)
-
-
-def run_programs(programs: Iterable[Tuple[object, str]], limits: Limits = Limits(),
-                 workers: Optional[int] = None) -> Iterator[Tuple[object, Outcome]]:
-    """(key, Outcome) for each (key, program), in the order they finish."""
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        futures = {pool.submit(run_program, program, limits): key for key, program in programs}
-        for future in as_completed(futures):
-            yield futures[future], future.result()
 
 
 def probe(limits: Limits = Limits()) -> dict:

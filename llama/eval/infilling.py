@@ -22,7 +22,6 @@ TASKS = {
     "random-span-light": ("HumanEval-RandomSpanInfillingLight.jsonl.gz",
                           "1432250ecac0cb56e6f97f8faf0970419ef892a98fda7e1f5aa4c4b87209b760"),
 }
-FORMATS = ("psm", "spm")
 
 
 def source(task: str) -> data.Source:

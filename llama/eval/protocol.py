@@ -37,8 +37,6 @@ from typing import List
 
 STOP_HUMANEVAL = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```"]
 STOP_MBPP = ["[DONE]"]
-GREEDY = dict(temperature=0.0, top_p=0.95)
-SAMPLED = dict(temperature=0.8, top_p=0.95)
 MBPP_SHOT_IDS = (2, 3, 4)
 MBPP_TEST_IDS = range(11, 511)
 MBPP_TEMPLATE = ("You are an expert Python programmer, and here is your task: {text} "

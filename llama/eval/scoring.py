@@ -75,11 +75,11 @@ class ResultsFile:
                 f.write(json.dumps(record) + "\n")
 
 
-def summarize(records: Iterable[dict], task_ids: Sequence, n_samples: Optional[int] = None,
-              ks: Sequence[int] = KS) -> Dict[str, object]:
-    """pass@k averaged over `task_ids`, for each k no larger than the samples per problem.
-    With n_samples, each problem is scored on its first n_samples records and one with
-    fewer is an error (the run is unfinished); without, on all of its records."""
+def summarize(records: Iterable[dict], task_ids: Sequence,
+              n_samples: Optional[int] = None) -> Dict[str, object]:
+    """pass@k averaged over `task_ids`, for each k of KS no larger than the samples per
+    problem. With n_samples, each problem is scored on its first n_samples records and one
+    with fewer is an error (the run is unfinished); without, on all of its records."""
     if not task_ids:
         raise ValueError("no problems to score")
     passed = defaultdict(list)
@@ -94,7 +94,7 @@ def summarize(records: Iterable[dict], task_ids: Sequence, n_samples: Optional[i
         passed = {t: passed[t][:n_samples] for t in task_ids}
     counts = [len(passed[t]) for t in task_ids]
     summary: Dict[str, object] = {"problems": len(task_ids), "samples": sum(counts)}
-    for k in ks:
+    for k in KS:
         if k <= min(counts):
             scores = [pass_at_k(len(passed[t]), sum(passed[t]), k) for t in task_ids]
             summary[f"pass@{k}"] = sum(scores) / len(scores)
