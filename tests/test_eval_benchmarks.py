@@ -127,6 +127,17 @@ def test_infilling_sources_are_pinned():
         infilling.source("two-line")
 
 
+def test_mbpp_source_is_pinned(tmp_path):
+    assert mbpp.COMMIT in mbpp.SOURCE.url and mbpp.SOURCE.url.endswith(mbpp.SOURCE.filename)
+    assert len(mbpp.SOURCE.sha256) == 64
+    # a file of the right name but other bytes (here the fixture) is deleted and refused
+    other = write_jsonl(tmp_path / "mbpp.jsonl", mbpp_rows())
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match="not the expected"):
+        data.fetch(data.Source(other.as_uri(), mbpp.SOURCE.sha256, "mbpp.jsonl"), cache)
+    assert list(cache.iterdir()) == []
+
+
 class FakeGenerator:
     """Records the calls the benchmarks make; answers with fixed text."""
 

@@ -16,7 +16,7 @@ from typing import Dict, List, NamedTuple, Optional
 
 class Source(NamedTuple):
     url: str
-    sha256: Optional[str]  # None: not pinned (see the docs); the download is then reported
+    sha256: str  # the pinned digest of the file at that URL
     filename: str
 
 
@@ -58,9 +58,6 @@ def fetch(source: Source, folder: Optional[Path] = None) -> Path:
 
 
 def check_digest(path: Path, source: Source) -> None:
-    if source.sha256 is None:
-        print(f"note: {path.name} has no pinned checksum; its SHA-256 is {sha256_of(path)}")
-        return
     actual = sha256_of(path)
     if actual != source.sha256:
         path.unlink()

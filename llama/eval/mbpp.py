@@ -8,10 +8,13 @@ from . import data
 from .protocol import MBPP_SHOT_IDS, MBPP_TEST_IDS, STOP_MBPP, continue_prompts, mbpp_prompt
 from .protocol import mbpp_program as program  # noqa: F401  (the benchmark's test program)
 
-# The MBPP repository's file at a fixed commit. Its SHA-256 is not pinned: no copy of the
-# official file could be verified where this was written; each download prints its digest.
+# The MBPP repository's file at a fixed commit: 974 rows, 563,537 bytes. Later revisions of
+# the file differ (tasks 341, 596 and 642 were rewritten, 341 being a test problem), so a
+# copy taken from another commit is refused by the digest rather than scored silently.
+COMMIT = "2251e8c67a7fe7d6348714967ee101080b28e956"
 SOURCE = data.Source("https://raw.githubusercontent.com/google-research/google-research/"
-                     "2251e8c67a7fe7d6348714967ee101080b28e956/mbpp/mbpp.jsonl", None,
+                     f"{COMMIT}/mbpp/mbpp.jsonl",
+                     "0b7004a79cd62d9ec7ecdd5a6e5f0ef1210ff00b286df3c5d5b57bf38c58e19a",
                      "mbpp.jsonl")
 FIELDS = ("task_id", "text", "code", "test_list", "test_setup_code")
 
