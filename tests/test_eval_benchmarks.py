@@ -287,3 +287,22 @@ def test_a_draft_leaves_greedy_completions_unchanged(tiny, tmp_path, draft):
     plain, drafted = lines(tmp_path / "plain.jsonl"), lines(tmp_path / "draft.jsonl")
     by_task = lambda rows: sorted((r["task_id"], r["completion"]) for r in rows)  # noqa: E731
     assert by_task(drafted) == by_task(plain)  # rows are written as they are scored
+
+
+def test_a_prompt_too_long_is_refused_before_anything_is_generated(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    problems = [dict(p) for p in HUMANEVAL[:2]]
+    problems[1]["prompt"] = "x = 1\n" * 100 + problems[1]["prompt"]
+    data_file = write_jsonl(tmp_path / "he.jsonl", problems)
+    with pytest.raises(ValueError, match=f"the prompt of {problems[1]['task_id']} is "
+                                         r"\d+ tokens.*--max_seq_len \d+ or more"):
+        main(["humaneval", "--ckpt_dir", str(tiny[0]), "--data", str(data_file),
+              "--max_seq_len", "160", "--max_gen_len", "6"])
+    assert not (tmp_path / "eval-results" / "humaneval.jsonl").exists() or not lines(
+        tmp_path / "eval-results" / "humaneval.jsonl")
+
+
+def test_mbpp_defaults_leave_room_for_its_longest_prompt():
+    from llama.eval.__main__ import parser
+    assert parser().parse_args(["mbpp", "--ckpt_dir", "x"]).max_seq_len == 5120
+    assert parser().parse_args(["humaneval", "--ckpt_dir", "x"]).max_seq_len == 2048

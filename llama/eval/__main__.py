@@ -18,10 +18,10 @@ EXAMPLES = """examples:
 docs/eval.md describes the protocol and the paper's numbers."""
 
 
-def model_options(p: argparse.ArgumentParser) -> None:
+def model_options(p: argparse.ArgumentParser, max_seq_len: int = 2048) -> None:
     p.add_argument("--ckpt_dir", help="model folder (Meta or Hugging Face layout)")
-    p.add_argument("--max_seq_len", type=int, default=2048,
-                   help="KV cache length: prompt plus generation (default 2048)")
+    p.add_argument("--max_seq_len", type=int, default=max_seq_len,
+                   help=f"KV cache length: prompt plus generation (default {max_seq_len})")
     p.add_argument("--batch_size", type=int, default=4, help="prompts per forward pass")
     p.add_argument("--quantize", default=None,
                    help="passed to Llama.build(quantize=...) (default: no quantization)")
@@ -69,14 +69,16 @@ def parser() -> argparse.ArgumentParser:
         description="Evaluate a Code Llama model on the paper's benchmarks, with "
                     "generated code run in a sandbox.")
     sub = root.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    # (description, max_gen_len, max_seq_len): MBPP's longest 3-shot prompt (task 493, a
+    # long list of floats in its tests) is about 4,400 tokens.
     commands = {
-        "humaneval": ("HumanEval, 0-shot completion (164 problems)", 512),
-        "infilling": ("HumanEval infilling (PSM or SPM)", 256),
-        "mbpp": ("MBPP, 3-shot (500 test problems)", 512),
+        "humaneval": ("HumanEval, 0-shot completion (164 problems)", 512, 2048),
+        "infilling": ("HumanEval infilling (PSM or SPM)", 256, 2048),
+        "mbpp": ("MBPP, 3-shot (500 test problems)", 512, 5120),
     }
-    for name, (text, max_gen_len) in commands.items():
+    for name, (text, max_gen_len, max_seq_len) in commands.items():
         p = sub.add_parser(name, help=text, description=text)
-        model_options(p)
+        model_options(p, max_seq_len)
         sampling_options(p, max_gen_len)
         if name == "infilling":
             p.add_argument("--task", default="single-line", choices=[

@@ -103,6 +103,7 @@ def generate_and_score(args, generator, problems, results, limits) -> dict:
     settings = vars(args)
     todo = shared([i for i, p in enumerate(problems)
                    for _ in range(results.remaining(p["task_id"], args.n_samples))])
+    check_prompt_lengths(args, generator, [problems[i] for i in sorted(set(todo))])
     bar = tqdm(total=len(todo), desc=run_name(args), disable=not results.writer)
     clock = {"generating_s": 0.0, "generated_tokens": 0, "tests_s": 0.0}
     lock = threading.Lock()
@@ -137,6 +138,20 @@ def generate_and_score(args, generator, problems, results, limits) -> dict:
     clock["wall_s"] = time.perf_counter() - run_start
     clock["tokens_per_s"] = clock["generated_tokens"] / max(clock["generating_s"], 1e-9)
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in clock.items()}
+
+
+def check_prompt_lengths(args, generator, problems: List[dict]) -> None:
+    """Refuse before generating anything, not at the first batch whose prompt does not fit
+    (some MBPP prompts run to thousands of tokens)."""
+    if args.benchmark == "infilling":  # prefix and suffix: text_infilling checks its own
+        return
+    tok = generator.tokenizer
+    lengths = {p["task_id"]: len(tok.encode(p["prompt"], bos=True, eos=False)) for p in problems}
+    task, longest = max(lengths.items(), key=lambda item: item[1], default=(None, 0))
+    if longest + 1 > args.max_seq_len:
+        raise ValueError(f"the prompt of {task} is {longest} tokens, which leaves no room to "
+                         f"generate in --max_seq_len {args.max_seq_len}; rerun with "
+                         f"--max_seq_len {longest + args.max_gen_len} or more")
 
 
 def score_samples(args, problems, results, limits) -> List[str]:
