@@ -22,17 +22,19 @@ From the checkout's root:
     python -m benchmarks.check_gpu --device cpu --dtype bfloat16
 """
 
+from __future__ import annotations  # annotations name torch types: not imported for --help
+
 import argparse
 import json
 import sys
-from typing import List, Optional
-
-import torch
+from typing import TYPE_CHECKING, Callable, List, Optional
 
 from benchmarks import common
-from llama import Llama
-from llama.checkpoint import load_into
-from llama.loading import empty_model
+
+if TYPE_CHECKING:
+    import torch
+
+    from llama import Llama
 
 # A little bigger than the "tiny" preset (GQA, 4 layers), still instant on any device.
 SHAPES = dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, multiple_of=64)
@@ -44,10 +46,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def run(device: str = "cuda", dtype: Optional[str] = None, preset: str = "tiny", prompts: int = 6,
         gen_len: int = 48, long_prompt: int = 250, seed: int = 0,
-        max_rel_err: Optional[float] = None, decode: Optional[str] = None) -> dict:
+        max_rel_err: Optional[float] = None, decode: Optional[str] = None,
+        load: Optional[Callable] = None) -> dict:
     """The check as a dict: {"ok", "logits_rel_err", "prompts": [...]}. A divergence is a
     near-tie when the test token is in the float32 top 2 and trails the float32 top-1 by
-    at most 10 x (logits relative error) x (RMS of the float32 logits there)."""
+    at most 10 x (logits relative error) x (RMS of the float32 logits there). `load`
+    copies the weights into the test model (default: checkpoint.load_into, the path
+    Llama.build takes)."""
+    import torch
+
+    from llama import Llama
+    from llama.checkpoint import load_into
+    from llama.loading import empty_model
+
+    load = load or load_into
     device = torch.device(device)
     dt = common.dtype_for(dtype, device)
     exact = dt == torch.float32 and device.type == "cpu"  # the very same computation
@@ -65,7 +77,7 @@ def run(device: str = "cuda", dtype: Optional[str] = None, preset: str = "tiny",
     # Load before wrapping in Llama, as Llama.build does: on CUDA the wrapper fuses the
     # projections from the weights the model holds at that moment.
     model = empty_model(ref.model.params, device, dt)
-    load_into(model, ref.model.state_dict(), "float32 copy", device, dt)
+    load(model, ref.model.state_dict(), "float32 copy", device, dt)
     test = Llama(model, None)
     if decode is not None:
         test.configure(decode=decode)
@@ -107,6 +119,8 @@ def sampling_follows_each_call(test: Llama, prompt_tokens, gen_len: int, seed: i
     """Sampled tokens at a second setting after a first (same seed; on CUDA the second
     replays the graph the first captured) equal those of new decode runners at the second
     setting (which capture anew), and differ from the first setting's."""
+    import torch
+
     def sample(temperature, top_p):
         torch.manual_seed(seed)
         return test.generate(prompt_tokens, max_gen_len=gen_len, temperature=temperature,

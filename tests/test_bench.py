@@ -186,7 +186,7 @@ def test_check_gpu_sees_whether_captured_steps_follow_each_calls_sampling(
     assert report["ok"] is not baked
 
 
-def test_check_gpu_bfloat16_near_ties_and_a_real_mismatch(monkeypatch, one_thread):
+def test_check_gpu_bfloat16_near_ties_and_a_real_mismatch(one_thread):
     report = check_gpu.run(device="cpu", dtype="bfloat16", prompts=3, gen_len=16,
                            long_prompt=100)
     assert report["ok"], report
@@ -195,15 +195,16 @@ def test_check_gpu_bfloat16_near_ties_and_a_real_mismatch(monkeypatch, one_threa
         if row["agreeing_tokens"] < 16:
             assert row["test_token"] in row["float32_top2"]
 
+    from llama.checkpoint import load_into
+
     def broken_load(model, state, source, device, dtype):  # a bug in the fast path
         state = dict(state)
         key = "layers.0.attention.wq.weight"
         state[key] = state[key].flip(0)
         return load_into(model, state, source, device, dtype)
 
-    load_into = check_gpu.load_into
-    monkeypatch.setattr(check_gpu, "load_into", broken_load)
-    bad = check_gpu.run(device="cpu", dtype="bfloat16", prompts=2, gen_len=4, long_prompt=8)
+    bad = check_gpu.run(device="cpu", dtype="bfloat16", prompts=2, gen_len=4, long_prompt=8,
+                        load=broken_load)
     assert not bad["ok"] and bad["logits_rel_err"] > 5e-2
 
 

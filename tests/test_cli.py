@@ -79,6 +79,7 @@ HELP = {
     "compare_mp": (["-m", "benchmarks.compare_mp"], ["--nproc", "--rounds"]),
     "check_mp": (["-m", "benchmarks.check_mp"], ["write", "run", "compare"]),
     "check_mp run": (["-m", "benchmarks.check_mp", "run"], ["--ckpt_dir", "--dtype"]),
+    "check_gpu": (["-m", "benchmarks.check_gpu"], ["--device", "--decode", "--max_rel_err"]),
 }
 
 
