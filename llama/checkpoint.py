@@ -251,11 +251,8 @@ class Deferred:
 # ---- Meta's format ------------------------------------------------------------------------
 
 def md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
 
 
 def check_small_files(ckpt_dir: Path) -> None:

@@ -106,6 +106,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from llama.checkpoint import md5  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
 from llama.prompts import infilling_prompt_tokens  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
@@ -643,14 +644,6 @@ def meta_state(state: Dict[str, torch.Tensor], args: ModelArgs) -> "OrderedDict"
     order += ["norm.weight", "output.weight"]
     assert sorted(order) == sorted(meta), set(order) ^ set(meta)
     return OrderedDict((k, meta[k].to(torch.bfloat16).contiguous().clone()) for k in order)
-
-
-def md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 EXPORT_FILES = ("consolidated.00.pth", "params.json", "tokenizer.model", "checklist.chk")
