@@ -11,8 +11,9 @@ product where the reference runs three or two. Loading and saving keep Meta's na
 The KV cache is a small module whose rows can sit at different positions, so a ragged
 batch is prefilled in one pass and decoded without teacher forcing. Attention goes
 through `torch.nn.functional.scaled_dot_product_attention`, with a mask that is correct
-for any `start_pos` (chunked prefill works); one-token steps on CUDA use the Triton
-kernel of kernels.py, which reads each row's length from the device.
+for any `start_pos` (chunked prefill works); steps of up to 16 tokens per row on CUDA
+(decoding, speculative verify) use the Triton kernel of kernels.py, which reads each
+row's length from the device.
 
 Everything that makes decoding fast on a GPU is applied from outside, on a model built
 from this file: CUDA graphs and torch.compile (graphs.py), the fused sum over ranks at
@@ -237,9 +238,10 @@ def attend(q, k, v, mask) -> torch.Tensor:
     q: (bsz, heads, seqlen, head_dim); k, v: (bsz, kv_heads, kv_len, head_dim).
     mask: None (every key visible), CAUSAL (query i sees keys up to kv_len - seqlen + i:
     a prefill chunk after kv_len - seqlen cached tokens, run by flash kernels without a
-    materialised mask), key counts (an integer (bsz,) tensor, where kernels.available:
-    one query per row, which sees its row's first counts[b] keys), or a boolean
-    (bsz, 1, seqlen, kv_len) tensor, True where visible.
+    materialised mask), key counts (an integer (bsz,) tensor, where kernels.available,
+    for up to kernels.MAX_QUERIES queries per row: the last one sees its row's first
+    counts[b] keys, each one before it a key fewer), or a boolean (bsz, 1, seqlen,
+    kv_len) tensor, True where visible.
     """
     if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
         return kernels.decode_attention(q, k, v, mask)
@@ -258,8 +260,9 @@ def attention_mask(start_pos, positions: torch.Tensor, seqlen: int, kv_len: int,
     if isinstance(start_pos, int) and kv_len == start_pos + seqlen:
         # Every row holds exactly the keys before and in this chunk.
         return None if seqlen == 1 else CAUSAL
-    if seqlen == 1 and kernels.available(positions.device, head_dim):
-        return positions[:, 0] + 1  # decoding: each row sees the keys up to its position
+    if seqlen <= kernels.MAX_QUERIES and kernels.available(positions.device, head_dim):
+        # Decode and verify steps: each row sees the keys up to its last position.
+        return positions[:, -1] + 1
     key_pos = torch.arange(kv_len, device=positions.device)
     return (key_pos <= positions[..., None])[:, None]
 

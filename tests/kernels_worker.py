@@ -17,23 +17,35 @@ from llama.model import RMSNorm
 
 
 def masked_reference(q, k, v, lengths):
-    mask = (torch.arange(k.shape[2]) < lengths[:, None])[:, None, None]
+    """SDPA with the mask decode_attention means: the last of a row's queries sees its
+    first lengths[b] keys, each earlier query one fewer."""
+    queries = q.shape[2]
+    seen = lengths[:, None] - (queries - 1) + torch.arange(queries)  # (bsz, queries)
+    mask = (torch.arange(k.shape[2]) < seen[..., None])[:, None]
     return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                           enable_gqa=True)
 
 
 def kernel_errors():
-    """Max error against SDPA with a mask, per (dtype, heads, kv_heads, lengths, split)."""
+    """Max error against SDPA with a mask, per (dtype, heads, kv_heads, lengths, split,
+    queries per row)."""
     torch.manual_seed(0)
     errors = {}
     for dtype in (torch.float32, torch.float16):
-        for heads, kv_heads, head_dim, lengths, split, block_n, programs in [
-            (4, 4, 32, [130, 5], 32, 16, 16),       # no grouping; 2-3 blocks per program
-            (8, 2, 16, [1, 64, 200], 64, 16, 1024),  # groups of 4; one key; a whole block
-            (16, 2, 16, [300, 299], 128, 32, 1024),  # groups of 8 (34B/70B's ratio)
+        for heads, kv_heads, head_dim, lengths, split, block_n, programs, queries in [
+            (4, 4, 32, [130, 5], 32, 16, 16, 1),       # no grouping; 2-3 blocks per program
+            (8, 2, 16, [1, 64, 200], 64, 16, 1024, 1),  # groups of 4; one key; a whole block
+            (16, 2, 16, [300, 299], 128, 32, 1024, 1),  # groups of 8 (34B/70B's ratio)
             # The cache is one block: normalised in the first kernel, no merge.
-            (4, 4, 32, [130, 5], 256, 16, 16),
-            (16, 2, 16, [300, 1, 77], 512, 64, 1024),
+            (4, 4, 32, [130, 5], 256, 16, 16, 1),
+            (16, 2, 16, [300, 1, 77], 512, 64, 1024, 1),
+            # Several queries per row (verify steps). Lengths 130 in blocks of 32: the
+            # last block holds keys only the last 2 of 8 queries see; length 8: the first
+            # query sees one key.
+            (4, 4, 32, [130, 8], 32, 16, 16, 8),
+            (16, 2, 16, [300, 299], 128, 32, 1024, 5),  # 40 (query, head) rows: 8 warps
+            (8, 2, 16, [16, 200], 64, 16, 1024, 16),    # the most queries taken
+            (4, 4, 32, [130, 5], 256, 16, 16, 3),       # one block
         ]:
             bsz, max_len = len(lengths), 320
             # Views into a bigger cache (an extra row, more positions), as the model passes.
@@ -41,32 +53,45 @@ def kernel_errors():
             cache_v = torch.randn(bsz + 1, kv_heads, max_len, head_dim, dtype=dtype)
             kv_len = max(lengths) + 3
             k, v = cache_k[:bsz, :, :kv_len], cache_v[:bsz, :, :kv_len]
-            q = torch.randn(bsz, 1, heads, head_dim, dtype=dtype).transpose(1, 2)
+            q = torch.randn(bsz, queries, heads, head_dim, dtype=dtype).transpose(1, 2)
             n = torch.tensor(lengths)
             out = kernels.decode_attention(q, k, v, n, split=split, block_n=block_n,
                                             programs=programs)
             key = (f"{str(dtype)[6:]} heads={heads}/{kv_heads} lengths={lengths} split={split} "
-                   f"programs={programs}")
+                   f"programs={programs} queries={queries}")
             errors[key] = (out.float() - masked_reference(q, k, v, n)).abs().max().item()
+            # The layout the output projection reads without a copy.
             assert out.dtype == dtype and out.shape == q.shape
+            assert out.transpose(1, 2).is_contiguous()
     return errors
 
 
 def generation_with_and_without_kernel():
     """Greedy tokens and log-probabilities of a ragged batch on the tiny model, decoded
-    with the kernel (as on a GPU) and with SDPA."""
+    with the kernel (as on a GPU) and with SDPA, plainly and with prompt lookup (whose
+    verify steps of 5 tokens per row go through the kernel too)."""
     gen = Llama.from_preset("tiny", max_seq_len=96, max_batch_size=3, device="cpu",
                             dtype=torch.float32)
-    prompts = [[5, 9, 14, 3], list(range(20, 60)), [7]]
+    # Each prompt twice around its own greedy continuation: lookup finds the prompt's
+    # last token earlier and proposes what followed it.
+    bases = [[5, 9, 14, 3], list(range(20, 40)), [7]]
+    continued, _ = gen.generate(bases, max_gen_len=12, temperature=0.0)
+    prompts = [p + c + p for p, c in zip(bases, continued)]
     runs = {}
-    for use_kernel in (False, True):
-        with mock.patch.object(kernels, "available", lambda device, head_dim: use_kernel), \
-                mock.patch.object(kernels, "decode_attention",
-                                  wraps=kernels.decode_attention) as spy:
-            tokens, logprobs = gen.generate(prompts, max_gen_len=12, temperature=0.0,
-                                            logprobs=True)
-        runs["kernel" if use_kernel else "sdpa"] = {
-            "tokens": tokens, "logprobs": logprobs, "kernel_calls": spy.call_count}
+    for draft in (None, "lookup"):
+        gen.configure(draft=draft, draft_tokens=4)
+        for use_kernel in (False, True):
+            with mock.patch.object(kernels, "available", lambda device, head_dim: use_kernel), \
+                    mock.patch.object(kernels, "decode_attention",
+                                      wraps=kernels.decode_attention) as spy:
+                tokens, logprobs = gen.generate(prompts, max_gen_len=12, temperature=0.0,
+                                                logprobs=True)
+            queries = sorted({call.args[0].shape[2] for call in spy.call_args_list})
+            stats = gen.engine.speculation.stats if draft else {}
+            runs[f"{draft or 'plain'} {'kernel' if use_kernel else 'sdpa'}"] = {
+                "tokens": tokens, "logprobs": logprobs, "kernel_calls": spy.call_count,
+                "queries": queries, "proposed": stats.get("proposed", 0)}
+    gen.configure(draft=None)
     return runs
 
 

@@ -32,20 +32,26 @@ def worker_results():
 
 def test_kernel_matches_masked_sdpa(worker_results):
     errors = worker_results["errors"]
-    assert len(errors) == 10  # 2 dtypes x 5 shapes (2 with a one-block cache)
+    assert len(errors) == 18  # 2 dtypes x 9 shapes (5 with one query per row)
     for case, error in errors.items():
         limit = 1e-5 if case.startswith("float32") else 2e-3  # fp16 rounds probabilities
         assert error < limit, (case, error)
 
 
 def test_decoding_through_the_kernel_gives_the_same_tokens(worker_results):
-    sdpa, kernel = worker_results["runs"]["sdpa"], worker_results["runs"]["kernel"]
+    runs = worker_results["runs"]
+    sdpa, kernel = runs["plain sdpa"], runs["plain kernel"]
     assert sdpa["kernel_calls"] == 0
     # Every decode step of every layer went through the kernel (2 layers, 11 steps).
-    assert kernel["kernel_calls"] == 2 * 11
-    assert kernel["tokens"] == sdpa["tokens"]
-    for mine, theirs in zip(kernel["logprobs"], sdpa["logprobs"]):
-        assert mine == pytest.approx(theirs, abs=1e-4)
+    assert kernel["kernel_calls"] == 2 * 11 and kernel["queries"] == [1]
+    for run in (kernel, runs["lookup sdpa"], runs["lookup kernel"]):
+        assert run["tokens"] == sdpa["tokens"]
+        for mine, theirs in zip(run["logprobs"], sdpa["logprobs"]):
+            assert mine == pytest.approx(theirs, abs=1e-4)
+    # With lookup, verify steps of the last token and up to 4 proposals (eager steps
+    # are as wide as the longest proposal) took the kernel.
+    assert runs["lookup kernel"]["proposed"] > 0
+    assert max(runs["lookup kernel"]["queries"]) > 1
 
 
 # The interpreter rounds float32 to bfloat16 by truncation (the GPU rounds to nearest):
