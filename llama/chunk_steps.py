@@ -42,14 +42,17 @@ class EagerChunks:
 
 
 def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """x with zero rows appended up to `rows` rows."""
+    """x with zero rows appended up to `rows` rows (x itself if it has them)."""
+    if x.shape[0] == rows:  # no copy: at batch 1 a round's host work is a large share
+        return x
     return F.pad(x, (0, 0) * (x.dim() - 1) + (0, rows - x.shape[0]))
 
 
 class GraphedChunks:
     """Steps with fixed shapes: one CUDA graph per (step function, rows bucket, chunk
     width, input shapes, greedy or sampled), each attending over the whole cache with a
-    mask, captured on first use. Padding rows start at position 0 of cache rows that the
+    mask, captured on first use. A call's outputs are valid until the next call with
+    the same key. Padding rows start at position 0 of cache rows that the
     generation does not use. Off CUDA (`capture` False) the same fixed-shape steps run
     directly, so that compiled steps compile once per key there too."""
 
@@ -80,8 +83,9 @@ class GraphedChunks:
             settings[0].fill_(temperature)
             settings[1].fill_(top_p)
         replay()
-        # The next replay overwrites the outputs.
-        return tuple(None if out is None else out[:n].clone() for out in outputs)
+        # Views of the graph's outputs, which its next replay overwrites: callers copy
+        # what they keep (a verify's results go straight to the host, unchanged).
+        return tuple(None if out is None else out[:n] for out in outputs)
 
     def step_fn(self, fn: Callable) -> Callable:
         if not self.compile:

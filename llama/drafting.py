@@ -10,10 +10,11 @@
 - "int4": the target's own weights quantized to 4 bits (llama/quantize.py), as a second
   model.
 
-Each generation opens a session: `propose` returns (proposals (rows, m) on the device or
-None when nothing is proposed, how many of each row's m are real, and for drawn
-proposals their distributions (rows, m, target vocab), else None); `verified` is told
-each row's accepted count.
+Each generation opens a session: `propose` returns (proposals (rows, m): a tensor on the
+device, lists on the host (lookup, which the verify's tokens are built from in one
+copy), or None when nothing is proposed; how many of each row's m are real; and for
+drawn proposals their distributions (rows, m, target vocab), else None); `verified` is
+told each row's accepted count.
 """
 
 import contextlib
@@ -162,8 +163,7 @@ class LookupSession:
             return None, counts, None
         # Fixed-shape steps: one width (hence one CUDA graph) for every round.
         width = max(allow) if fixed else max(counts)
-        rows = [f + [0] * (width - len(f)) for f in found]
-        return to_device(rows, self.device), counts, None
+        return [f + [0] * (width - len(f)) for f in found], counts, None
 
     def verified(self, positions, counts, width) -> None:
         pass
@@ -227,8 +227,9 @@ class ModelSession:
         for j in range(width):
             token, q = run(self.drafter.step, tokens, starts, [last], temperature,
                            sampling.top_p)
-            drafts.append(token)
-            dists.append(q)
+            # Copies: a graphed step's outputs are overwritten by its next replay.
+            drafts.append(token.clone())
+            dists.append(None if q is None else q.clone())
             tokens, last = token[:, None], torch.zeros_like(last)
             starts = [min(p + j + 1, self.drafter.model.params.max_seq_len - 1)
                       for p in positions]

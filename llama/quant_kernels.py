@@ -7,7 +7,8 @@ kernel's own where it has one.
 |--------------|------------|------------------|-----------------------------------------------|
 | plain        | int8, int4 | every device     | dequantize to the activation dtype, F.linear  |
 | cpu          | int8, int4 | CPU              | aten._weight_int8pack_mm / _int4pack_mm_for_cpu |
-| tinygemm     | int4       | CUDA, bfloat16   | aten._weight_int4pack_mm (tensor-core tiles)  |
+| tinygemm     | int4       | CUDA, bfloat16   | aten._weight_int4pack_mm (tensor-core tiles); |
+|              |            |                  | more rows: dequantized, then F.linear         |
 | triton       | int8, int4 | CUDA (Triton)    | _quantized_matmul below, on the stored layout |
 | cuda_int8    | int8       | CUDA (Triton)    | triton; plain for one row under torch.compile |
 
@@ -111,9 +112,33 @@ def _tinygemm_prepare(layer, dtype):
     _scales_and_zeros(layer, dtype)
 
 
+# Above this many rows tinygemm is slower than dequantizing the weights into a bf16 matrix
+# and multiplying with cuBLAS (docs/quantization.md): its kernel is made for a few rows.
+TINYGEMM_MAX_ROWS = 16
+
+
 def _tinygemm_matmul(x, layer):
+    # Decided while tracing (shapes are fixed per captured step), so no branch at run time.
+    if x.shape[0] > TINYGEMM_MAX_ROWS:
+        return torch.nn.functional.linear(x, tinygemm_dequantize(layer.weight,
+                                                                 layer.scales_and_zeros,
+                                                                 layer.group_size))
     return torch.ops.aten._weight_int4pack_mm(x.contiguous(), layer.weight, layer.group_size,
                                               layer.scales_and_zeros)
+
+
+def tinygemm_dequantize(packed: torch.Tensor, scales_and_zeros: torch.Tensor,
+                        group_size: int) -> torch.Tensor:
+    """The (out, in) matrix in scales_and_zeros' dtype that `_convert_weight_to_int4pack`'s
+    layout `packed` (out / 8, in / (16 inner), 32, inner / 2) and its (groups, out, 2)
+    scales and zeros stand for. One Triton program per 8 output rows."""
+    tiles, k_tiles, _, words = packed.shape
+    inner = 2 * words
+    n, k = 8 * tiles, k_tiles * 16 * inner
+    out = torch.empty(n, k, dtype=scales_and_zeros.dtype, device=packed.device)
+    _tinygemm_dequantize[(tiles,)](packed, scales_and_zeros, out, n, k, k_tiles,
+                                   GROUP=group_size, INNER=inner)
+    return out
 
 
 def _triton_refuses(layer, dtype) -> Optional[str]:
@@ -274,6 +299,34 @@ def _triton_prepare(layer: QuantizedLinear, dtype: torch.dtype) -> None:
 
 
 if triton is not None:
+
+    @triton.jit
+    def _tinygemm_dequantize(packed_ptr, sz_ptr, out_ptr, N, K, k_tiles,
+                             GROUP: tl.constexpr, INNER: tl.constexpr):
+        """Rows 8 p .. 8 p + 7 of the matrix, p = program_id(0), one block of 16 INNER
+        inputs at a time. The layout of a block (PyTorch's int4mm.cu): 32 lanes of
+        INNER / 2 words; lane t holds row t // 4, and nibble j of word w (from the low
+        end) is input 32 w + 16 (j // 2 % 2) + 8 (j % 2) + 2 (t % 4) + j // 4. The
+        nibbles are put in row order in registers, so each row is stored contiguously."""
+        WORDS: tl.constexpr = INNER // 2
+        WIDTH: tl.constexpr = 16 * INNER
+        tile = tl.program_id(0)
+        lane = tl.arange(0, 32)[:, None]
+        word = tl.arange(0, WORDS)[None, :]
+        shift = 4 * tl.arange(0, 8)[None, None, :]
+        row = tile * 8 + tl.arange(0, 8)[:, None]
+        col = tl.arange(0, WIDTH)[None, :]
+        for block in range(0, k_tiles):
+            words = tl.load(packed_ptr + ((tile * k_tiles + block) * 32 + lane) * WORDS + word)
+            codes = (words[:, :, None] >> shift) & 15  # (lane, word, j)
+            # (row, t % 4, word, j // 4, j // 2 % 2, j % 2) -> input order within a row
+            codes = tl.reshape(codes, (8, 4, WORDS, 2, 2, 2))
+            codes = tl.reshape(tl.permute(codes, (0, 2, 4, 5, 1, 3)), (8, WIDTH))
+            k = block * WIDTH + col
+            pair = sz_ptr + ((k // GROUP) * N + row) * 2
+            value = ((codes - 8).to(tl.float32) * tl.load(pair).to(tl.float32)
+                     + tl.load(pair + 1).to(tl.float32))
+            tl.store(out_ptr + row * K + k, value.to(out_ptr.dtype.element_ty))
 
     @triton.jit
     def _quantized_matmul(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split,

@@ -195,9 +195,12 @@ class Speculation:
         if drafts is None:  # nothing proposed: the plain decode step
             self.stats["rounds"] += 1
             return self.plain_step(engine, rows, positions, sampling)
-        device = drafts.device
-        last = to_device([h[-1] for h in rows.history], device)
-        tokens = torch.cat([last[:, None], drafts], dim=1)
+        device = engine.model.rope.device
+        last = [h[-1] for h in rows.history]
+        if isinstance(drafts, torch.Tensor):
+            tokens = torch.cat([to_device(last, device)[:, None], drafts], dim=1)
+        else:  # proposed on the host: one copy
+            tokens = to_device([[t] + d for t, d in zip(last, drafts)], device)
         # Finished rows may sit anywhere: keep their (discarded) chunk inside the cache.
         starts = [min(p, max_seq_len - tokens.shape[1]) for p in positions]
         inputs = [to_device(n_drafted, device)] + ([] if q is None else [q])
@@ -205,7 +208,7 @@ class Speculation:
         out = runner(verify if q is None else verify_drawn, tokens, starts, inputs,
                      temperature, sampling.top_p)
         new, logprobs, counts = HostCopy(*out).wait()
-        draft.verified(positions, counts, drafts.shape[1])
+        draft.verified(positions, counts, tokens.shape[1] - 1)
         self.count(rows, n_drafted, counts)
         return [list(zip(new[i][:c], logprobs[i][:c])) if rows.active[i] else []
                 for i, c in enumerate(counts)]
