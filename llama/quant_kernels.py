@@ -245,20 +245,22 @@ def _block_k(layer: QuantizedLinear) -> Optional[int]:
     return next((b for b in (128, 64, 32, 16) if width % b == 0), None)
 
 
-def launch_config(m: int, layer: QuantizedLinear, programs_wanted: int) -> LaunchConfig:
-    """Tile sizes for an (m, in) x (in, out) product: one row per program for decoding
-    one sequence, tensor-core tiles of 16-64 rows for batches. Enough programs to keep
-    every SM reading (split over the inputs when the output alone gives too few)."""
+def launch_config(m: int, layer: QuantizedLinear, sms: int) -> LaunchConfig:
+    """Tile sizes for an (m, in) x (in, out) product on a GPU of `sms` multiprocessors:
+    one row per program for decoding one sequence, tensor-core tiles of 16-64 rows for
+    batches. Programs share out the inputs (split) until there are enough of them: 16
+    per SM for one row, where a program's few loads in flight must be multiplied to keep
+    the memory busy, one per SM for tiles of many rows. Swept on an H200 at 7B shapes
+    (docs/quantization.md)."""
     block_k = _block_k(layer)
     if m == 1:
-        block_m, block_n = 1, 32
+        block_m, block_n, wanted = 1, 32, 16 * sms
     else:
-        block_m, block_n = min(64, max(16, triton.next_power_of_2(m))), 64
-        block_k = min(64, block_k)
+        block_m, block_n, wanted = min(64, max(16, triton.next_power_of_2(m))), 64, sms
     tiles = triton.cdiv(layer.out_features, block_n) * triton.cdiv(m, block_m)
     steps = layer.in_features // block_k
     split = 1
-    while tiles * split < programs_wanted and steps // (2 * split) >= 4:
+    while tiles * split < wanted and steps // (2 * split) >= 4:
         split *= 2
     return LaunchConfig(block_m, block_n, block_k, split)
 
@@ -270,7 +272,7 @@ def triton_matmul(x: torch.Tensor, layer: QuantizedLinear,
     if m > DEQUANTIZE_ABOVE_ROWS and config is None:
         return plain_matmul(x, layer)
     if config is None:
-        config = launch_config(m, layer, layer.programs_wanted)
+        config = launch_config(m, layer, layer.sms)
     n = layer.out_features
     x = x.contiguous()
     steps = k // config.block_k
@@ -294,8 +296,8 @@ def _triton_prepare(layer: QuantizedLinear, dtype: torch.dtype) -> None:
     _cast_scales(layer, dtype)
     # Asked once here, not in every (compiled, graph-captured) call.
     device = layer.weight.device
-    layer.programs_wanted = (4 * torch.cuda.get_device_properties(device).multi_processor_count
-                             if device.type == "cuda" else 1)
+    layer.sms = (torch.cuda.get_device_properties(device).multi_processor_count
+                 if device.type == "cuda" else 1)
 
 
 if triton is not None:
