@@ -51,8 +51,8 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 class GraphedChunks:
     """Steps with fixed shapes: one CUDA graph per (step function, rows bucket, chunk
     width, input shapes, greedy or sampled), each attending over the whole cache with a
-    mask, captured on first use. A call's outputs are valid until the next call with
-    the same key. Padding rows start at position 0 of cache rows that the
+    mask, captured on first use. A call's outputs are valid until the runner's next
+    call (the graphs share one memory pool). Padding rows start at position 0 of cache rows that the
     generation does not use. Off CUDA (`capture` False) the same fixed-shape steps run
     directly, so that compiled steps compile once per key there too."""
 
@@ -83,8 +83,9 @@ class GraphedChunks:
             settings[0].fill_(temperature)
             settings[1].fill_(top_p)
         replay()
-        # Views of the graph's outputs, which its next replay overwrites: callers copy
-        # what they keep (a verify's results go straight to the host, unchanged).
+        # Views of the graph's outputs, which the next replay (of any of this runner's
+        # graphs: they share a pool) may overwrite: callers copy what they keep (a
+        # verify's results go straight to the host).
         return tuple(None if out is None else out[:n] for out in outputs)
 
     def step_fn(self, fn: Callable) -> Callable:

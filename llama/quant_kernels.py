@@ -96,6 +96,8 @@ def _cpu_matmul(x, layer):
 
 
 def _tinygemm_refuses(layer, dtype) -> Optional[str]:
+    if torch.version.hip is not None:  # ROCm packs 16-row tiles for 64 lanes
+        return "tinygemm_dequantize reads the CUDA build's layout of _weight_int4pack_mm"
     if dtype != torch.bfloat16:
         return f"_weight_int4pack_mm takes bfloat16 activations only, not {dtype}"
     if layer.group_size not in (32, 64, 128, 256):
@@ -245,18 +247,21 @@ def _block_k(layer: QuantizedLinear) -> Optional[int]:
     return next((b for b in (128, 64, 32, 16) if width % b == 0), None)
 
 
-def launch_config(m: int, layer: QuantizedLinear, sms: int) -> LaunchConfig:
-    """Tile sizes for an (m, in) x (in, out) product on a GPU of `sms` multiprocessors:
-    one row per program for decoding one sequence, tensor-core tiles of 16-64 rows for
-    batches. Programs share out the inputs (split) until there are enough of them: 16
-    per SM for one row, where a program's few loads in flight must be multiplied to keep
-    the memory busy, one per SM for tiles of many rows. Swept on an H200 at 7B shapes
-    (docs/quantization.md)."""
+def launch_config(m: int, layer: QuantizedLinear, sms: int,
+                  element_size: int = 2) -> LaunchConfig:
+    """Tile sizes for an (m, in) x (in, out) product with activations of `element_size`
+    bytes on a GPU of `sms` multiprocessors: one row per program for decoding one
+    sequence, tensor-core tiles of 16-64 rows for batches. Programs share out the inputs
+    (split) until there are enough of them: 16 per SM for one row, where a program's few
+    loads in flight must be multiplied to keep the memory busy, one per SM for tiles of
+    many rows. Swept on an H200 at 7B shapes (docs/quantization.md)."""
     block_k = _block_k(layer)
     if m == 1:
         block_m, block_n, wanted = 1, 32, 16 * sms
     else:
         block_m, block_n, wanted = min(64, max(16, triton.next_power_of_2(m))), 64, sms
+        if element_size > 2:  # three stages of float32 64 x 128 tiles: past 99 KB of
+            block_k = min(64, block_k)  # shared memory on sm_86/89 GPUs
     tiles = triton.cdiv(layer.out_features, block_n) * triton.cdiv(m, block_m)
     steps = layer.in_features // block_k
     split = 1
@@ -272,7 +277,7 @@ def triton_matmul(x: torch.Tensor, layer: QuantizedLinear,
     if m > DEQUANTIZE_ABOVE_ROWS and config is None:
         return plain_matmul(x, layer)
     if config is None:
-        config = launch_config(m, layer, layer.sms)
+        config = launch_config(m, layer, layer.sms, x.element_size())
     n = layer.out_features
     x = x.contiguous()
     steps = k // config.block_k

@@ -142,6 +142,27 @@ def test_cpu_kernels_equal_dequantize_then_multiply(kernel, mode, dtype, limit, 
     assert relative_error(got, x.float() @ want_weight.t()) < limit
 
 
+def test_tinygemm_refuses_rocm_layouts(monkeypatch):
+    layer = layer_with("int4", 48, 128)
+    assert qk.KERNELS["tinygemm"].refuses(layer, torch.bfloat16) is None
+    # ROCm's _weight_int4pack_mm packs another layout than the one tinygemm_dequantize reads.
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert "CUDA build's layout" in qk.KERNELS["tinygemm"].refuses(layer, torch.bfloat16)
+
+
+@pytest.mark.skipif(qk.triton is None, reason="Triton is not installed")
+def test_launch_settings():
+    wqkv = q.QuantizedLinear(4096, 12288, "int8", 128, device="meta")
+    wo = q.QuantizedLinear(4096, 4096, "int8", 128, device="meta")
+    # One row: inputs split until 16 programs per SM (132 SMs: 384 tiles x 8).
+    assert qk.launch_config(1, wqkv, 132) == qk.LaunchConfig(1, 32, 128, 8)
+    # Batches: 128-input steps, split only while the tiles give fewer than one per SM;
+    # float32 activations keep 64-input steps (shared memory of smaller GPUs).
+    assert qk.launch_config(32, wqkv, 132) == qk.LaunchConfig(32, 64, 128, 1)
+    assert qk.launch_config(32, wo, 132) == qk.LaunchConfig(32, 64, 128, 4)
+    assert qk.launch_config(32, wo, 132, element_size=4).block_k == 64
+
+
 def test_cpu_default_kernels_and_fallbacks():
     assert qk.select_kernel("cpu", "int8", torch.float32).name == "cpu"
     assert qk.select_kernel("cuda", "int4", torch.bfloat16).name == "tinygemm"
