@@ -18,6 +18,8 @@ setup(
     # The versions that have run the test suite (3.11, CI) or the GPU benchmarks (3.12).
     python_requires=">=3.11,<3.13",
     packages=find_packages(include=["llama", "llama.*"]),
+    # The CPU int8 kernel's source, compiled on the user's machine at first use.
+    package_data={"llama": ["csrc/*.cpp"]},
     install_requires=requirements,
     entry_points={
         "console_scripts": [

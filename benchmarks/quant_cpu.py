@@ -21,6 +21,7 @@ from llama.quantize import quantize
 VARIANTS = {
     "float32": (None, None),
     "int8": ("int8", None),
+    "int8-aten": ("int8", "cpu"),
     "int4": ("int4", None),
     "int8-plain": ("int8", "plain"),
     "int4-plain": ("int4", "plain"),

@@ -7,12 +7,14 @@ kernel's own where it has one.
 |--------------|------------|------------------|-----------------------------------------------|
 | plain        | int8, int4 | every device     | dequantize to the activation dtype, F.linear  |
 | cpu          | int8, int4 | CPU              | aten._weight_int8pack_mm / _int4pack_mm_for_cpu |
+| cpu_native   | int8       | CPU, C++ compiler | csrc/int8_matvec.cpp up to 4 rows; then cpu   |
 | tinygemm     | int4       | CUDA, bfloat16   | aten._weight_int4pack_mm (tensor-core tiles); |
 |              |            |                  | more rows: dequantized, then F.linear         |
 | triton       | int8, int4 | CUDA (Triton)    | _quantized_matmul below, on the stored layout |
 | cuda_int8    | int8       | CUDA (Triton)    | triton; plain for one row under torch.compile |
 
-cuda_int8 is int8's default on CUDA. Eager and CUDA-graph steps need a kernel that reads
+cpu_native is int8's default on CPUs where its C++ source compiles (native_int8): ATen's
+int8 kernels are slower than float32 there. cuda_int8 is int8's default on CUDA. Eager and CUDA-graph steps need a kernel that reads
 the int8 weights directly (the plain path writes a dequantized copy of every weight at
 every step). Under torch.compile, inductor turns the plain expression for one row into a
 matrix-vector kernel that converts the weights as it reads them (the path measured for
@@ -21,9 +23,11 @@ the Triton kernel avoids (docs/quantization.md has both measurements).
 """
 
 import ctypes
+import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -67,6 +71,53 @@ def _cpu_dtype(layer, dtype) -> Optional[str]:
 
 def _cpu_int8_matmul(x, layer):
     return torch.ops.aten._weight_int8pack_mm(x.contiguous(), layer.weight, layer.scales)
+
+
+# Rows up to which cpu_native multiplies: each row reads every weight once, which suits
+# decoding; ATen's kernel blocks larger products (prefill).
+NATIVE_MAX_ROWS = 4
+
+
+@functools.lru_cache(maxsize=None)
+def native_int8() -> Tuple[Optional[Callable], Optional[str]]:
+    """(csrc/int8_matvec.cpp's function, None), compiled for this CPU's vector extensions
+    the first time a process asks (torch.utils.cpp_extension: about a minute, then cached
+    per machine, so later processes only load it); or (None, why) where it cannot be
+    built, such as without a C++ compiler or ninja."""
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    # -ffast-math lets the compiler vectorise the conversions and sums better (1.3x on
+    # this project's AVX2 test machine); the kernel only multiplies and adds.
+    flags = ["-O3", "-ffast-math"] + (["-mavx2", "-mfma"] if "avx" in capability else [])
+    try:
+        from torch.utils import cpp_extension
+        module = cpp_extension.load(
+            name=f"llama_int8_matvec_{capability}", extra_cflags=flags, verbose=False,
+            sources=[str(Path(__file__).parent / "csrc" / "int8_matvec.cpp")])
+    except Exception as error:  # noqa: BLE001 (any build failure: use ATen's kernel)
+        return None, f"the C++ int8 kernel did not build ({type(error).__name__}: {error})"
+    return module.int8_matvec, None
+
+
+@torch.library.custom_op("llama::int8_matvec", mutates_args=())
+def int8_matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """native_int8's product as an operator torch.compile can trace around."""
+    return native_int8()[0](x, weight, scales)
+
+
+@int8_matvec.register_fake
+def _(x, weight, scales):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _native_refuses(layer, dtype) -> Optional[str]:
+    return _cpu_dtype(layer, dtype) or native_int8()[1]
+
+
+def _native_matmul(x, layer):
+    # Decided while tracing (shapes are fixed per compiled step), so no branch at run time.
+    if x.shape[0] > NATIVE_MAX_ROWS:
+        return _cpu_int8_matmul(x, layer)
+    return int8_matvec(x.float().contiguous(), layer.weight, layer.scales.float()).to(x.dtype)
 
 
 def _scales_and_zeros(layer: QuantizedLinear, dtype: torch.dtype) -> None:
@@ -162,6 +213,8 @@ def _cuda_int8_matmul(x, layer):
 KERNELS = {
     "plain": Kernel("plain", ("int8", "int4"), plain_matmul, _cast_scales, _no_limits),
     "cpu": Kernel("cpu", ("int8", "int4"), _cpu_matmul, _cpu_prepare, _cpu_dtype),
+    "cpu_native": Kernel("cpu_native", ("int8",), _native_matmul, _cast_scales,
+                         _native_refuses),
     "tinygemm": Kernel("tinygemm", ("int4",), _tinygemm_matmul, _tinygemm_prepare,
                        _tinygemm_refuses),
     "triton": Kernel("triton", ("int8", "int4"), lambda x, layer: triton_matmul(x, layer),
@@ -179,7 +232,7 @@ def select_kernel(device, mode: str, dtype: torch.dtype, name: Optional[str] = N
     if name is None:
         name = "plain"
         if device.type == "cpu":
-            name = "cpu"
+            name = "cpu_native" if mode == "int8" and native_int8()[0] else "cpu"
         elif device.type == "cuda" and mode == "int4" and dtype == torch.bfloat16:
             name = "tinygemm"
         elif device.type == "cuda" and mode == "int8" and triton is not None:
