@@ -7,14 +7,14 @@ kernel's own where it has one.
 |--------------|------------|------------------|-----------------------------------------------|
 | plain        | int8, int4 | every device     | dequantize to the activation dtype, F.linear  |
 | cpu          | int8, int4 | CPU              | aten._weight_int8pack_mm / _int4pack_mm_for_cpu |
-| cpu_native   | int8       | CPU, C++ compiler | csrc/int8_matvec.cpp up to 4 rows; then cpu   |
+| cpu_native   | int8, int4 | CPU, C++ compiler | csrc/matvec.cpp up to 4 rows; more: cpu (int8), plain (int4) |
 | tinygemm     | int4       | CUDA, bfloat16   | aten._weight_int4pack_mm (tensor-core tiles); |
 |              |            |                  | more rows: dequantized, then F.linear         |
 | triton       | int8, int4 | CUDA (Triton)    | _quantized_matmul below, on the stored layout |
 | cuda_int8    | int8       | CUDA (Triton)    | triton; plain for one row under torch.compile |
 
-cpu_native is int8's default on CPUs where its C++ source compiles (native_int8): ATen's
-int8 kernels are slower than float32 there. cuda_int8 is int8's default on CUDA. Eager and CUDA-graph steps need a kernel that reads
+cpu_native is the default on CPUs where its C++ source compiles (native_kernels): ATen's
+quantized kernels are slower than float32 there. cuda_int8 is int8's default on CUDA. Eager and CUDA-graph steps need a kernel that reads
 the int8 weights directly (the plain path writes a dequantized copy of every weight at
 every step). Under torch.compile, inductor turns the plain expression for one row into a
 matrix-vector kernel that converts the weights as it reads them (the path measured for
@@ -74,34 +74,34 @@ def _cpu_int8_matmul(x, layer):
 
 
 # Rows up to which cpu_native multiplies: each row reads every weight once, which suits
-# decoding; ATen's kernel blocks larger products (prefill).
+# decoding; larger products (prefill) go to kernels that block them.
 NATIVE_MAX_ROWS = 4
 
 
 @functools.lru_cache(maxsize=None)
-def native_int8() -> Tuple[Optional[Callable], Optional[str]]:
-    """(csrc/int8_matvec.cpp's function, None), compiled for this CPU's vector extensions
-    the first time a process asks (torch.utils.cpp_extension: about a minute, then cached
-    per machine, so later processes only load it); or (None, why) where it cannot be
-    built, such as without a C++ compiler or ninja."""
+def native_kernels() -> Tuple[Optional[object], Optional[str]]:
+    """(the module compiled from csrc/matvec.cpp, None): built for this CPU's vector
+    extensions the first time a process asks (torch.utils.cpp_extension: about 40 s, then
+    cached per machine, so later processes only load it); or (None, why) where it cannot
+    be built, such as without a C++ compiler or ninja."""
     capability = torch.backends.cpu.get_cpu_capability().lower()
     # -ffast-math lets the compiler vectorise the conversions and sums better (1.3x on
-    # this project's AVX2 test machine); the kernel only multiplies and adds.
+    # this project's AVX2 test machine); the kernels only multiply and add.
     flags = ["-O3", "-ffast-math"] + (["-mavx2", "-mfma"] if "avx" in capability else [])
     try:
         from torch.utils import cpp_extension
         module = cpp_extension.load(
-            name=f"llama_int8_matvec_{capability}", extra_cflags=flags, verbose=False,
-            sources=[str(Path(__file__).parent / "csrc" / "int8_matvec.cpp")])
-    except Exception as error:  # noqa: BLE001 (any build failure: use ATen's kernel)
-        return None, f"the C++ int8 kernel did not build ({type(error).__name__}: {error})"
-    return module.int8_matvec, None
+            name=f"llama_matvec_{capability}", extra_cflags=flags, verbose=False,
+            sources=[str(Path(__file__).parent / "csrc" / "matvec.cpp")])
+    except Exception as error:  # noqa: BLE001 (any build failure: use ATen's kernels)
+        return None, f"the C++ CPU kernels did not build ({type(error).__name__}: {error})"
+    return module, None
 
 
+# native_kernels' products as operators torch.compile can trace around.
 @torch.library.custom_op("llama::int8_matvec", mutates_args=())
 def int8_matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """native_int8's product as an operator torch.compile can trace around."""
-    return native_int8()[0](x, weight, scales)
+    return native_kernels()[0].int8_matvec(x, weight, scales)
 
 
 @int8_matvec.register_fake
@@ -109,15 +109,34 @@ def _(x, weight, scales):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
+@torch.library.custom_op("llama::int4_matvec", mutates_args=())
+def int4_matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                zeros: torch.Tensor, group: int) -> torch.Tensor:
+    return native_kernels()[0].int4_matvec(x, weight, scales, zeros, group)
+
+
+@int4_matvec.register_fake
+def _(x, weight, scales, zeros, group):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 def _native_refuses(layer, dtype) -> Optional[str]:
-    return _cpu_dtype(layer, dtype) or native_int8()[1]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"the CPU kernels take float32/bfloat16/float16 activations, not {dtype}"
+    return native_kernels()[1]
 
 
 def _native_matmul(x, layer):
     # Decided while tracing (shapes are fixed per compiled step), so no branch at run time.
     if x.shape[0] > NATIVE_MAX_ROWS:
-        return _cpu_int8_matmul(x, layer)
-    return int8_matvec(x.float().contiguous(), layer.weight, layer.scales.float()).to(x.dtype)
+        return (_cpu_int8_matmul if layer.mode == "int8" else plain_matmul)(x, layer)
+    x32 = x.float().contiguous()
+    if layer.mode == "int8":
+        out = int8_matvec(x32, layer.weight, layer.scales.float())
+    else:
+        out = int4_matvec(x32, layer.weight, layer.scales.float(), layer.zeros.float(),
+                          layer.group_size)
+    return out.to(x.dtype)
 
 
 def _scales_and_zeros(layer: QuantizedLinear, dtype: torch.dtype) -> None:
@@ -213,7 +232,7 @@ def _cuda_int8_matmul(x, layer):
 KERNELS = {
     "plain": Kernel("plain", ("int8", "int4"), plain_matmul, _cast_scales, _no_limits),
     "cpu": Kernel("cpu", ("int8", "int4"), _cpu_matmul, _cpu_prepare, _cpu_dtype),
-    "cpu_native": Kernel("cpu_native", ("int8",), _native_matmul, _cast_scales,
+    "cpu_native": Kernel("cpu_native", ("int8", "int4"), _native_matmul, _cast_scales,
                          _native_refuses),
     "tinygemm": Kernel("tinygemm", ("int4",), _tinygemm_matmul, _tinygemm_prepare,
                        _tinygemm_refuses),
@@ -232,7 +251,7 @@ def select_kernel(device, mode: str, dtype: torch.dtype, name: Optional[str] = N
     if name is None:
         name = "plain"
         if device.type == "cpu":
-            name = "cpu_native" if mode == "int8" and native_int8()[0] else "cpu"
+            name = "cpu_native" if native_kernels()[0] is not None else "cpu"
         elif device.type == "cuda" and mode == "int4" and dtype == torch.bfloat16:
             name = "tinygemm"
         elif device.type == "cuda" and mode == "int8" and triton is not None:

@@ -143,38 +143,39 @@ def test_cpu_kernels_equal_dequantize_then_multiply(kernel, mode, dtype, limit, 
     assert relative_error(got, x.float() @ want_weight.t()) < limit
 
 
+@pytest.mark.parametrize("mode", q.MODES)
 @pytest.mark.parametrize("dtype, limit", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_native_cpu_int8_kernel(dtype, limit):
-    # 200 inputs: 12 blocks of 16 and a remainder of 8; up to 4 rows natively, then ATen's.
-    layer = layer_with("int8", 96, 200)
-    want_weight = q.dequantize_weight(dict(layer.named_buffers()), "int8")
+def test_native_cpu_kernels(mode, dtype, limit):
+    # 192 inputs: int8 rows of 12 blocks of 16 and int4 groups of 64 inputs (32 bytes,
+    # two blocks); 200 for int8 leaves a remainder. Up to 4 rows natively, then others'.
+    k = 200 if mode == "int8" else 192
+    layer = layer_with(mode, 96, k)
+    want_weight = q.dequantize_weight(dict(layer.named_buffers()), mode)
     assert qk.use_kernel(layer, qk.KERNELS["cpu_native"], dtype) == {}
-    calls = []
-    native = qk.native_int8()[0]
-    with mock.patch.object(qk, "native_int8",
-                           lambda: (lambda *a: calls.append(1) or native(*a), None)):
+    spy = mock.Mock(wraps=qk.native_kernels()[0])
+    with mock.patch.object(qk, "native_kernels", lambda: (spy, None)):
         for rows in (1, 3, 4, 5):
-            x = torch.randn(rows, 200, generator=torch.Generator().manual_seed(rows)).to(dtype)
+            x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(dtype)
             got = layer(x)
             assert got.dtype == dtype and got.shape == (rows, 96)
             assert relative_error(got, x.float() @ want_weight.t()) < limit
-    assert len(calls) == 3  # rows 1, 3 and 4
+    assert getattr(spy, f"{mode}_matvec").call_count == 3  # rows 1, 3 and 4
 
 
-def test_native_cpu_kernel_unavailable_falls_back(monkeypatch):
+def test_native_cpu_kernels_unavailable_fall_back(monkeypatch):
     from torch.utils import cpp_extension
 
     def no_compiler(**kwargs):
         raise RuntimeError("no C++ compiler")
-    qk.native_int8.cache_clear()
+    qk.native_kernels.cache_clear()
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     try:
-        assert qk.native_int8()[0] is None and "no C++ compiler" in qk.native_int8()[1]
+        assert qk.native_kernels()[0] is None and "no C++ compiler" in qk.native_kernels()[1]
         assert qk.select_kernel("cpu", "int8", torch.float32).name == "cpu"
         layer = layer_with("int8", 16, 64)
         assert "did not build" in qk.KERNELS["cpu_native"].refuses(layer, torch.float32)
     finally:
-        qk.native_int8.cache_clear()
+        qk.native_kernels.cache_clear()
 
 
 def test_tinygemm_refuses_rocm_layouts(monkeypatch):
@@ -200,7 +201,7 @@ def test_launch_settings():
 
 def test_cpu_default_kernels_and_fallbacks():
     assert qk.select_kernel("cpu", "int8", torch.float32).name == "cpu_native"
-    assert qk.select_kernel("cpu", "int4", torch.float32).name == "cpu"
+    assert qk.select_kernel("cpu", "int4", torch.float32).name == "cpu_native"
     assert qk.select_kernel("cuda", "int4", torch.bfloat16).name == "tinygemm"
     assert qk.select_kernel("cuda", "int4", torch.float16).name == "plain"
     assert qk.select_kernel("cuda", "int8", torch.bfloat16).name == (
@@ -210,7 +211,8 @@ def test_cpu_default_kernels_and_fallbacks():
     tree = nn.ModuleDict({"odd": layer_with("int4", 40, 128), "even": layer_with("int4", 48, 128)})
     want = {name: q.dequantize_weight(dict(layer.named_buffers()), "int4")
             for name, layer in tree.items()}
-    fallbacks = qk.use_kernel(tree, qk.select_kernel("cpu", "int4", torch.float32), torch.float32)
+    fallbacks = qk.use_kernel(tree, qk.select_kernel("cpu", "int4", torch.float32, "cpu"),
+                              torch.float32)
     assert list(fallbacks) == ["odd"] and "% 16" in fallbacks["odd"]
     assert (tree["odd"].kernel, tree["even"].kernel) == ("plain", "cpu")
     x = torch.randn(3, 128)
