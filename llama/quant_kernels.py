@@ -25,6 +25,8 @@ the Triton kernel avoids (docs/quantization.md has both measurements).
 import ctypes
 import functools
 import math
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
@@ -88,6 +90,12 @@ def native_kernels() -> Tuple[Optional[object], Optional[str]]:
     # -ffast-math lets the compiler vectorise the conversions and sums better (1.3x on
     # this project's AVX2 test machine); the kernels only multiply and add.
     flags = ["-O3", "-ffast-math"] + (["-mavx2", "-mfma"] if "avx" in capability else [])
+    # Loading a cached build takes well under a second; a first build about 40 s, which
+    # should not look like a hang.
+    notice = threading.Timer(2.0, lambda: print(
+        "compiling the CPU kernels for quantized weights (once per machine)...",
+        file=sys.stderr, flush=True))
+    notice.start()
     try:
         from torch.utils import cpp_extension
         module = cpp_extension.load(
@@ -95,6 +103,8 @@ def native_kernels() -> Tuple[Optional[object], Optional[str]]:
             sources=[str(Path(__file__).parent / "csrc" / "matvec.cpp")])
     except Exception as error:  # noqa: BLE001 (any build failure: use ATen's kernels)
         return None, f"the C++ CPU kernels did not build ({type(error).__name__}: {error})"
+    finally:
+        notice.cancel()
     return module, None
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import weakref
 from pathlib import Path
 from unittest import mock
@@ -176,6 +177,21 @@ def test_native_cpu_kernels_unavailable_fall_back(monkeypatch):
         assert "did not build" in qk.KERNELS["cpu_native"].refuses(layer, torch.float32)
     finally:
         qk.native_kernels.cache_clear()
+
+
+def test_native_cpu_kernels_say_when_they_compile(monkeypatch, capsys):
+    from torch.utils import cpp_extension
+
+    module = object()
+    for seconds, says in ((0.0, False), (2.5, True)):  # loading a build, making one
+        monkeypatch.setattr(cpp_extension, "load",
+                            lambda seconds=seconds, **kwargs: time.sleep(seconds) or module)
+        qk.native_kernels.cache_clear()
+        try:
+            assert qk.native_kernels() == (module, None)
+        finally:
+            qk.native_kernels.cache_clear()
+        assert ("compiling the CPU kernels" in capsys.readouterr().err) == says
 
 
 def test_tinygemm_refuses_rocm_layouts(monkeypatch):
