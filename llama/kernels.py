@@ -114,6 +114,43 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 if triton is not None:
 
     @triton.jit
+    def _attend_block(q, k_row, v_row, first, end, seen, stride_kn, stride_vn,
+                      SCALE: tl.constexpr, TILE_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+        """Online softmax of the tile's queries q over keys first .. end - 1, tile row i
+        seeing keys below seen[i]: (unnormalised output, maximum score, sum of
+        exponentials) per row."""
+        d = tl.arange(0, HEAD_DIM)
+        running_max = tl.full([TILE_ROWS], float("-inf"), tl.float32)
+        running_sum = tl.zeros([TILE_ROWS], dtype=tl.float32)
+        acc = tl.zeros([TILE_ROWS, HEAD_DIM], dtype=tl.float32)
+        for n0 in range(first, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            k = tl.load(k_row + n[:, None] * stride_kn + d[None, :],
+                        mask=(n < end)[:, None], other=0.0)
+            if IEEE:  # float32 models: no TF32 rounding of the scores
+                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                scores = tl.dot(q, tl.trans(k))
+            scores = tl.where(n[None, :] < seen[:, None], scores * SCALE, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(scores, 1))
+            # An earlier query may see no key of this block yet: keep its row at zero
+            # instead of exp(-inf - -inf).
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            rescale = tl.exp(running_max - shift)
+            p = tl.exp(scores - shift[:, None])
+            running_sum = running_sum * rescale + tl.sum(p, 1)
+            v = tl.load(v_row + n[:, None] * stride_vn + d[None, :],
+                        mask=(n < end)[:, None], other=0.0)
+            if IEEE:
+                pv = tl.dot(p, v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * rescale[:, None] + pv
+            running_max = new_max
+        return acc, running_max, running_sum
+
+    @triton.jit
     def _split_attention(q_ptr, k_ptr, v_ptr, lengths_ptr, acc_ptr, max_ptr, sum_ptr,
                          out_ptr, kv_heads, n_splits,
                          stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_kn,
@@ -142,34 +179,9 @@ if triton is not None:
         k_row = k_ptr + b * stride_kb + h * stride_kh
         v_row = v_ptr + b * stride_vb + h * stride_vh
         for split in range(tl.program_id(1), tl.cdiv(length, SPLIT), tl.num_programs(1)):
-            end = tl.minimum(split * SPLIT + SPLIT, length)
-            running_max = tl.full([TILE_ROWS], float("-inf"), tl.float32)
-            running_sum = tl.zeros([TILE_ROWS], dtype=tl.float32)
-            acc = tl.zeros([TILE_ROWS, HEAD_DIM], dtype=tl.float32)
-            for n0 in range(split * SPLIT, end, BLOCK_N):
-                n = n0 + tl.arange(0, BLOCK_N)
-                k = tl.load(k_row + n[:, None] * stride_kn + d[None, :],
-                            mask=(n < end)[:, None], other=0.0)
-                if IEEE:  # float32 models: no TF32 rounding of the scores
-                    scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-                else:
-                    scores = tl.dot(q, tl.trans(k))
-                scores = tl.where(n[None, :] < seen[:, None], scores * SCALE, float("-inf"))
-                new_max = tl.maximum(running_max, tl.max(scores, 1))
-                # An earlier query may see no key of this block yet: keep its row at zero
-                # instead of exp(-inf - -inf).
-                shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-                rescale = tl.exp(running_max - shift)
-                p = tl.exp(scores - shift[:, None])
-                running_sum = running_sum * rescale + tl.sum(p, 1)
-                v = tl.load(v_row + n[:, None] * stride_vn + d[None, :],
-                            mask=(n < end)[:, None], other=0.0)
-                if IEEE:
-                    pv = tl.dot(p, v, input_precision="ieee")
-                else:
-                    pv = tl.dot(p.to(v.dtype), v)
-                acc = acc * rescale[:, None] + pv
-                running_max = new_max
+            acc, running_max, running_sum = _attend_block(
+                q, k_row, v_row, split * SPLIT, tl.minimum(split * SPLIT + SPLIT, length),
+                seen, stride_kn, stride_vn, SCALE, TILE_ROWS, HEAD_DIM, BLOCK_N, IEEE)
             if DIRECT:
                 out = (out_ptr + b * stride_ob + (h * GROUP + g)[:, None] * stride_oh
                        + query[:, None] * stride_os + d[None, :])
