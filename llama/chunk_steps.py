@@ -50,9 +50,9 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 
 class GraphedChunks:
     """Steps with fixed shapes: one CUDA graph per (step function, rows bucket, chunk
-    width, input shapes, greedy or sampled), each attending over the whole cache with a
-    mask, captured on first use. A call's outputs are valid until the runner's next
-    call (the graphs share one memory pool). Padding rows start at position 0 of cache rows that the
+    width, input shapes, greedy or sampled), each attending over the whole cache, captured
+    on first use. A call's outputs are valid until the runner's next call (the graphs
+    share one memory pool). Padding rows start at position 0 of cache rows that the
     generation does not use. Off CUDA (`capture` False) the same fixed-shape steps run
     directly, so that compiled steps compile once per key there too."""
 

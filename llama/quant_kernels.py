@@ -14,12 +14,13 @@ kernel's own where it has one.
 | cuda_int8    | int8       | CUDA (Triton)    | triton; plain for one row under torch.compile |
 
 cpu_native is the default on CPUs where its C++ source compiles (native_kernels): ATen's
-quantized kernels are slower than float32 there. cuda_int8 is int8's default on CUDA. Eager and CUDA-graph steps need a kernel that reads
-the int8 weights directly (the plain path writes a dequantized copy of every weight at
-every step). Under torch.compile, inductor turns the plain expression for one row into a
-matrix-vector kernel that converts the weights as it reads them (the path measured for
-decoding one sequence); for more rows it writes the dequantized weights out first, which
-the Triton kernel avoids (docs/quantization.md has both measurements).
+quantized kernels are slower than float32 there. cuda_int8 is int8's default on CUDA.
+Eager and CUDA-graph steps need a kernel that reads the int8 weights directly (the plain
+path writes a dequantized copy of every weight at every step). Under torch.compile,
+inductor turns the plain expression for one row into a matrix-vector kernel that converts
+the weights as it reads them (the path measured for decoding one sequence); for more rows
+it writes the dequantized weights out first, which the Triton kernel avoids
+(docs/quantization.md has both measurements).
 """
 
 import ctypes
@@ -63,12 +64,17 @@ def _no_limits(layer, dtype) -> Optional[str]:
     return None
 
 
-def _cpu_dtype(layer, dtype) -> Optional[str]:
+def _cpu_activations(dtype) -> Optional[str]:
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"the CPU kernels take float32/bfloat16/float16 activations, not {dtype}"
-    if layer.mode == "int4" and layer.out_features % 16:
-        return f"the CPU int4 kernel needs out_features % 16 == 0 ({layer.out_features})"
     return None
+
+
+def _cpu_dtype(layer, dtype) -> Optional[str]:
+    reason = _cpu_activations(dtype)
+    if reason is None and layer.mode == "int4" and layer.out_features % 16:
+        reason = f"the CPU int4 kernel needs out_features % 16 == 0 ({layer.out_features})"
+    return reason
 
 
 def _cpu_int8_matmul(x, layer):
@@ -133,9 +139,7 @@ def _(x, weight, scales, zeros, group):
 
 
 def _native_refuses(layer, dtype) -> Optional[str]:
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return f"the CPU kernels take float32/bfloat16/float16 activations, not {dtype}"
-    return native_kernels()[1]
+    return _cpu_activations(dtype) or native_kernels()[1]
 
 
 def _native_matmul(x, layer):
