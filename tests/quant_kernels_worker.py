@@ -23,6 +23,7 @@ CASES = [
     (1, 96, 256, torch.float16, None, False),
     (16, 48, 128, torch.float16, qk.LaunchConfig(16, 16, 64, 1), False),
     (1, 96, 256, torch.bfloat16, None, False),
+    (1, 52, 640, torch.float32, None, False),  # int8: part of a row tile, a part step
     (4, 64, 256, torch.float32, None, True),  # QuantizedLinear with use_kernel("triton")
 ]
 
