@@ -202,10 +202,13 @@ def check_and_time(name, entry, x, references):
 
 
 def sweep_configs(m: int):
-    """Launch configs to try: one row per program for one row, tensor-core tiles else."""
+    """Launch configs to try: for one row, vector products and also tensor-core tiles
+    with the row padded to 16 (how tinygemm multiplies one row); tensor-core tiles else."""
     if m == 1:
-        return [qk.LaunchConfig(1, n, k, split, warps) for n in (16, 32, 64)
-                for k in (64, 128) for split in (1, 2, 4, 8) for warps in (2, 4)]
+        return ([qk.LaunchConfig(1, n, k, split, warps) for n in (16, 32, 64)
+                 for k in (64, 128) for split in (1, 2, 4, 8) for warps in (2, 4)]
+                + [qk.LaunchConfig(16, n, 128, split, 4) for n in (32, 64, 128)
+                   for split in (1, 2, 4, 8)])
     return [qk.LaunchConfig(block_m, n, k, split, 4) for block_m in (16, 32)
             for n in (32, 64, 128) for k in (64, 128) for split in (1, 2, 4)]
 

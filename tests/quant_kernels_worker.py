@@ -20,6 +20,7 @@ CASES = [
     (5, 80, 256, torch.float32, None, False),  # rows and outputs not filling a tile
     (3, 80, 256, torch.float32, qk.LaunchConfig(16, 32, 32, 2), False),  # split in two
     (1, 64, 384, torch.float32, qk.LaunchConfig(1, 16, 64, 4), False),  # uneven split
+    (1, 64, 384, torch.float32, qk.LaunchConfig(16, 32, 64, 2), False),  # one row, dots
     (1, 96, 256, torch.float16, None, False),
     (16, 48, 128, torch.float16, qk.LaunchConfig(16, 16, 64, 1), False),
     (1, 96, 256, torch.bfloat16, None, False),

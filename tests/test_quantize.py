@@ -380,7 +380,7 @@ def test_triton_kernel_in_the_interpreter():
     assert len(unpacked) == 3
     for case, result in unpacked.items():
         assert result["shape_ok"] and result["difference"] < 1e-5, (case, result)
-    assert len(cases) == 18
+    assert len(cases) == 20
     for case, result in cases.items():
         assert result["shape_ok"], case
         assert result["error"] < result["limit"], (case, result)
