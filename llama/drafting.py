@@ -130,15 +130,14 @@ class LookupDrafter:
 
     @contextlib.contextmanager
     def session(self, prompt_tokens, target):
-        yield LookupSession(len(prompt_tokens), target.rope.device)
+        yield LookupSession(len(prompt_tokens))
 
 
 class LookupSession:
     """Per row, an index from each n-gram seen to the position after its latest
     occurrence, extended as tokens arrive: a lookup costs O(1) whatever the length."""
 
-    def __init__(self, rows: int, device: torch.device):
-        self.device = device
+    def __init__(self, rows: int):
         self.index: List[Dict[tuple, int]] = [{} for _ in range(rows)]
         self.indexed = [0] * rows
 

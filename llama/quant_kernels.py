@@ -28,7 +28,7 @@ import functools
 import math
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
@@ -247,9 +247,9 @@ KERNELS = {
                        _tinygemm_refuses),
     "triton": Kernel("triton", ("int8", "int4"), lambda x, layer: triton_matmul(x, layer),
                      lambda layer, dtype: _triton_prepare(layer, dtype), _triton_refuses),
-    "cuda_int8": Kernel("cuda_int8", ("int8",), lambda x, layer: triton_matmul(x, layer),
-                        lambda layer, dtype: _triton_prepare(layer, dtype), _triton_refuses),
 }
+# int8's default on CUDA: the Triton kernels under a name of its own (the int8 mode only).
+KERNELS["cuda_int8"] = replace(KERNELS["triton"], name="cuda_int8", modes=("int8",))
 
 
 def select_kernel(device, mode: str, dtype: torch.dtype, name: Optional[str] = None) -> Kernel:

@@ -306,14 +306,14 @@ def test_greedy_acceptance_counts():
 
 
 def test_lookup_proposes_the_latest_longest_match():
-    session = drafting.LookupSession(1, torch.device("cpu"))
+    session = drafting.LookupSession(1)
     history = [5, 6, 7, 8, 1, 6, 7, 9, 2, 6, 7]
     # "6 7" last continued with 9 (the 3-gram "2 6 7" never occurred before).
     assert session.continuation(0, history, 3) == [9, 2, 6]
     history += [8]  # "6 7 8" occurred at the start: its continuation wins
     assert session.continuation(0, history, 2) == [1, 6]
     assert session.continuation(0, history + [4], 3) == []  # 4 never seen before
-    fresh = drafting.LookupSession(1, torch.device("cpu"))
+    fresh = drafting.LookupSession(1)
     assert fresh.continuation(0, [3, 3], 5) == [3]  # may overlap the row's own tail
 
 
