@@ -32,14 +32,16 @@ class HostCopy:
     launched after them."""
 
     def __init__(self, *tensors: torch.Tensor):
-        self.host, self.done = tensors, None  # off CUDA, the tensors are ready as they are
-        if tensors[0].is_cuda:
-            self.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                         .copy_(t, non_blocking=True) for t in tensors]
-            self.done = torch.cuda.Event()
-            # The copies run on the stream of the tensors' device, which need not be the
-            # current device.
-            self.done.record(torch.cuda.current_stream(tensors[0].device))
+        self.done = None
+        if not tensors[0].is_cuda:  # ready: copies, as a graphed step's outputs are
+            self.host = [t.clone() for t in tensors]  # rewritten by its next run
+            return
+        self.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                     .copy_(t, non_blocking=True) for t in tensors]
+        self.done = torch.cuda.Event()
+        # The copies run on the stream of the tensors' device, which need not be the
+        # current device.
+        self.done.record(torch.cuda.current_stream(tensors[0].device))
 
     def wait(self) -> List[list]:
         """The tensors as (nested) lists."""

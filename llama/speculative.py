@@ -22,12 +22,14 @@ accepts 3 tokens for row 0 and 1 for row 1 yields 3 steps, with row 1 None in th
 two.
 """
 
+import functools
 import operator
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from . import lookup_rounds
 from .chunk_steps import GraphedChunks, chunk_runner
 from .engine import Engine, HostCopy, Step
 from .graphs import to_device
@@ -115,6 +117,19 @@ def verify_drawn(model, tokens, starts, kv_len, n_drafted, q, temperature, top_p
     return accept_sampled(logits, tokens[:, 1:], n_drafted, q, temperature, top_p)
 
 
+def lookup_round(model, history, lengths, kv_len, temperature, top_p, *, k: int):
+    """A whole round of prompt lookup on the device (lookup_rounds.py): each row's
+    proposals from its tokens so far, the verify, and the accepted tokens appended.
+    Returns verify's outputs and each row's number of proposals."""
+    tokens, n_drafted = lookup_rounds.propose(history, lengths, k)
+    # Rows that finished on the host run on; this keeps their chunk inside the cache.
+    starts = (lengths - 1).clamp(min=0, max=model.params.max_seq_len - tokens.shape[1])
+    new, logprobs, counts = verify(model, tokens, starts, kv_len, n_drafted, temperature,
+                                   top_p)
+    lookup_rounds.append(history, lengths, new, counts)
+    return new, logprobs, counts, n_drafted
+
+
 class Rows:
     """The rows of one generation on the host: their tokens so far, budgets and stop
     rules. Turns each round's new tokens into steps of one token per row."""
@@ -157,8 +172,10 @@ class Speculation:
     def __init__(self, drafter, k: int):
         self.drafter, self.k = drafter, k
         self.runner, self.made_for = None, None
-        # Since configure: rounds run, tokens proposed and accepted (live rows only).
-        self.stats = {"rounds": 0, "proposed": 0, "accepted": 0}
+        self.device = None  # lookup_rounds.DeviceRounds, for lookup with fixed shapes
+        # Since configure: rounds run (of which on the device, launched ahead), tokens
+        # proposed and accepted (live rows only).
+        self.stats = {"rounds": 0, "on_device": 0, "proposed": 0, "accepted": 0}
 
     def chunks(self, engine: Engine):
         """The verify steps' runner for the engine's decode mode, made anew with the
@@ -174,27 +191,77 @@ class Speculation:
         token index."""
         rows = Rows(prompt_tokens, budgets, sampling, on_token)
         first = HostCopy(*engine.prefill(prompt_tokens, sampling, prompt_logprobs)).wait()
+        synced = [0] * len(prompt_tokens)  # each row's tokens the device's lookup holds
         with self.drafter.session(prompt_tokens, engine.model) as draft:
             yield from rows.emit([[pair] for pair in zip(*first)])
             while any(rows.active):
-                yield from rows.emit(self.round(engine, rows, draft, sampling))
+                positions = [len(h) - 1 for h in rows.history]  # of each row's last token
+                runner = self.chunks(engine)
+                fixed = isinstance(runner, GraphedChunks)
+                drafts, n_drafted, q = draft.propose(rows.history, self.allowed(engine, rows),
+                                                     sampling, fixed)
+                if drafts is None:  # nothing proposed: the plain decode step
+                    self.stats["rounds"] += 1
+                    fresh = self.plain_step(engine, rows, positions, sampling)
+                elif fixed and self.drafter.name == "lookup" and self.room(engine, rows, 0):
+                    yield from self.device_rounds(runner, engine, rows, sampling, synced)
+                    continue
+                else:
+                    fresh = self.round(runner, engine, rows, positions, sampling, draft,
+                                       drafts, n_drafted, q)
+                yield from rows.emit(fresh)
 
-    def round(self, engine: Engine, rows: Rows, draft, sampling: Sampling):
-        """Each row's new (token, logprob) pairs of one draft-and-verify round."""
+    def allowed(self, engine: Engine, rows: Rows) -> List[int]:
+        """Proposals each row may take: the verify chunk has one width for all rows and
+        must end inside the cache for every live row, and a row takes at most its
+        remaining budget."""
         max_seq_len = engine.model.params.max_seq_len
-        positions = [len(h) - 1 for h in rows.history]  # of each row's last token
         live = [i for i, a in enumerate(rows.active) if a]
-        # The verify chunk has one width for all rows; it must end inside the cache for
-        # every live row, and a row takes at most its remaining budget.
-        limit = min([self.k] + [max_seq_len - 1 - positions[i] for i in live])
-        allow = [min(limit, rows.remaining(i) - 1) if rows.active[i] else 0
-                 for i in range(len(positions))]
-        runner = self.chunks(engine)
-        drafts, n_drafted, q = draft.propose(rows.history, allow, sampling,
-                                             isinstance(runner, GraphedChunks))
-        if drafts is None:  # nothing proposed: the plain decode step
-            self.stats["rounds"] += 1
-            return self.plain_step(engine, rows, positions, sampling)
+        limit = min([self.k] + [max_seq_len - len(rows.history[i]) for i in live])
+        return [min(limit, rows.remaining(i) - 1) if rows.active[i] else 0
+                for i in range(len(rows.history))]
+
+    def room(self, engine: Engine, rows: Rows, in_flight: int) -> bool:
+        """Whether a round launched now, with `in_flight` rounds launched and not yet read,
+        ends inside the cache for every live row: each round adds up to k + 1 tokens."""
+        width, max_seq_len = self.k + 1, engine.model.params.max_seq_len
+        return all(len(h) + (in_flight + 1) * width - 1 <= max_seq_len
+                   for h, a in zip(rows.history, rows.active) if a)
+
+    def device_rounds(self, runner: GraphedChunks, engine: Engine, rows: Rows,
+                      sampling: Sampling, synced: List[int]):
+        """Lookup rounds run on the device (lookup_rounds.py), each launched before the
+        previous one's tokens are read, while every live row has room in the cache and
+        the lookup finds proposals; the host's rounds go on from where they stop."""
+        if self.device is None or self.device.chunks is not runner:
+            step = functools.partial(lookup_round, k=self.k)  # one per runner: a graph key
+            self.device = lookup_rounds.DeviceRounds(runner, step)
+        temperature = 0.0 if sampling.greedy else sampling.temperature
+        self.device.begin(rows.history, synced, temperature, sampling.top_p)
+        pending = self.device.launch()
+        while pending is not None:
+            ahead = None
+            if self.room(engine, rows, 1) and any(rows.remaining(i) > 1
+                                                  for i in range(len(rows.history))):
+                ahead = self.device.launch()
+            new, logprobs, counts, n_drafted = pending.wait()
+            self.stats["on_device"] += 1
+            found = any(n for n, a in zip(n_drafted, rows.active) if a)
+            yield from rows.emit(self.accepted(rows, new, logprobs, counts, n_drafted))
+            if not any(rows.active):
+                return  # the round launched ahead, if any, is not needed
+            # Nothing found: the host's rounds (plain steps) go on after the round ahead.
+            pending = ahead if found else None
+            if ahead is not None and not found:
+                new, logprobs, counts, n_drafted = ahead.wait()
+                self.stats["on_device"] += 1
+                yield from rows.emit(self.accepted(rows, new, logprobs, counts, n_drafted))
+        synced[:] = [len(h) for h in rows.history]
+
+    def round(self, runner, engine: Engine, rows: Rows, positions: List[int],
+              sampling: Sampling, draft, drafts, n_drafted: List[int], q):
+        """Each row's new (token, logprob) pairs of a round verifying `drafts`."""
+        max_seq_len = engine.model.params.max_seq_len
         device = engine.model.rope.device
         last = [h[-1] for h in rows.history]
         if isinstance(drafts, torch.Tensor):
@@ -209,15 +276,16 @@ class Speculation:
                      temperature, sampling.top_p)
         new, logprobs, counts = HostCopy(*out).wait()
         draft.verified(positions, counts, tokens.shape[1] - 1)
-        self.count(rows, n_drafted, counts)
-        return [list(zip(new[i][:c], logprobs[i][:c])) if rows.active[i] else []
-                for i, c in enumerate(counts)]
+        return self.accepted(rows, new, logprobs, counts, n_drafted)
 
-    def count(self, rows: Rows, n_drafted: List[int], counts: List[int]) -> None:
+    def accepted(self, rows: Rows, new, logprobs, counts: List[int], n_drafted: List[int]):
+        """Each live row's new (token, logprob) pairs of a verified round; counted."""
         live = [i for i, a in enumerate(rows.active) if a]
         self.stats["rounds"] += 1
         self.stats["proposed"] += sum(n_drafted[i] for i in live)
         self.stats["accepted"] += sum(counts[i] - 1 for i in live)
+        return [list(zip(new[i][:c], logprobs[i][:c])) if rows.active[i] else []
+                for i, c in enumerate(counts)]
 
     def plain_step(self, engine: Engine, rows: Rows, positions: List[int],
                    sampling: Sampling):

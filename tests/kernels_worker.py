@@ -12,7 +12,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from llama import Llama, allreduce, kernels
+from llama import Llama, allreduce, kernels, lookup_rounds
 from llama.model import RMSNorm
 
 
@@ -264,10 +264,40 @@ def model_with_fused_sums():
             "uninstalled_error": (unfused - plain).abs().max().item()}
 
 
+def lookup_kernels():
+    """lookup_rounds' Triton kernels against their PyTorch versions: rows of few distinct
+    tokens (matches of every length) at every length from 0 to past one block, and
+    appends that run into the cache end. Counts the rows that differ."""
+    gen = torch.Generator().manual_seed(0)
+    size, k = lookup_rounds.BLOCK + 40, 6
+    history = torch.randint(0, 3, (4, size + 1), generator=gen)
+    history[3] = torch.arange(size + 1)  # nothing repeats
+    cases = differ = 0
+    for length in list(range(0, 12)) + [lookup_rounds.BLOCK - 1, lookup_rounds.BLOCK,
+                                        lookup_rounds.BLOCK + 3, size]:
+        lengths = torch.tensor([length, max(length - 5, 0), length // 2, length])
+        want = lookup_rounds.propose_torch(history, lengths, k)
+        got = lookup_rounds.propose_triton(history, lengths, k)
+        cases += 1
+        differ += int(not all(torch.equal(a, b) for a, b in zip(got, want)))
+        tokens = torch.randint(0, 9, (4, k + 1), generator=gen)
+        counts = torch.tensor([1, k + 1, 3, 2])
+        mine, theirs = history.clone(), history.clone()
+        mine_len, their_len = lengths.clone(), lengths.clone()
+        lookup_rounds.append_triton(mine, mine_len, tokens, counts)
+        lookup_rounds.append_torch(theirs, their_len, tokens, counts)
+        cases += 1
+        differ += int(not (torch.equal(mine[:, :size], theirs[:, :size])
+                           and torch.equal(mine_len, their_len)))
+    return {"cases": cases, "differ": differ,
+            "found": int((lookup_rounds.propose_torch(history, torch.full((4,), 50), k)[1]
+                          > 0).sum())}
+
+
 if __name__ == "__main__":
     # A kernel that waits forever ends this process (and so the test) instead.
     signal.alarm(400)
     results = {"errors": kernel_errors(), "runs": generation_with_and_without_kernel(),
                "exchange": exchange_layout(), "concurrent": concurrent_ranks(),
-               "model": model_with_fused_sums()}
+               "model": model_with_fused_sums(), "lookup": lookup_kernels()}
     print("\n" + json.dumps(results))

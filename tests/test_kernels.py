@@ -122,3 +122,10 @@ def test_symmetric_memory_is_ignored_where_it_cannot_run():
     assert gen.settings["symmetric_memory"] and not allreduce.installed(gen.model)
     tokens, _ = gen.generate([[5, 9, 14]], max_gen_len=3, temperature=0.0)
     assert len(tokens[0]) == 3
+
+
+def test_lookup_kernels_match_their_pytorch_versions(worker_results):
+    """The device lookup rounds' proposal and append kernels (llama/lookup_rounds.py)."""
+    run = worker_results["lookup"]
+    assert run["cases"] == 32 and run["differ"] == 0
+    assert run["found"] == 3  # the cases have matches to find (not in the row of no repeats)

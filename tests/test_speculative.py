@@ -12,7 +12,7 @@ import torch
 
 import conftest
 from conftest import build
-from llama import drafting, speculative
+from llama import drafting, lookup_rounds, speculative
 from llama.chunk_steps import GraphedChunks
 from llama.sampling import Sampling
 from llama.speculative import accept_greedy, accept_sampled, nucleus
@@ -115,7 +115,7 @@ def test_greedy_equals_plain_decoding(target, drafts, plain, which, fixed):
         stats = dict(spec.stats)
         if fixed:  # graphs are captured once per key, not once per generation
             runners = [spec.runner] + [getattr(spec.drafter, "runner", None)] * (
-                which != "lookup")
+                which != "lookup") + [spec.device] * (which == "lookup")
             keys = [len(r.graphs) for r in runners]
             target.text_completion(PROMPTS, max_gen_len=40, temperature=0)
             assert [len(r.graphs) for r in runners] == keys
@@ -128,6 +128,10 @@ def test_greedy_equals_plain_decoding(target, drafts, plain, which, fixed):
         assert stats["accepted"] < stats["proposed"] / 4
     if which == "lookup":  # tiny random models loop: lookup finds their repeats
         assert stats["accepted"] > 0
+    # With fixed shapes, lookup's rounds run on the device (lookup_rounds.py) and from
+    # the host (plain steps where nothing is found, and near the cache end).
+    assert (stats["on_device"] > 0) == (fixed and which == "lookup")
+    assert stats["on_device"] < stats["rounds"]
 
 
 class Oracle:
@@ -294,6 +298,50 @@ def test_sampling_with_a_draft_model_keeps_the_target_distribution(make_model,
     assert statistic > critical
 
 
+def test_sampling_with_lookup_rounds_on_the_device_keeps_the_distribution(make_model,
+                                                                         monkeypatch):
+    """As above with prompt lookup whose rounds run on the device (fixed shapes): the
+    prompt holds every token the model likes after it, so the second token is mostly a
+    proposal, accepted or resampled by the device's round."""
+    target = build(make_model()[0], max_seq_len=48, max_batch_size=32)
+    temperature, top_p = 0.2, 1.0
+    start = target.tokenizer.encode("def f(", True, False)
+    prompt = start
+
+    def likely(rows):  # the 8 most likely next tokens after each row
+        probs = nucleus(target.model.forward(torch.tensor(rows), 0)[:, -1], temperature,
+                        top_p)
+        return probs.topk(8).indices.tolist()
+
+    for _ in range(3):  # pairs (t, the token most likely after prompt + [t])
+        first = likely([prompt])[0]
+        after = [row[0] for row in likely([prompt + [t] for t in first])]
+        prompt = start + [t for pair in zip(first, after) for t in pair]
+    want = exact_second_token(target, prompt, temperature, top_p)
+
+    def second_tokens(calls=120):
+        torch.manual_seed(3)
+        out = []
+        with drafting_with(target, "lookup", k=2, fixed_shapes=True) as spec:
+            for _ in range(calls):
+                tokens, _ = target.generate([prompt] * 32, max_gen_len=3,
+                                            temperature=temperature, top_p=top_p,
+                                            stop_token=-1)
+                out += [row[1] for row in tokens]
+            stats = dict(spec.stats)
+        return torch.tensor(out), stats
+
+    got, stats = second_tokens()
+    assert stats["on_device"] > 0
+    assert 0 < stats["accepted"] < stats["proposed"]
+    statistic, critical = chi_square(got, want)
+    assert statistic < critical
+    monkeypatch.setattr(torch, "rand_like", torch.zeros_like)  # accept every proposal
+    broken, _ = second_tokens(calls=40)
+    statistic, critical = chi_square(broken, want)
+    assert statistic > critical
+
+
 def test_greedy_acceptance_counts():
     logits = torch.full((3, 4, 5), -1.0)
     best = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [0, 0, 0, 0]])
@@ -315,6 +363,35 @@ def test_lookup_proposes_the_latest_longest_match():
     assert session.continuation(0, history + [4], 3) == []  # 4 never seen before
     fresh = drafting.LookupSession(1)
     assert fresh.continuation(0, [3, 3], 5) == [3]  # may overlap the row's own tail
+
+
+def test_device_lookup_proposes_what_the_host_lookup_does():
+    """lookup_rounds.propose against LookupSession on rows of few distinct tokens (many
+    matches of every length), at every length, including rows too short to match."""
+    gen = torch.Generator().manual_seed(0)
+    size, k = 40, 5
+    history = torch.randint(0, 4, (6, size + 1), generator=gen)
+    history[5, :] = torch.arange(size + 1)  # no repeats: nothing to propose
+    history[:, size] = 99  # the scratch column: never proposed
+    for length in range(0, size + 1):
+        lengths = torch.full((6,), length)
+        chunk, counts = lookup_rounds.propose(history, lengths, k)
+        for i in range(6):
+            row = history[i, :length].tolist()
+            want = drafting.LookupSession(1).continuation(0, row, k)
+            assert chunk[i, 0].item() == (row[-1] if row else history[i, 0].item())
+            assert counts[i].item() == len(want), (i, length)
+            assert chunk[i, 1:1 + len(want)].tolist() == want, (i, length)
+
+
+def test_device_lookup_appends_accepted_tokens_inside_the_cache():
+    history = torch.zeros((3, 7), dtype=torch.long)  # 6 positions and the scratch column
+    lengths = torch.tensor([1, 4, 6])
+    tokens = torch.tensor([[5, 6, 7], [8, 9, 10], [11, 12, 13]])
+    lookup_rounds.append(history, lengths, tokens, torch.tensor([2, 3, 3]))
+    assert history[:, :6].tolist() == [[0, 5, 6, 0, 0, 0], [0, 0, 0, 0, 8, 9],
+                                       [0] * 6]
+    assert lengths.tolist() == [3, 6, 6]  # the last row ran past the cache: dropped
 
 
 def test_lookup_without_a_match_runs_the_plain_step(target):
