@@ -130,6 +130,11 @@ def lookup_round(model, history, lengths, kv_len, temperature, top_p, *, k: int)
     return new, logprobs, counts, n_drafted
 
 
+def one_each(rows: "Rows", tokens: List[int], logprobs: List[float]):
+    """A plain step's (token, logprob) for each live row, as a round's new pairs."""
+    return [[(t, lp)] if a else [] for t, lp, a in zip(tokens, logprobs, rows.active)]
+
+
 class Rows:
     """The rows of one generation on the host: their tokens so far, budgets and stop
     rules. Turns each round's new tokens into steps of one token per row."""
@@ -195,21 +200,17 @@ class Speculation:
         with self.drafter.session(prompt_tokens, engine.model) as draft:
             yield from rows.emit([[pair] for pair in zip(*first)])
             while any(rows.active):
-                positions = [len(h) - 1 for h in rows.history]  # of each row's last token
                 runner = self.chunks(engine)
                 fixed = isinstance(runner, GraphedChunks)
                 drafts, n_drafted, q = draft.propose(rows.history, self.allowed(engine, rows),
                                                      sampling, fixed)
-                if drafts is None:  # nothing proposed: the plain decode step
-                    self.stats["rounds"] += 1
-                    fresh = self.plain_step(engine, rows, positions, sampling)
+                if drafts is None:  # nothing proposed: plain decode steps
+                    yield from self.plain_steps(engine, rows, draft, sampling)
                 elif fixed and self.drafter.name == "lookup" and self.room(engine, rows, 0):
                     yield from self.device_rounds(runner, engine, rows, sampling, synced)
-                    continue
                 else:
-                    fresh = self.round(runner, engine, rows, positions, sampling, draft,
-                                       drafts, n_drafted, q)
-                yield from rows.emit(fresh)
+                    yield from rows.emit(self.round(runner, engine, rows, sampling, draft,
+                                                    drafts, n_drafted, q))
 
     def allowed(self, engine: Engine, rows: Rows) -> List[int]:
         """Proposals each row may take: the verify chunk has one width for all rows and
@@ -258,10 +259,11 @@ class Speculation:
                 yield from rows.emit(self.accepted(rows, new, logprobs, counts, n_drafted))
         synced[:] = [len(h) for h in rows.history]
 
-    def round(self, runner, engine: Engine, rows: Rows, positions: List[int],
-              sampling: Sampling, draft, drafts, n_drafted: List[int], q):
+    def round(self, runner, engine: Engine, rows: Rows, sampling: Sampling, draft, drafts,
+              n_drafted: List[int], q):
         """Each row's new (token, logprob) pairs of a round verifying `drafts`."""
         max_seq_len = engine.model.params.max_seq_len
+        positions = [len(h) - 1 for h in rows.history]  # of each row's last token
         device = engine.model.rope.device
         last = [h[-1] for h in rows.history]
         if isinstance(drafts, torch.Tensor):
@@ -287,14 +289,34 @@ class Speculation:
         return [list(zip(new[i][:c], logprobs[i][:c])) if rows.active[i] else []
                 for i, c in enumerate(counts)]
 
-    def plain_step(self, engine: Engine, rows: Rows, positions: List[int],
-                   sampling: Sampling):
-        """One token per live row from the engine's own decode step."""
-        last = to_device([h[-1] for h in rows.history], engine.model.rope.device)
+    def plain_steps(self, engine: Engine, rows: Rows, draft, sampling: Sampling):
+        """The engine's own decode steps while the drafter proposes nothing, each launched
+        before the previous one's tokens are read where the engine launches ahead (as in
+        Engine._steps). Asking again after every token is free for lookup; a draft model
+        proposes nothing only at its rows' budget or cache end, which stays so."""
         max_seq_len = engine.model.params.max_seq_len
-        out = engine.decoder(last, [min(p, max_seq_len - 1) for p in positions], sampling)
-        tokens, logprobs = HostCopy(*out).wait()
-        return [[(t, lp)] if a else [] for t, lp, a in zip(tokens, logprobs, rows.active)]
+        # A finished row's (discarded) steps rewrite its last slot at most.
+        positions = [min(len(h) - 1, max_seq_len - 1) for h in rows.history]
+        last = to_device([h[-1] for h in rows.history], engine.model.rope.device)
+        launched = engine.decoder(last, positions, sampling)
+        while launched is not None:
+            copied = HostCopy(*launched)
+            positions = [min(p + 1, max_seq_len - 1) for p in positions]
+            ahead = None
+            if engine.launch_ahead and any(rows.remaining(i) > 1
+                                           for i in range(len(positions))):
+                ahead = engine.decoder(launched[0], positions, sampling)
+            self.stats["rounds"] += 1
+            yield from rows.emit(one_each(rows, *copied.wait()))
+            if not any(rows.active):
+                return
+            launched = ahead
+            if ahead is not None and draft.propose(rows.history, self.allowed(engine, rows),
+                                                   sampling, True)[0] is not None:
+                break  # found: the step in flight is the last
+        if launched is not None:
+            self.stats["rounds"] += 1
+            yield from rows.emit(one_each(rows, *HostCopy(*launched).wait()))
 
 
 def check_draft_tokens(value) -> int:

@@ -134,6 +134,19 @@ def test_greedy_equals_plain_decoding(target, drafts, plain, which, fixed):
     assert stats["on_device"] < stats["rounds"]
 
 
+@pytest.mark.parametrize("fixed", [False, True])
+def test_lookup_launching_ahead_equals_plain_decoding(target, plain, fixed):
+    """As on CUDA: plain steps (where lookup finds nothing) launched before the previous
+    step's tokens are read, and stopped when it finds something again."""
+    target.engine.launch_ahead = True
+    try:
+        with drafting_with(target, "lookup", k=3, fixed_shapes=fixed):
+            got = every_api(target)
+    finally:
+        target.engine.launch_ahead = False
+    assert_same(got, plain)
+
+
 class Oracle:
     """A drafter that knows the plain greedy output and is right for a number of tokens
     that changes from row to row and round to round, then wrong."""
