@@ -19,12 +19,12 @@ run from the host.
 """
 
 import functools
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .chunk_steps import GraphedChunks
+from .chunk_steps import GraphedChunks, pad_rows
 from .engine import HostCopy
 from .graphs import batch_bucket, record, to_device, warm_up
 
@@ -182,9 +182,10 @@ class DeviceRounds:
         self.current = None  # (replay, outputs, rows) of the generation's rounds
 
     def begin(self, history: List[List[int]], synced: List[int], temperature: float,
-              top_p: float) -> None:
+              top_p: float, then: Optional[torch.Tensor] = None) -> None:
         """Get ready to launch rounds for rows with these tokens so far, of which the
-        device holds the first synced[i] already (updated here)."""
+        device holds the first synced[i] already (updated here), followed by the tokens
+        `then` (one per row, on the device) if given."""
         n = len(history)
         rows = batch_bucket(n, self.max_batch_size)
         device = self.history.device
@@ -203,6 +204,9 @@ class DeviceRounds:
             # where a round would), which moves them on: back to where they were.
             self.graphs[key] = self.capture(rows, sampled)
             self.lengths[:rows] = lengths
+        if then is not None:
+            one = torch.ones(rows, dtype=torch.long, device=device)
+            append(self.history[:rows], self.lengths[:rows], pad_rows(then[:, None], rows), one)
         replay, outputs, settings = self.graphs[key]
         if sampled:
             settings[0].fill_(temperature)

@@ -205,8 +205,8 @@ class Speculation:
                 drafts, n_drafted, q = draft.propose(rows.history, self.allowed(engine, rows),
                                                      sampling, fixed)
                 if drafts is None:  # nothing proposed: plain decode steps
-                    yield from self.plain_steps(engine, rows, draft, sampling)
-                elif fixed and self.drafter.name == "lookup" and self.room(engine, rows, 0):
+                    yield from self.plain_steps(runner, engine, rows, draft, sampling, synced)
+                elif self.on_device(runner, engine, rows, 0):
                     yield from self.device_rounds(runner, engine, rows, sampling, synced)
                 else:
                     yield from rows.emit(self.round(runner, engine, rows, sampling, draft,
@@ -229,18 +229,30 @@ class Speculation:
         return all(len(h) + (in_flight + 1) * width - 1 <= max_seq_len
                    for h, a in zip(rows.history, rows.active) if a)
 
+    def on_device(self, runner, engine: Engine, rows: Rows, in_flight: int) -> bool:
+        """Whether lookup rounds can run on the device now (see device_rounds)."""
+        return (self.drafter.name == "lookup" and isinstance(runner, GraphedChunks)
+                and self.room(engine, rows, in_flight))
+
     def device_rounds(self, runner: GraphedChunks, engine: Engine, rows: Rows,
-                      sampling: Sampling, synced: List[int]):
+                      sampling: Sampling, synced: List[int], step=None):
         """Lookup rounds run on the device (lookup_rounds.py), each launched before the
         previous one's tokens are read, while every live row has room in the cache and
-        the lookup finds proposals; the host's rounds go on from where they stop."""
+        the lookup finds proposals; the host's rounds go on from where they stop.
+        `step`: the outputs of a plain decode step launched and not yet read, whose
+        tokens the rows take first (on the device, without waiting for them)."""
         if self.device is None or self.device.chunks is not runner:
-            step = functools.partial(lookup_round, k=self.k)  # one per runner: a graph key
-            self.device = lookup_rounds.DeviceRounds(runner, step)
+            fn = functools.partial(lookup_round, k=self.k)  # one per runner: a graph key
+            self.device = lookup_rounds.DeviceRounds(runner, fn)
         temperature = 0.0 if sampling.greedy else sampling.temperature
-        self.device.begin(rows.history, synced, temperature, sampling.top_p)
+        copied = None if step is None else HostCopy(*step)
+        self.device.begin(rows.history, synced, temperature, sampling.top_p,
+                          None if step is None else step[0])
         pending = self.device.launch()
-        while pending is not None:
+        if copied is not None:
+            self.stats["rounds"] += 1
+            yield from rows.emit(one_each(rows, *copied.wait()))
+        while pending is not None and any(rows.active):
             ahead = None
             if self.room(engine, rows, 1) and any(rows.remaining(i) > 1
                                                   for i in range(len(rows.history))):
@@ -289,11 +301,13 @@ class Speculation:
         return [list(zip(new[i][:c], logprobs[i][:c])) if rows.active[i] else []
                 for i, c in enumerate(counts)]
 
-    def plain_steps(self, engine: Engine, rows: Rows, draft, sampling: Sampling):
+    def plain_steps(self, runner, engine: Engine, rows: Rows, draft, sampling: Sampling,
+                    synced: List[int]):
         """The engine's own decode steps while the drafter proposes nothing, each launched
         before the previous one's tokens are read where the engine launches ahead (as in
         Engine._steps). Asking again after every token is free for lookup; a draft model
-        proposes nothing only at its rows' budget or cache end, which stays so."""
+        proposes nothing only at its rows' budget or cache end, which stays so. When the
+        lookup finds something, device rounds start behind the step in flight."""
         max_seq_len = engine.model.params.max_seq_len
         # A finished row's (discarded) steps rewrite its last slot at most.
         positions = [min(len(h) - 1, max_seq_len - 1) for h in rows.history]
@@ -313,7 +327,11 @@ class Speculation:
             launched = ahead
             if ahead is not None and draft.propose(rows.history, self.allowed(engine, rows),
                                                    sampling, True)[0] is not None:
-                break  # found: the step in flight is the last
+                if self.on_device(runner, engine, rows, 1):
+                    yield from self.device_rounds(runner, engine, rows, sampling, synced,
+                                                  step=launched)
+                    return
+                break  # the host's rounds go on after the step in flight
         if launched is not None:
             self.stats["rounds"] += 1
             yield from rows.emit(one_each(rows, *HostCopy(*launched).wait()))
