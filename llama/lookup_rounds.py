@@ -45,9 +45,9 @@ def propose(history: torch.Tensor, lengths: torch.Tensor, k: int):
     column is `append`'s scratch). Returns (chunk (rows, k + 1), counts (rows,)): each
     row's last token, then the tokens after the latest earlier occurrence of its last 3
     tokens, else 2, else 1, of which the first counts[i] are real (0 where nothing
-    matched). On CUDA one Triton kernel (a graphed step of small PyTorch operations
-    spends ~0.1 ms on their ~40 launches); elsewhere `propose_torch`."""
-    if history.is_cuda and triton is not None:
+    matched). On CUDA one Triton kernel, as a CUDA graph of `propose_torch`'s ~40 small
+    operations spends ~0.1 ms on them; compiled, `propose_torch`, which inductor fuses."""
+    if fast_kernels(history):
         return propose_triton(history, lengths, k)
     return propose_torch(history, lengths, k)
 
@@ -57,10 +57,14 @@ def append(history: torch.Tensor, lengths: torch.Tensor, tokens: torch.Tensor,
     """Write each row's first counts[i] `tokens` after its last one and advance lengths, in
     place. What would fall past the cache (rows that finished on the host and ran on)
     goes to the scratch column, which the lookup never reads."""
-    if history.is_cuda and triton is not None:
+    if fast_kernels(history):
         append_triton(history, lengths, tokens, counts)
     else:
         append_torch(history, lengths, tokens, counts)
+
+
+def fast_kernels(history: torch.Tensor) -> bool:
+    return history.is_cuda and triton is not None and not torch.compiler.is_compiling()
 
 
 def propose_torch(history: torch.Tensor, lengths: torch.Tensor, k: int):

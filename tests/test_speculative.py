@@ -147,6 +147,18 @@ def test_lookup_launching_ahead_equals_plain_decoding(target, plain, fixed):
     assert_same(got, plain)
 
 
+def test_compiled_lookup_rounds_equal_plain_decoding(make_model):
+    """decode="compiled": the verify steps and the device's lookup rounds compiled by
+    torch.compile (on the CPU: run, not captured), launched ahead, as on CUDA."""
+    gen = build(make_model()[0], max_seq_len=48)
+    want = gen.text_completion(PROMPTS, max_gen_len=30, temperature=0, logprobs=True)
+    gen.configure(decode="compiled", draft="lookup", draft_tokens=3)
+    gen.engine.launch_ahead = True
+    got = gen.text_completion(PROMPTS, max_gen_len=30, temperature=0, logprobs=True)
+    assert gen.engine.speculation.stats["on_device"] > 0
+    assert_same(got, want)
+
+
 class Oracle:
     """A drafter that knows the plain greedy output and is right for a number of tokens
     that changes from row to row and round to round, then wrong."""
