@@ -13,9 +13,9 @@ r + 1 is then launched before round r's tokens are read, as plain decode steps a
 The round runs with fixed shapes beside the verify steps of chunk_steps.GraphedChunks,
 with that runner's settings: captured in a CUDA graph in its memory pool, compiled first
 under decode="compiled", run directly (not captured) off CUDA. speculative.Speculation
-uses it for "lookup" when the verify runs that way, while every live row has room for
-two more rounds in the KV cache and the lookup keeps finding proposals; its other rounds
-run from the host.
+uses it for "lookup" when the verify runs that way, while the lookup keeps finding
+proposals and every live row has room in the KV cache for the rounds in flight and the
+next; its other rounds run from the host.
 """
 
 import functools
@@ -34,7 +34,9 @@ try:
 except ImportError:  # CPU-only installs: the PyTorch versions below run everywhere
     triton = None
 
-LONGEST_MATCH = 3  # drafting.LOOKUP_NGRAMS: the last 3 tokens, else 2, else 1
+# drafting.LOOKUP_NGRAMS: the last 3 tokens, else 2, else 1 (the Triton kernel compares
+# three tokens by name; tests check both versions against LookupSession).
+LONGEST_MATCH = 3
 BLOCK = 1024  # positions the Triton lookup compares per iteration
 
 
@@ -183,7 +185,7 @@ class DeviceRounds:
                                        dtype=torch.long, device=device)
             self.lengths = torch.zeros(self.max_batch_size, dtype=torch.long, device=device)
         self.graphs = {}
-        self.current = None  # (replay, outputs, rows) of the generation's rounds
+        self.current = None  # (replay, outputs, real rows) of the generation's rounds
 
     def begin(self, history: List[List[int]], synced: List[int], temperature: float,
               top_p: float, then: Optional[torch.Tensor] = None) -> None:
@@ -204,8 +206,9 @@ class DeviceRounds:
         sampled = temperature > 0
         key = (rows, sampled)
         if key not in self.graphs:
-            # Capturing runs the step from these lengths (so it writes the cache only
-            # where a round would), which moves them on: back to where they were.
+            # Capturing runs the step (twice, warming up) from these lengths, so it
+            # writes each row's cache at its last token's position or later, which the
+            # real rounds rewrite before reading; it moves the lengths on: reset them.
             self.graphs[key] = self.capture(rows, sampled)
             self.lengths[:rows] = lengths
         if then is not None:

@@ -223,8 +223,9 @@ class Speculation:
                 for i in range(len(rows.history))]
 
     def room(self, engine: Engine, rows: Rows, in_flight: int) -> bool:
-        """Whether a round launched now, with `in_flight` rounds launched and not yet read,
-        ends inside the cache for every live row: each round adds up to k + 1 tokens."""
+        """Whether a round launched now, with `in_flight` rounds (or plain steps) launched
+        and not yet read, ends inside the cache for every live row: each is counted as
+        adding up to k + 1 tokens."""
         width, max_seq_len = self.k + 1, engine.model.params.max_seq_len
         return all(len(h) + (in_flight + 1) * width - 1 <= max_seq_len
                    for h, a in zip(rows.history, rows.active) if a)
@@ -244,6 +245,7 @@ class Speculation:
         if self.device is None or self.device.chunks is not runner:
             fn = functools.partial(lookup_round, k=self.k)  # one per runner: a graph key
             self.device = lookup_rounds.DeviceRounds(runner, fn)
+            synced[:] = [0] * len(synced)  # a new, empty buffer (decode mode changed)
         temperature = 0.0 if sampling.greedy else sampling.temperature
         copied = None if step is None else HostCopy(*step)
         self.device.begin(rows.history, synced, temperature, sampling.top_p,
@@ -309,13 +311,15 @@ class Speculation:
         proposes nothing only at its rows' budget or cache end, which stays so. When the
         lookup finds something, device rounds start behind the step in flight."""
         max_seq_len = engine.model.params.max_seq_len
-        # A finished row's (discarded) steps rewrite its last slot at most.
+        # As in Engine._steps, finished rows keep their position, and a row's (discarded)
+        # steps past its budget rewrite the cache's last slot at most.
         positions = [min(len(h) - 1, max_seq_len - 1) for h in rows.history]
         last = to_device([h[-1] for h in rows.history], engine.model.rope.device)
         launched = engine.decoder(last, positions, sampling)
         while launched is not None:
             copied = HostCopy(*launched)
-            positions = [min(p + 1, max_seq_len - 1) for p in positions]
+            positions = [min(p + 1, max_seq_len - 1) if a else p
+                         for p, a in zip(positions, rows.active)]
             ahead = None
             if engine.launch_ahead and any(rows.remaining(i) > 1
                                            for i in range(len(positions))):

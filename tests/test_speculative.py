@@ -147,6 +147,26 @@ def test_lookup_launching_ahead_equals_plain_decoding(target, plain, fixed):
     assert_same(got, plain)
 
 
+def test_device_rounds_survive_a_new_runner_in_a_paused_stream(target):
+    """configure(decode=...) while a stream is paused makes a new verify runner, hence a
+    new (empty) device buffer: the rows' tokens must be loaded into it again."""
+    prompt = [1, 5, 9, 14, 5, 9, 20, 5, 9]
+    want = target.generate([prompt], max_gen_len=None, temperature=0, stop_token=-1)[0][0]
+    target.engine.launch_ahead = True
+    got, entries = [], []
+    try:
+        with drafting_with(target, "lookup", k=3, fixed_shapes=True) as spec:
+            for step in target.engine.generate([prompt], Sampling(0.0, 1.0, None, {-1})):
+                got.append(step[0][0] if step[0] else None)
+                if spec.stats["on_device"] not in entries:  # as a paused stream's configure
+                    entries.append(spec.stats["on_device"])
+                    spec.runner = GraphedChunks(target.model, capture=False)
+    finally:
+        target.engine.launch_ahead = False
+    assert len(entries) > 2
+    assert got == want
+
+
 def test_compiled_lookup_rounds_equal_plain_decoding(make_model):
     """decode="compiled": the verify steps and the device's lookup rounds compiled by
     torch.compile (on the CPU: run, not captured), launched ahead, as on CUDA."""
