@@ -254,23 +254,19 @@ class Speculation:
         if copied is not None:
             self.stats["rounds"] += 1
             yield from rows.emit(one_each(rows, *copied.wait()))
-        while pending is not None and any(rows.active):
+        searching = True
+        while pending is not None and any(rows.active):  # else the round ahead is unread
             ahead = None
-            if self.room(engine, rows, 1) and any(rows.remaining(i) > 1
-                                                  for i in range(len(rows.history))):
+            if searching and self.room(engine, rows, 1) and any(
+                    rows.remaining(i) > 1 for i in range(len(rows.history))):
                 ahead = self.device.launch()
             new, logprobs, counts, n_drafted = pending.wait()
             self.stats["on_device"] += 1
-            found = any(n for n, a in zip(n_drafted, rows.active) if a)
+            # Nothing found for any live row: the round ahead is the last; the host's
+            # rounds (plain steps) go on after it.
+            searching = any(n for n, a in zip(n_drafted, rows.active) if a)
             yield from rows.emit(self.accepted(rows, new, logprobs, counts, n_drafted))
-            if not any(rows.active):
-                return  # the round launched ahead, if any, is not needed
-            # Nothing found: the host's rounds (plain steps) go on after the round ahead.
-            pending = ahead if found else None
-            if ahead is not None and not found:
-                new, logprobs, counts, n_drafted = ahead.wait()
-                self.stats["on_device"] += 1
-                yield from rows.emit(self.accepted(rows, new, logprobs, counts, n_drafted))
+            pending = ahead
         synced[:] = [len(h) for h in rows.history]
 
     def round(self, runner, engine: Engine, rows: Rows, sampling: Sampling, draft, drafts,
@@ -315,30 +311,25 @@ class Speculation:
         # steps past its budget rewrite the cache's last slot at most.
         positions = [min(len(h) - 1, max_seq_len - 1) for h in rows.history]
         last = to_device([h[-1] for h in rows.history], engine.model.rope.device)
-        launched = engine.decoder(last, positions, sampling)
-        while launched is not None:
+        launched, searching = engine.decoder(last, positions, sampling), True
+        while launched is not None and any(rows.active):
             copied = HostCopy(*launched)
             positions = [min(p + 1, max_seq_len - 1) if a else p
                          for p, a in zip(positions, rows.active)]
             ahead = None
-            if engine.launch_ahead and any(rows.remaining(i) > 1
-                                           for i in range(len(positions))):
+            if searching and engine.launch_ahead and any(rows.remaining(i) > 1
+                                                         for i in range(len(positions))):
                 ahead = engine.decoder(launched[0], positions, sampling)
             self.stats["rounds"] += 1
             yield from rows.emit(one_each(rows, *copied.wait()))
-            if not any(rows.active):
-                return
             launched = ahead
             if ahead is not None and draft.propose(rows.history, self.allowed(engine, rows),
                                                    sampling, True)[0] is not None:
                 if self.on_device(runner, engine, rows, 1):
                     yield from self.device_rounds(runner, engine, rows, sampling, synced,
-                                                  step=launched)
+                                                  step=ahead)
                     return
-                break  # the host's rounds go on after the step in flight
-        if launched is not None:
-            self.stats["rounds"] += 1
-            yield from rows.emit(one_each(rows, *HostCopy(*launched).wait()))
+                searching = False  # the host's rounds go on after the step in flight
 
 
 def check_draft_tokens(value) -> int:
