@@ -19,7 +19,7 @@ setup(
     python_requires=">=3.11,<3.13",
     packages=find_packages(include=["llama", "llama.*"]),
     # The CPU int8 kernel's source, compiled on the user's machine at first use.
-    package_data={"llama": ["csrc/*.cpp"]},
+    package_data={"llama": ["csrc/*.cpp", "csrc/*.cu"]},
     install_requires=requirements,
     entry_points={
         "console_scripts": [

@@ -5,16 +5,17 @@
 For each linear shape of one 7B layer (and the output head) at each batch size: the bf16
 F.linear baseline; int8 and int4 through the plain path (eager and compiled, as
 graphs.py compiles decode steps), the Triton kernel, tinygemm `_weight_int4pack_mm`
-(int4), the gpt-fast peer's compiled int8 (`linear(x, w.to(bf16)) * scales`), and
+and our tensor-core kernel (int4, `cuda_int4`), the gpt-fast peer's compiled int8 (`linear(x, w.to(bf16)) * scales`), and
 torchao / gemlite where importable. Each product is checked against
 dequantize-then-multiply of the same stored weights (float32 products of the bf16
 inputs, rounded to bf16 once; a kernel passes when it is within 1e-3 of the
 float32-weight or of the bf16-weight reference), then timed from a CUDA graph of 20
 calls that cycle through enough copies of the weights (>= 256 MB) that none is still in
-L2 cache, as in a real decoding step. The Triton kernel's launch settings are then swept
-per shape and batch, in what is left of --budget seconds (the whole run's). Prints a
-table and writes everything to --out as JSON. Imports only torch, triton and this
-package's quantize/quant_kernels modules, not the model.
+L2 cache, as in a real decoding step. The launch settings of the Triton kernel and of
+the int4 tensor-core kernel are then swept per shape and batch, in what is left of
+--budget seconds (the whole run's). Prints a table and writes everything to --out as
+JSON. Imports only torch, triton and this package's quantize/quant_kernels/int4_mma
+modules, not the model.
 """
 
 import argparse
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llama import int4_mma  # noqa: E402
 from llama import quant_kernels as qk  # noqa: E402
 from llama import quantize as q  # noqa: E402
 
@@ -108,7 +110,7 @@ def variants(weight, pieces, x):
     for mode in q.MODES:
         nbytes = stored_bytes(n, k, mode)
         copies = copies_for(nbytes)
-        kernels = ["plain", "triton"] + (["tinygemm"] if mode == "int4" else [])
+        kernels = ["plain", "triton"] + (["tinygemm", "cuda_int4"] if mode == "int4" else [])
         for kernel in kernels:
             try:
                 layers = quantized_layers(pieces[mode], mode, kernel, copies)
@@ -213,22 +215,36 @@ def sweep_configs(m: int):
             for n in (32, 64, 128) for k in (64, 128) for split in (1, 2, 4)]
 
 
-def sweep_triton(pieces, mode, x, deadline):
-    """Time per call of the Triton kernel for each launch config, best first; stops at
-    the deadline (time.monotonic())."""
+def mma_configs(m: int, tiles: int):
+    """(tiles, slices, warps) to try for the int4 tensor-core kernel: the ones that divide
+    the tiles and fit 48 KB of shared memory."""
+    return [(t, s, w) for t in (1, 2, 4) for s in ((1,) if m <= 8 else (1, 2, 4))
+            for w in (4, 8, 16) if tiles % t == 0 and 512 * t * s * w <= 48 * 1024]
+
+
+def sweep(kernel, pieces, mode, x, deadline):
+    """Time per call of `kernel` ("triton", or "cuda_int4" for int4) for each launch
+    config, best first; stops at the deadline (time.monotonic())."""
     nbytes = stored_bytes(pieces["weight"].shape[0], x.shape[1], mode)
-    layers = quantized_layers(pieces, mode, "triton", copies_for(nbytes))
+    layers = quantized_layers(pieces, mode, kernel, copies_for(nbytes))
+    if kernel == "triton":
+        configs = sweep_configs(x.shape[0])
+        call = lambda l, config: qk.triton_matmul(x, l, config)  # noqa: E731
+    else:
+        configs = mma_configs(x.shape[0], layers[0].weight.shape[0])
+        call = lambda l, config: int4_mma.product(x, l.weight, l.scale_pairs,  # noqa: E731
+                                                  l.group_size, config)
     results = []
-    for config in sweep_configs(x.shape[0]):
+    for config in configs:
         if time.monotonic() > deadline:
             break
+        record = config.__dict__ if kernel == "triton" else dict(zip(("tiles", "slices", "warps"), config))
         try:
-            us = time_per_call([lambda l=l: qk.triton_matmul(x, l, config) for l in layers])
-        except Exception as error:  # noqa: BLE001 (a config may need too much memory)
-            results.append({"config": config.__dict__, "us": float("inf"),
-                            "error": str(error)[:200]})
+            us = time_per_call([lambda l=l: call(l, config) for l in layers])
+        except Exception as error:  # noqa: BLE001 (too many registers or shared memory)
+            results.append({"config": record, "us": float("inf"), "error": str(error)[:200]})
             continue
-        results.append({"config": config.__dict__, "us": us, "weight_GBps": nbytes / us / 1e3})
+        results.append({"config": record, "us": us, "weight_GBps": nbytes / us / 1e3})
     return sorted(results, key=lambda r: r["us"])
 
 
@@ -263,18 +279,20 @@ def main():
                 report["results"].append(row)
                 print_row(row)
         del weight
-    sweeps = [(shape, batch, mode) for shape, batch in inputs for mode in q.MODES]
-    for i, (shape, batch, mode) in enumerate(sweeps):
+    sweeps = [(shape, batch, mode, kernel) for shape, batch in inputs
+              for mode, kernel in (("int8", "triton"), ("int4", "triton"), ("int4", "cuda_int4"))
+              if batch <= int4_mma.MAX_ROWS or kernel == "triton"]
+    for i, (shape, batch, mode, kernel) in enumerate(sweeps):
         # An equal share of what is left of the budget for each sweep still to run.
         share = (start + args.budget - time.monotonic()) / (len(sweeps) - i)
         pieces, x = inputs[shape, batch]
-        sweep = sweep_triton(pieces[mode], mode, x, time.monotonic() + share)
-        report["sweep"][f"{shape} batch={batch} {mode}"] = sweep[:5]
-        if sweep:
-            best = sweep[0]
-            print(f"{shape:8s} {batch:5d} {'triton best ' + mode:22s} {best['us']:8.1f} "
+        results = sweep(kernel, pieces[mode], mode, x, time.monotonic() + share)
+        report["sweep"][f"{shape} batch={batch} {mode} {kernel}"] = results[:5]
+        if results:
+            best = results[0]
+            print(f"{shape:8s} {batch:5d} {kernel + ' best ' + mode:22s} {best['us']:8.1f} "
                   f"{best.get('weight_GBps', 0):7.0f}  {best['config']} "
-                  f"({len(sweep)} configs)")
+                  f"({len(results)} configs)")
     report["seconds"] = time.monotonic() - start
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"{report['seconds']:.0f} s; written to {args.out}")

@@ -10,6 +10,8 @@ kernel's own where it has one.
 | cpu_native   | int8, int4 | CPU, C++ compiler | csrc/matvec.cpp up to 4 rows; more: plain     |
 | tinygemm     | int4       | CUDA, bfloat16   | aten._weight_int4pack_mm (tensor-core tiles); |
 |              |            |                  | more rows: dequantized, then F.linear         |
+| cuda_int4    | int4       | CUDA, bfloat16   | int4_mma.py: csrc/int4_mma.cu up to 64 rows;  |
+|              |            |                  | more rows: dequantized, then F.linear         |
 | triton       | int8, int4 | CUDA (Triton)    | the stored layout: triton_matvec for one int8 |
 |              |            |                  | row, _quantized_matmul below otherwise        |
 | cuda_int8    | int8       | CUDA (Triton)    | triton (int8's default on CUDA)               |
@@ -35,6 +37,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from . import int4_mma
 from .quantize import QuantizedLinear, check_mode, plain_matmul, quantized_layers, unpack_int4
 
 try:
@@ -51,6 +54,7 @@ class Kernel:
     matmul: Callable  # (x (M, K), layer) -> (M, N) in x's dtype
     prepare: Callable  # (layer, dtype): the layer's buffers into the kernel's layout, once
     refuses: Callable  # (layer, dtype) -> why this kernel cannot take the layer, or None
+    fallback: str = "plain"  # the kernel for the layers this one refuses
 
 
 def _cast_scales(layer: QuantizedLinear, dtype: torch.dtype) -> None:
@@ -247,6 +251,8 @@ KERNELS = {
                        _tinygemm_refuses),
     "triton": Kernel("triton", ("int8", "int4"), lambda x, layer: triton_matmul(x, layer),
                      lambda layer, dtype: _triton_prepare(layer, dtype), _triton_refuses),
+    "cuda_int4": Kernel("cuda_int4", ("int4",), int4_mma.matmul, int4_mma.prepare,
+                        int4_mma.refuses, fallback="tinygemm"),
 }
 # int8's default on CUDA: the Triton kernels under a name of its own (the int8 mode only).
 KERNELS["cuda_int8"] = replace(KERNELS["triton"], name="cuda_int8", modes=("int8",))
@@ -262,7 +268,7 @@ def select_kernel(device, mode: str, dtype: torch.dtype, name: Optional[str] = N
         if device.type == "cpu":
             name = "cpu_native" if native_kernels()[0] is not None else "cpu"
         elif device.type == "cuda" and mode == "int4" and dtype == torch.bfloat16:
-            name = "tinygemm"
+            name = "tinygemm" if int4_mma.unavailable() else "cuda_int4"
         elif device.type == "cuda" and mode == "int8" and triton is not None:
             name = "cuda_int8"
     if name not in KERNELS or mode not in KERNELS[name].modes:
@@ -274,13 +280,16 @@ def select_kernel(device, mode: str, dtype: torch.dtype, name: Optional[str] = N
 def use_kernel(model: nn.Module, kernel: Kernel, dtype: torch.dtype) -> Dict[str, str]:
     """Install `kernel` on every QuantizedLinear of `model` (after loading and after any
     .to(dtype): the kernel's layout is what the buffers hold from then on). Layers it
-    cannot take use the plain path; returns {layer name: why} for those."""
+    cannot take go to its fallback kernel (in the end the plain path, which takes any);
+    returns {layer name: why, and which kernel it got} for those."""
     fallbacks = {}
     for name, layer in quantized_layers(model).items():
         chosen = kernel
         reason = kernel.refuses(layer, dtype)
-        if reason:
-            fallbacks[name], chosen = reason, KERNELS["plain"]
+        while reason:
+            chosen = KERNELS[chosen.fallback]
+            fallbacks[name] = f"{reason}; {chosen.name} instead"
+            reason = chosen.refuses(layer, dtype)
         chosen.prepare(layer, dtype)
         layer.matmul, layer.kernel = chosen.matmul, chosen.name
         if layer.weight.device.type == "cpu":

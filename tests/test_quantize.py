@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import weakref
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -17,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from llama import distributed
+from llama import distributed, int4_mma
 from llama import quant_kernels as qk
 from llama import quantize as q
 from llama.model import ColumnParallelLinear, RowParallelLinear
@@ -218,7 +219,9 @@ def test_launch_settings():
 def test_cpu_default_kernels_and_fallbacks():
     assert qk.select_kernel("cpu", "int8", torch.float32).name == "cpu_native"
     assert qk.select_kernel("cpu", "int4", torch.float32).name == "cpu_native"
-    assert qk.select_kernel("cuda", "int4", torch.bfloat16).name == "tinygemm"
+    # The int4 tensor-core kernel where NVRTC compiles it (CUDA builds), else tinygemm.
+    assert qk.select_kernel("cuda", "int4", torch.bfloat16).name == (
+        "tinygemm" if int4_mma.unavailable() else "cuda_int4")
     assert qk.select_kernel("cuda", "int4", torch.float16).name == "plain"
     assert qk.select_kernel("cuda", "int8", torch.bfloat16).name == (
         "plain" if qk.triton is None else "cuda_int8")
@@ -234,6 +237,24 @@ def test_cpu_default_kernels_and_fallbacks():
     x = torch.randn(3, 128)
     for name, layer in tree.items():
         assert relative_error(layer(x), x @ want[name].t()) < 1e-3
+
+
+def test_refused_layers_go_down_the_fallback_chain(monkeypatch):
+    """A kernel's refused layers take its fallback kernel, and that one's refused ones
+    the next, down to the plain path."""
+    def refusing(limit):
+        return lambda layer, dtype: (f"needs out_features <= {limit}"
+                                     if layer.out_features > limit else None)
+    kernels = dict(qk.KERNELS)
+    kernels["first"] = replace(qk.KERNELS["plain"], name="first", refuses=refusing(32),
+                               fallback="second")
+    kernels["second"] = replace(qk.KERNELS["plain"], name="second", refuses=refusing(48))
+    monkeypatch.setattr(qk, "KERNELS", kernels)
+    tree = nn.ModuleDict({str(n): layer_with("int4", n, 128) for n in (32, 48, 64)})
+    fallbacks = qk.use_kernel(tree, kernels["first"], torch.float32)
+    assert [tree[n].kernel for n in ("32", "48", "64")] == ["first", "second", "plain"]
+    assert fallbacks == {"48": "needs out_features <= 32; second instead",
+                         "64": "needs out_features <= 48; plain instead"}
 
 
 @pytest.fixture(scope="module")
