@@ -218,7 +218,7 @@ def sweep_configs(m: int):
 def mma_configs(m: int, tiles: int):
     """(tiles, slices, warps) to try for the int4 tensor-core kernel: the ones that divide
     the tiles and fit 48 KB of shared memory."""
-    return [(t, s, w) for t in (1, 2, 4) for s in ((1,) if m <= 8 else (1, 2, 4))
+    return [(t, s, w) for t in (1, 2, 4) for s in ((1,) if m <= 8 else (1, 2))
             for w in (4, 8, 16) if tiles % t == 0 and 512 * t * s * w <= 48 * 1024]
 
 

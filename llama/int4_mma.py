@@ -37,25 +37,31 @@ def refuses(layer, dtype) -> Optional[str]:
     if layer.out_features % 16 or layer.in_features % 64 or layer.group_size % 64:
         return ("the int4 tensor-core kernel needs out_features % 16 == 0, in_features % 64"
                 " == 0 and a group size that is a multiple of 64")
+    if layer.weight.device.type != "cuda":
+        return f"the int4 tensor-core kernel runs on CUDA GPUs, not {layer.weight.device}"
     if torch.version.hip is not None or not hasattr(torch.cuda, "_compile_kernel"):
-        return "the int4 tensor-core kernel needs a CUDA build of PyTorch 2.8 or later"
+        return "the int4 tensor-core kernel needs a CUDA build of PyTorch with NVRTC kernels"
     if torch.cuda.get_device_capability(layer.weight.device) < (8, 0):
         return "the int4 tensor-core kernel needs a GPU of compute capability 8.0 or later"
     return unavailable()
 
 
 @functools.lru_cache(maxsize=None)
-def compiled(name: str):
+def compiled(name: str, device: int):
     """The kernel `name` of csrc/int4_mma.cu (a template instance such as
-    "int4_mma_matvec<2, 1>"), compiled by NVRTC for this GPU on first use (~0.5 s)."""
-    return torch.cuda._compile_kernel(SOURCE.read_text(), name)
+    "int4_mma_matvec<2, 1>") for GPU `device`, compiled by NVRTC on first use (~0.5 s)
+    and loaded into that GPU's context."""
+    with torch.cuda.device(device):
+        return torch.cuda._compile_kernel(SOURCE.read_text(), name)
 
 
 @functools.lru_cache(maxsize=None)
 def unavailable() -> Optional[str]:
-    """Why the kernels cannot be compiled here, or None where they can."""
+    """Why the kernels cannot be compiled here, or None where they can. A template
+    instance is compiled too: older PyTorch compiles plain kernels but cannot name one."""
     try:
-        compiled("int4_mma_dequantize")
+        for name in ("int4_mma_dequantize", "int4_mma_matvec<1, 1>"):
+            compiled(name, torch.cuda.current_device())
     except Exception as error:  # noqa: BLE001 (no NVRTC, an old driver: use tinygemm)
         return f"the int4 tensor-core kernel did not compile ({type(error).__name__}: {error})"
     return None
@@ -124,12 +130,18 @@ def product(x: torch.Tensor, weight: torch.Tensor, pairs: torch.Tensor, group: i
     the kernel launched as `config` (tiles, slices, warps; launch_config's by default)."""
     m, k = x.shape
     n = weight.shape[0] * 16
-    x = _checked(x)
+    if k != weight.shape[1] * 64:
+        raise ValueError(f"x has {k} inputs per row; the int4 weights take {weight.shape[1] * 64}")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    x = _checked(x)
     tiles, slices, warps = config or launch_config(weight.shape[0], m, _sms(x.device))
-    compiled(f"int4_mma_matvec<{tiles}, {slices}>")(
-        grid=(weight.shape[0] // tiles * -(-m // (8 * slices)), 1, 1), block=(32 * warps, 1, 1),
-        shared_mem=512 * tiles * slices * warps, args=[x, weight, pairs, out, m, n, k, group])
+    with torch.cuda.device(x.device):  # the kernel's context and stream are x's GPU's
+        compiled(f"int4_mma_matvec<{tiles}, {slices}>", x.device.index)(
+            grid=(weight.shape[0] // tiles * -(-m // (8 * slices)), 1, 1),
+            block=(32 * warps, 1, 1), shared_mem=512 * tiles * slices * warps,
+            args=[x, weight, pairs, out, m, n, k, group])
     return out
 
 
@@ -151,8 +163,10 @@ def int4_mma_dequantize(weight: torch.Tensor, pairs: torch.Tensor, group: int) -
     n, k = tiles * 16, chunks * 64
     out = torch.empty(n, k, dtype=torch.bfloat16, device=weight.device)
     loads = tiles * chunks * 32
-    compiled("int4_mma_dequantize")(grid=(-(-loads // 256), 1, 1), block=(256, 1, 1),
-                                        args=[weight, pairs, out, n, k, group])
+    with torch.cuda.device(weight.device):
+        compiled("int4_mma_dequantize", weight.device.index)(
+            grid=(-(-loads // 256), 1, 1), block=(256, 1, 1),
+            args=[weight, pairs, out, n, k, group])
     return out
 
 

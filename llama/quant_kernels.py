@@ -188,6 +188,8 @@ def _cpu_matmul(x, layer):
 def _tinygemm_refuses(layer, dtype) -> Optional[str]:
     if torch.version.hip is not None:  # ROCm packs 16-row tiles for 64 lanes
         return "tinygemm_dequantize reads the CUDA build's layout of _weight_int4pack_mm"
+    if layer.weight.device.type != "cuda":
+        return f"_weight_int4pack_mm runs on CUDA GPUs, not {layer.weight.device}"
     if dtype != torch.bfloat16:
         return f"_weight_int4pack_mm takes bfloat16 activations only, not {dtype}"
     if layer.group_size not in (32, 64, 128, 256):
@@ -284,12 +286,14 @@ def use_kernel(model: nn.Module, kernel: Kernel, dtype: torch.dtype) -> Dict[str
     returns {layer name: why, and which kernel it got} for those."""
     fallbacks = {}
     for name, layer in quantized_layers(model).items():
-        chosen = kernel
+        chosen, reasons = kernel, []
         reason = kernel.refuses(layer, dtype)
-        while reason:
+        while reason:  # ends: the plain path takes every layer
             chosen = KERNELS[chosen.fallback]
-            fallbacks[name] = f"{reason}; {chosen.name} instead"
+            reasons.append(f"{reason}; {chosen.name} instead")
             reason = chosen.refuses(layer, dtype)
+        if reasons:
+            fallbacks[name] = "; then ".join(reasons)
         chosen.prepare(layer, dtype)
         layer.matmul, layer.kernel = chosen.matmul, chosen.name
         if layer.weight.device.type == "cpu":

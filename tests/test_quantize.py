@@ -197,7 +197,7 @@ def test_native_cpu_kernels_say_when_they_compile(monkeypatch, capsys):
 
 def test_tinygemm_refuses_rocm_layouts(monkeypatch):
     layer = layer_with("int4", 48, 128)
-    assert qk.KERNELS["tinygemm"].refuses(layer, torch.bfloat16) is None
+    assert "runs on CUDA GPUs, not cpu" in qk.KERNELS["tinygemm"].refuses(layer, torch.bfloat16)
     # ROCm's _weight_int4pack_mm packs another layout than the one tinygemm_dequantize reads.
     monkeypatch.setattr(torch.version, "hip", "6.2")
     assert "CUDA build's layout" in qk.KERNELS["tinygemm"].refuses(layer, torch.bfloat16)
@@ -254,7 +254,8 @@ def test_refused_layers_go_down_the_fallback_chain(monkeypatch):
     fallbacks = qk.use_kernel(tree, kernels["first"], torch.float32)
     assert [tree[n].kernel for n in ("32", "48", "64")] == ["first", "second", "plain"]
     assert fallbacks == {"48": "needs out_features <= 32; second instead",
-                         "64": "needs out_features <= 48; plain instead"}
+                         "64": "needs out_features <= 32; second instead; then "
+                               "needs out_features <= 48; plain instead"}
 
 
 @pytest.fixture(scope="module")

@@ -53,8 +53,10 @@ __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u3
 __device__ __forceinline__ float bf16_lo(u32 pair) { return __uint_as_float(pair << 16); }
 __device__ __forceinline__ float bf16_hi(u32 pair) { return __uint_as_float(pair & 0xFFFF0000u); }
 
+// At most 16 warps a block: the compiler keeps the registers a thread uses within what
+// 512 threads can have (128 each), which the 4-tile and 2-slice variants reach.
 template <int TILES, int SLICES>
-__global__ void int4_mma_matvec(
+__global__ void __launch_bounds__(512) int4_mma_matvec(
         const u16* __restrict__ x,     // (m, k) bfloat16
         const uint4* __restrict__ w,   // (n / 16, k / 64, 32 lanes) 16-byte loads
         const u32* __restrict__ sz,    // (n / 16, k / group, 16) (scale, zero) pairs
