@@ -5,13 +5,13 @@
 For each linear shape of one 7B layer (and the output head) at each batch size: the bf16
 F.linear baseline; int8 and int4 through the plain path (eager and compiled, as
 graphs.py compiles decode steps), the Triton kernel, tinygemm `_weight_int4pack_mm`
-and our tensor-core kernel (int4, `cuda_int4`), the gpt-fast peer's compiled int8 (`linear(x, w.to(bf16)) * scales`), and
-torchao / gemlite where importable. Each product is checked against
-dequantize-then-multiply of the same stored weights (float32 products of the bf16
-inputs, rounded to bf16 once; a kernel passes when it is within 1e-3 of the
-float32-weight or of the bf16-weight reference), then timed from a CUDA graph of 20
-calls that cycle through enough copies of the weights (>= 256 MB) that none is still in
-L2 cache, as in a real decoding step. The launch settings of the Triton kernel and of
+and our tensor-core kernel (int4, `cuda_int4`), the gpt-fast peer's compiled int8
+(`linear(x, w.to(bf16)) * scales`), and torchao / gemlite where importable. Each
+product is checked against dequantize-then-multiply of the same stored weights (float32
+products of the bf16 inputs, rounded to bf16 once; a kernel passes when it is within
+1e-3 of the float32-weight or of the bf16-weight reference), then timed from a CUDA
+graph of 20 calls that cycle through enough copies of the weights (>= 256 MB) that none
+is still in L2 cache, as in a real decoding step. The launch settings of the Triton kernel and of
 the int4 tensor-core kernel are then swept per shape and batch, in what is left of
 --budget seconds (the whole run's). Prints a table and writes everything to --out as
 JSON. Imports only torch, triton and this package's quantize/quant_kernels/int4_mma
@@ -238,7 +238,8 @@ def sweep(kernel, pieces, mode, x, deadline):
     for config in configs:
         if time.monotonic() > deadline:
             break
-        record = config.__dict__ if kernel == "triton" else dict(zip(("tiles", "slices", "warps"), config))
+        record = (config.__dict__ if kernel == "triton"
+                  else dict(zip(("tiles", "slices", "warps"), config)))
         try:
             us = time_per_call([lambda l=l: call(l, config) for l in layers])
         except Exception as error:  # noqa: BLE001 (too many registers or shared memory)

@@ -66,8 +66,8 @@ def run_matvec(x, layout, pairs, group, tiles, slices, warps):
                 assert load.max() * 4 + 3 < w.numel()
                 return w[4 * load[:, None] + torch.arange(4)]
 
-            def activations(q, chunk):  # xp[q][chunk * 8], [chunk * 8 + 1]; zero past row m
-                row = 8 * q + G
+            def activations(sl, chunk):  # xp[sl][chunk * 8], [chunk * 8 + 1]; zero past row m
+                row = 8 * sl + G
                 first_word = ((8 * slices * rows + row) * k + 16 * T + chunk * 64) // 2
                 got = xw[(first_word[:, None] + torch.arange(8)).clamp(max=xw.numel() - 1)]
                 assert all(first_word[row < left] + 8 <= xw.numel())
@@ -78,15 +78,17 @@ def run_matvec(x, layout, pairs, group, tiles, slices, warps):
                 c = torch.zeros(tiles, slices, 32, 4, dtype=torch.float64)
                 sum_x = torch.zeros(slices, 32, 4, dtype=torch.float64)
                 for chunk in range(grp * per_group, (grp + 1) * per_group):
-                    xs = [activations(q, chunk) for q in range(slices)]
+                    xs = [activations(sl, chunk) for sl in range(slices)]
                     for s in range(4):
                         for i in range(tiles):
                             word = codes(i, chunk)[:, s]
-                            a = torch.stack([to_bf16x2(word >> shift) for shift in (0, 4, 8, 12)], 1)
-                            for q in range(slices):
-                                mma(c[i, q], a, xs[q][:, 2 * s:2 * s + 2])
-                        for q in range(slices):
-                            mma(sum_x[q], torch.full((32, 4), 0x3F803F80), xs[q][:, 2 * s:2 * s + 2])
+                            a = torch.stack([to_bf16x2(word >> shift)
+                                             for shift in (0, 4, 8, 12)], 1)
+                            for sl in range(slices):
+                                mma(c[i, sl], a, xs[sl][:, 2 * s:2 * s + 2])
+                        ones = torch.full((32, 4), 0x3F803F80)
+                        for sl in range(slices):
+                            mma(sum_x[sl], ones, xs[sl][:, 2 * s:2 * s + 2])
                 for i in range(tiles):
                     at = (tile + i) * groups * 16 + grp * 16
                     lo, hi = sz[at + G], sz[at + G + 8]
@@ -95,16 +97,16 @@ def run_matvec(x, layout, pairs, group, tiles, slices, warps):
                                         bf16(hi >> 16)], 1) - 136 * scale
                     acc[i] += scale * c[i] + zero * sum_x
             for i in range(tiles):
-                for q in range(slices):
-                    base = ((warp * tiles + i) * slices + q) * 128
+                for sl in range(slices):
+                    base = ((warp * tiles + i) * slices + sl) * 128
                     for r, (row, col) in enumerate([(G, 2 * T), (G, 2 * T + 1), (G + 8, 2 * T),
                                                     (G + 8, 2 * T + 1)]):
-                        partial[base + row * 8 + col] = acc[i, q, :, r]
+                        partial[base + row * 8 + col] = acc[i, sl, :, r]
         for idx in range(tiles * slices * 128):
-            i, q, r, b = idx // (slices * 128), (idx >> 7) % slices, (idx >> 3) & 15, idx & 7
-            if 8 * q + b >= left:
+            i, sl, r, b = idx // (slices * 128), (idx >> 7) % slices, (idx >> 3) & 15, idx & 7
+            if 8 * sl + b >= left:
                 continue
-            at = (8 * slices * rows + 8 * q + b) * n + (tile + i) * 16 + r
+            at = (8 * slices * rows + 8 * sl + b) * n + (tile + i) * 16 + r
             assert out[at].isnan(), "an output written twice"
             out[at] = partial[idx::tiles * slices * 128][:warps].sum()
     assert not out.isnan().any(), "an output never written"

@@ -90,7 +90,8 @@ __global__ void __launch_bounds__(512) int4_mma_matvec(
     // chunk's arithmetic, so each warp keeps TILES + 1 loads of 512 bytes in flight.
     uint4 next[TILES], next_xa[SLICES], next_xb[SLICES];
 #pragma unroll
-    for (int i = 0; i < TILES; ++i) next[i] = begin < end ? wp[(size_t)i * chunks * 32 + begin * 32] : zero4;
+    for (int i = 0; i < TILES; ++i)
+        next[i] = begin < end ? wp[(size_t)i * chunks * 32 + begin * 32] : zero4;
 #pragma unroll
     for (int q = 0; q < SLICES; ++q) {
         next_xa[q] = row[q] && begin < end ? xp[q][begin * 8] : zero4;
@@ -135,21 +136,28 @@ __global__ void __launch_bounds__(512) int4_mma_matvec(
             }
             if (chunk + 1 < end) {
 #pragma unroll
-                for (int i = 0; i < TILES; ++i) next[i] = wp[(size_t)i * chunks * 32 + (chunk + 1) * 32];
+                for (int i = 0; i < TILES; ++i)
+                    next[i] = wp[(size_t)i * chunks * 32 + (chunk + 1) * 32];
 #pragma unroll
                 for (int q = 0; q < SLICES; ++q) {
-                    if (row[q]) { next_xa[q] = xp[q][(chunk + 1) * 8]; next_xb[q] = xp[q][(chunk + 1) * 8 + 1]; }
+                    if (row[q]) {
+                        next_xa[q] = xp[q][(chunk + 1) * 8];
+                        next_xb[q] = xp[q][(chunk + 1) * 8 + 1];
+                    }
                 }
             }
 #pragma unroll
             for (int s = 0; s < 4; ++s) {
 #pragma unroll
                 for (int i = 0; i < TILES; ++i) {
-                    const u32 word = s == 0 ? codes[i].x : s == 1 ? codes[i].y : s == 2 ? codes[i].z : codes[i].w;
+                    const u32 word = s == 0   ? codes[i].x
+                                     : s == 1 ? codes[i].y
+                                     : s == 2 ? codes[i].z
+                                              : codes[i].w;
                     const u32 a0 = to_bf16x2(word), a1 = to_bf16x2(word >> 4);
                     const u32 a2 = to_bf16x2(word >> 8), a3 = to_bf16x2(word >> 12);
 #pragma unroll
-                    for (int q = 0; q < SLICES; ++q)  // the codes are converted once per slice group
+                    for (int q = 0; q < SLICES; ++q)  // converted once for every slice
                         mma(c[i][q], a0, a1, a2, a3, xs[q][2 * s], xs[q][2 * s + 1]);
                 }
 #pragma unroll
