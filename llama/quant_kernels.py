@@ -22,7 +22,10 @@ eager, CUDA-graph and compiled steps alike: the plain path writes a dequantized 
 every weight at every step, and even under torch.compile, where inductor turns the plain
 expression for one row into a matrix-vector kernel that converts the weights as it reads
 them, triton_matvec decodes 7B 25% faster (313.8 against 250.7 tok/s on an H200); for more
-rows inductor writes the dequantized weights out first (docs/quantization.md).
+rows inductor writes the dequantized weights out first (docs/quantization.md). cuda_int4
+is int4's default on CUDA with bfloat16 where NVRTC compiles it (tinygemm otherwise, and
+for the layers it refuses): 7B decodes 422.4 tok/s against tinygemm's 376.8 on an H200,
+and at batch 32 its products take 93% of bf16's time where tinygemm's take 4x.
 """
 
 import ctypes
