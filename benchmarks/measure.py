@@ -3,6 +3,7 @@ module once its arguments are read): ours and the Hugging Face peers, the figure
 scenario, and the table they make."""
 
 import argparse
+import collections
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ from benchmarks import common, speculation
 from benchmarks.common import GiB, say
 from benchmarks.timing import Timer
 from llama import Llama
-from llama import distributed, memory
+from llama import distributed, memory, quantize
 from llama.hf import hf_config
 from llama.prompts import completion_prompt_tokens
 from llama.sampling import Sampling
@@ -166,14 +167,23 @@ def ours_decode_once(gen: Llama, timer: Timer, prompts, sampling: Sampling):
             fingerprint)
 
 
+def kernels_used(model) -> dict:
+    """{matrix-product kernel: number of layers} of a quantized model (quant_kernels.py
+    picks them per device and layer), so a run records which kernels it timed."""
+    return dict(collections.Counter(layer.kernel
+                                    for layer in quantize.quantized_layers(model).values()))
+
+
 def run_ours(opts, s: Scenario, device, dtype, timer: Timer, bandwidth: float):
     """The scenario's figures and the model's ModelArgs (for the peers' shapes)."""
     gen = build_ours(opts, s, device, dtype)
     args = gen.model.params
     repeats = min(opts.repeats, 2) if s.long else opts.repeats
+    kernels = {"quant_kernels": kernels_used(gen.model)} if opts.quantize else {}
     with torch.inference_mode():
         if s.kind == "prefill":
-            return ours_prefill(gen, timer, s.prompt_lens[0], repeats, opts.warmup), args
+            figures = ours_prefill(gen, timer, s.prompt_lens[0], repeats, opts.warmup)
+            return {**figures, **kernels}, args
         prompts = ([completion_prompt_tokens(gen.tokenizer, s.text)] if s.text
                    else random_prompts(s.prompt_lens, args.vocab_size, opts.seed))
 
@@ -184,7 +194,7 @@ def run_ours(opts, s: Scenario, device, dtype, timer: Timer, bandwidth: float):
         steps, seconds, extra = timed()
         elem = torch.finfo(dtype).bits // 8
         figures = {**decode_figures(args, elem, s.batch, max(s.prompt_lens), steps, seconds,
-                                    bandwidth, WORLD, opts.quantize), **extra}
+                                    bandwidth, WORLD, opts.quantize), **extra, **kernels}
         modes = common.configure_kwargs(opts.decode, opts.prefill_chunk,
                                         opts.symmetric_memory)
         draft = (speculation.make_draft(opts.draft, modes, **build_kw(opts, s, device, dtype))
@@ -414,6 +424,10 @@ def print_table(results: dict) -> None:
     print()
     print(f"bandwidth {results['bandwidth_gb_per_s']:,.1f} GB/s; ratio > 1: ours better; "
           f"{results['config'].get('note', '')}")
+    kernels = next((s["ours"]["quant_kernels"] for s in results["scenarios"].values()
+                    if "quant_kernels" in s.get("ours", {})), None)
+    if kernels:
+        print("quantized layers: " + ", ".join(f"{n} on {k}" for k, n in kernels.items()))
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
     for name, scen in results["scenarios"].items():

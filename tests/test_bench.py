@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from benchmarks import bench, check_gpu, check_mp, common, compare_mp, measure
+from llama.model import PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--device", "cpu", "--preset", "tiny"]
@@ -79,6 +80,24 @@ def test_bench_without_out_writes_no_file(tmp_path, monkeypatch, capsys, one_thr
     assert res["scenarios"]["decode b=2"]["ours"]["steps"] == 2
     assert res["config"]["configure"] == common.configure_kwargs("eager", 4)
     assert "decode b=2" in capsys.readouterr().out
+
+
+def test_quantized_runs_record_their_kernels(tmp_path, monkeypatch, capsys, one_thread):
+    """Which matrix-product kernel each quantized layer ran (quant_kernels picks them
+    per device and layer, with fallbacks) is part of the results."""
+    monkeypatch.chdir(tmp_path)
+    res = bench.main([*TINY, "--prefill_lens", "8", "--batch_sizes", "1", "--prompt_len", "4",
+                      "--gen_len", "3", "--peers", "none", "--repeats", "1",
+                      "--quantize", "int8"])
+    layers = 4 * PRESETS["tiny"]["n_layers"]  # wqkv, wo, w13, w2; the output stays
+    for scenario in res["scenarios"].values():
+        kernels = scenario["ours"]["quant_kernels"]
+        assert sum(kernels.values()) == layers and set(kernels) <= {"cpu_native", "cpu"}
+    assert f"quantized layers: {layers} on " in capsys.readouterr().out
+    plain = bench.main([*TINY, "--prefill_lens", "none", "--batch_sizes", "1",
+                        "--prompt_len", "4", "--gen_len", "3", "--peers", "none",
+                        "--repeats", "1"])
+    assert "quant_kernels" not in plain["scenarios"]["decode b=1"]["ours"]
 
 
 @pytest.mark.parametrize("module", [bench, check_gpu, check_mp, compare_mp])
