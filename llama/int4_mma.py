@@ -6,7 +6,7 @@ one row and slows down quickly past a few rows. This kernel reads a layout made 
 each lane's one 16-byte load is exactly the 32 codes it feeds to four m16n8k16
 tensor-core products, turning 8 codes into bfloat16 costs 7 integer instructions, and the
 converted codes serve up to 16 rows, so one row costs 43-48% of bf16's product and 32
-rows 73-97% of bf16's (docs/quantization.md). The source is compiled at first use
+rows 93% of bf16's over a 7B layer's four products (docs/quantization.md). The source is compiled at first use
 by NVRTC, which ships with PyTorch's CUDA builds (`torch.cuda._compile_kernel`), so no
 CUDA compiler is needed.
 
@@ -26,7 +26,7 @@ from .quantize import unpack_int4
 SOURCE = Path(__file__).parent / "csrc" / "int4_mma.cu"
 # Above this many rows a product dequantizes the weights and calls cuBLAS: the kernel
 # converts every tile's codes again for each 16 rows, so its time grows with the rows
-# and at 64 it is about even with dequantizing (7B's wqkv: ~74 us; bf16's product 27).
+# and at 64 it is about even with dequantizing (7B's wqkv: ~75 us; bf16's product 28).
 MAX_ROWS = 64
 
 
@@ -49,7 +49,7 @@ def refuses(layer, dtype) -> Optional[str]:
 @functools.lru_cache(maxsize=None)
 def compiled(name: str, device: int):
     """The kernel `name` of csrc/int4_mma.cu (a template instance such as
-    "int4_mma_matvec<2, 1>") for GPU `device`, compiled by NVRTC on first use (~0.5 s)
+    "int4_mma_matvec<2, 1>") for GPU `device`, compiled by NVRTC on first use (under 2 s)
     and loaded into that GPU's context."""
     with torch.cuda.device(device):
         return torch.cuda._compile_kernel(SOURCE.read_text(), name)
