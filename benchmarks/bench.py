@@ -12,7 +12,7 @@ checkpoint is needed; `--ckpt_dir` loads a real one. From the checkout's root:
         --symmetric_memory --peers none
     python -m benchmarks.bench --device cpu --preset tiny --prefill_lens 32 --gen_len 8
 
-What is timed. A prefill: `Llama.prefill` of one random prompt (what generation runs
+What is timed. A prefill: `Llama.engine.prefill` of one random prompt (what generation runs
 before its first token), the median of --repeats calls after --warmup. Decoding: the
 median of --decode_repeats greedy generations after --warmup, each timed from its first
 to its last new token (prefill excluded), ours through `Llama.engine.generate` and the
