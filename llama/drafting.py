@@ -27,8 +27,8 @@ import torch
 from .chunk_steps import chunk_runner
 from .engine import Engine
 from .graphs import to_device
-from .sampling import Sampling
-from .speculative import draw, is_sampled, nucleus
+from .sampling import Sampling, draw, is_sampled
+from .speculative import nucleus
 
 LOOKUP_NGRAMS = (3, 2, 1)  # n-gram lengths tried, longest first
 
@@ -220,11 +220,10 @@ class ModelSession:
             self.drafter.engine.prefill(self.prompts, Sampling(0.0, 1.0), None)
             self.fed = [len(p) for p in self.prompts]
         run, positions = self.drafter.chunks(), [len(h) - 1 for h in history]
-        temperature = 0.0 if sampling.greedy else sampling.temperature
         tokens, starts, last = self.catch_up(history, positions)
         drafts, dists = [], []
         for j in range(width):
-            token, q = run(self.drafter.step, tokens, starts, [last], temperature,
+            token, q = run(self.drafter.step, tokens, starts, [last], sampling.temperature,
                            sampling.top_p)
             # Copies: a graphed step's outputs are overwritten by its next replay.
             drafts.append(token.clone())

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 class Sampling:
     """The settings of one generation call, checked once when made.
 
-    temperature: 0 or less is greedy; top_p: the nucleus mass in [0, 1]; max_gen_len:
+    temperature: 0 or less is greedy (kept as 0.0); top_p: the nucleus mass in [0, 1]; max_gen_len:
     new tokens per row at most (None: up to the cache's end); stop_ids: tokens that end
     a row (not returned)."""
 
@@ -25,8 +25,10 @@ class Sampling:
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: normalise the values in place once
-        set_(self, "temperature", _number("temperature", self.temperature, math.isfinite,
-                                          "a finite number (0 or less: greedy)"))
+        temperature = _number("temperature", self.temperature, math.isfinite,
+                              "a finite number (0 or less: greedy)")
+        # One greedy value: the steps that take it as an input then need one graph for it.
+        set_(self, "temperature", max(temperature, 0.0))
         set_(self, "top_p", _number("top_p", self.top_p, lambda v: 0 <= v <= 1,
                                     "a number in [0, 1]"))
         set_(self, "max_gen_len", _gen_len(self.max_gen_len))
@@ -68,19 +70,33 @@ def _gen_len(value) -> Optional[int]:
     return value
 
 
-def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus sampling: draw from the smallest set of most likely tokens whose mass
-    reaches p (the most likely token is always kept). probs: (bsz, vocab) -> (bsz, 1).
-
-    The draw is an exponential race (argmax of prob / Exp(1) noise), which picks token i
-    with probability proportional to its kept mass, like torch.multinomial, but without
-    a host synchronisation, so it can live inside a CUDA graph."""
+def nucleus_sorted(probs: torch.Tensor, p):
+    """probs (bsz, vocab) sorted, most likely first, with everything past the smallest set
+    whose mass reaches p zeroed (the most likely token is always kept); and the order."""
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    sorted_probs = sorted_probs.masked_fill(mass_before > p, 0.0)
-    noise = torch.empty_like(sorted_probs).exponential_(1)
-    choice = torch.argmax(sorted_probs / noise, dim=-1, keepdim=True)
-    return torch.gather(order, -1, choice)
+    return sorted_probs.masked_fill(mass_before > p, 0.0), order
+
+
+def draw(weights: torch.Tensor) -> torch.Tensor:
+    """One index per row, with probability proportional to `weights` (non-negative): an
+    exponential race (argmax of weight / Exp(1) noise), which picks like torch.multinomial
+    but without a host synchronisation, so it can live inside a CUDA graph."""
+    noise = torch.empty_like(weights).exponential_(1)
+    return torch.argmax(weights / noise, dim=-1)
+
+
+def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus sampling: draw from the smallest set of most likely tokens whose mass
+    reaches p (the most likely token is always kept). probs: (bsz, vocab) -> (bsz, 1)."""
+    kept, order = nucleus_sorted(probs, p)
+    return torch.gather(order, -1, draw(kept)[:, None])
+
+
+def is_sampled(temperature) -> bool:
+    """Whether a step samples: a positive temperature, or a 0-d tensor (how a compiled
+    step takes a sampling temperature as an input)."""
+    return isinstance(temperature, torch.Tensor) or temperature > 0
 
 
 def pick(logits: torch.Tensor, temperature, top_p):
@@ -89,7 +105,7 @@ def pick(logits: torch.Tensor, temperature, top_p):
     log-probability under the unscaled distribution. For sampling, temperature and top_p
     may be 0-d tensors: a compiled step then takes them as inputs instead of compiling
     their values in, and serves every setting."""
-    if isinstance(temperature, torch.Tensor) or temperature > 0:
+    if is_sampled(temperature):
         tokens = sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p)[:, 0]
     else:
         tokens = torch.argmax(logits, dim=-1)

@@ -33,32 +33,19 @@ from . import lookup_rounds
 from .chunk_steps import GraphedChunks, chunk_runner
 from .engine import Engine, HostCopy, Step
 from .graphs import to_device
-from .sampling import Sampling
+from .sampling import Sampling, draw, is_sampled, nucleus_sorted
 
 DEFAULT_DRAFT_TOKENS = 4
 KEEP = object()  # configure's "leave the draft as it is"
-
-
-def is_sampled(temperature) -> bool:
-    return isinstance(temperature, torch.Tensor) or temperature > 0
 
 
 def nucleus(logits: torch.Tensor, temperature, top_p) -> torch.Tensor:
     """The distribution sampling.pick draws from: softmax(logits / temperature) kept to
     the smallest set of most likely tokens whose mass reaches top_p, normalised."""
     probs = torch.softmax(logits / temperature, dim=-1)
-    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    sorted_probs = sorted_probs.masked_fill(mass_before > top_p, 0.0)
-    kept = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    kept, order = nucleus_sorted(probs, top_p)
+    kept = torch.zeros_like(probs).scatter_(-1, order, kept)
     return kept / kept.sum(dim=-1, keepdim=True)
-
-
-def draw(weights: torch.Tensor) -> torch.Tensor:
-    """One index per row, with probability proportional to `weights` (non-negative): the
-    exponential race of sampling.sample_top_p, without a host synchronisation."""
-    noise = torch.empty_like(weights).exponential_(1)
-    return torch.argmax(weights / noise, dim=-1)
 
 
 def accept_greedy(logits, drafts, n_drafted):
@@ -246,9 +233,8 @@ class Speculation:
             fn = functools.partial(lookup_round, k=self.k)  # one per runner: a graph key
             self.device = lookup_rounds.DeviceRounds(runner, fn)
             synced[:] = [0] * len(synced)  # a new, empty buffer (decode mode changed)
-        temperature = 0.0 if sampling.greedy else sampling.temperature
         copied = None if step is None else HostCopy(*step)
-        self.device.begin(rows.history, synced, temperature, sampling.top_p,
+        self.device.begin(rows.history, synced, sampling.temperature, sampling.top_p,
                           None if step is None else step[0])
         pending = self.device.launch()
         if copied is not None:
@@ -283,9 +269,8 @@ class Speculation:
         # Finished rows may sit anywhere: keep their (discarded) chunk inside the cache.
         starts = [min(p, max_seq_len - tokens.shape[1]) for p in positions]
         inputs = [to_device(n_drafted, device)] + ([] if q is None else [q])
-        temperature = 0.0 if sampling.greedy else sampling.temperature
         out = runner(verify if q is None else verify_drawn, tokens, starts, inputs,
-                     temperature, sampling.top_p)
+                     sampling.temperature, sampling.top_p)
         new, logprobs, counts = HostCopy(*out).wait()
         draft.verified(positions, counts, tokens.shape[1] - 1)
         return self.accepted(rows, new, logprobs, counts, n_drafted)

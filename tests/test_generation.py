@@ -216,6 +216,8 @@ def test_malformed_arguments_are_refused(tiny):
     assert gen.generate(torch.tensor([[1, 2]]), np.int64(3), temperature=torch.tensor(0.0),
                         top_p=np.float32(0.5)) == want
     assert gen.generate((np.array([1, 2]),), 3, temperature=0) == want
+    assert gen.generate([[1, 2]], 3, temperature=-2.5) == want  # any temperature <= 0
+    assert Sampling(temperature=-2.5).temperature == 0.0 and Sampling(temperature=-1).greedy
     texts = gen.text_completion(["def", "class"], temperature=0, max_gen_len=3)
     assert gen.text_completion((p for p in np.array(["def", "class"])), temperature=0,
                                max_gen_len=3) == texts
