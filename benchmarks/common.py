@@ -54,15 +54,13 @@ def add_mode_args(parser: argparse.ArgumentParser) -> None:
 
 
 def dtype_for(name: Optional[str], device):
-    """The torch dtype called `name` (a key of DTYPES), else for the torch `device` bf16
-    on CUDA (fp16 on GPUs without bf16) and float32 elsewhere."""
+    """The torch dtype called `name` (a key of DTYPES), else the library's default for the
+    torch `device` (distributed.default_dtype)."""
     import torch  # here: the scripts' arguments need no torch
 
-    if name is not None:
-        return getattr(torch, DTYPES[name])
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    from llama.distributed import default_dtype
+
+    return getattr(torch, DTYPES[name]) if name is not None else default_dtype(device)
 
 
 # ---- arguments ---------------------------------------------------------------------

@@ -189,7 +189,7 @@ def gemlite_variant(weight, x):
         return {"gemlite-int4": f"{type(error).__name__}: {str(error)[:300]}"}
 
 
-def check_and_time(name, entry, x, references):
+def check_and_time(name, entry, references):
     if isinstance(entry, str):
         return {"variant": name, "skipped": entry}
     nbytes, fns = entry[0], entry[1]
@@ -312,7 +312,7 @@ def check_shape(shape, batch, weight, pieces, x):
         mode = next((m for m in q.MODES if m in name), "bf16")
         refs = {r: v for r, v in references.items() if r.startswith(mode)}
         rows.append({"shape": shape, "n": n, "k": k, "batch": batch,
-                     **check_and_time(name, entry, x, refs)})
+                     **check_and_time(name, entry, refs)})
     return rows
 
 

@@ -365,13 +365,6 @@ def open_meta(ckpt_dir: Path) -> MappedShards:
     return MappedShards({k: [s[k] for s in shards] for k in keys}, files)
 
 
-def load_rank_state(ckpt_dir: Path, rank: int, world: int) -> Dict[str, torch.Tensor]:
-    """The state dict of one model-parallel rank, read now (copies, not views of the
-    files)."""
-    state = open_meta(ckpt_dir).rank_state(rank, world)
-    return {k: part.load() for k, part in progress(state.items(), f"loading {ckpt_dir}", rank)}
-
-
 # ---- Hugging Face's format ----------------------------------------------------------------
 
 def open_hf(hf_dir: Path, args: ModelArgs) -> MappedShards:
@@ -436,10 +429,10 @@ class RandomPart:
         return torch.randn(self.shape, generator=g, device=device, dtype=dtype).mul_(self.scale)
 
 
-def random_state(model: torch.nn.Module, seed: int, device=None, dtype=None) -> dict:
+def random_state(model: torch.nn.Module, seed: int) -> dict:
     """Random weights for every parameter of `model` (this rank's shapes, Meta's names),
-    each made on its device when loaded: for benchmarks and tests that need real shapes
-    but no checkpoint. (device and dtype: where load_into puts them.)"""
+    each made when load_into loads it, on the device and in the dtype it loads to: for
+    benchmarks and tests that need real shapes but no checkpoint."""
     state = {}
     for i, (key, p) in enumerate(model.state_dict().items()):
         scale = None if key.endswith("norm.weight") else (

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import allreduce, distributed
 from .graphs import EagerDecoder, GraphedDecoder, graphs_available
-from .hparams import is_count
+from .hparams import whole_number
 from .sampling import Sampling, pick
 
 DECODE_MODES = ("eager", "graphs", "compiled")
@@ -81,10 +81,11 @@ class Engine:
         if new["decode"] == "graphs" and not graphs_available(self.model):
             raise ValueError("decode='graphs' needs a CUDA device with Triton; use "
                              "decode='eager' or decode='compiled' here")
-        chunk = new["prefill_chunk"]
-        if not is_count(chunk):
+        chunk = whole_number(new["prefill_chunk"])
+        if chunk is None or chunk < 1:
             raise ValueError(f"prefill_chunk must be a positive whole number of positions, "
-                             f"got {chunk!r}")
+                             f"got {new['prefill_chunk']!r}")
+        new["prefill_chunk"] = chunk
         if not isinstance(new["symmetric_memory"], bool):
             raise ValueError(f"symmetric_memory must be True or False, "
                              f"got {new['symmetric_memory']!r}")

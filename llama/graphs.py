@@ -84,20 +84,20 @@ def compile_step(settings: Optional[dict] = None):
     return step
 
 
-def warm_up(step, device: torch.device, runs: int = 2) -> None:
-    """Run `step` before capturing it in a CUDA graph (kernel selection, workspaces,
+def warm_up(step, device: torch.device) -> None:
+    """Run `step` twice before capturing it in a CUDA graph (kernel selection, workspaces,
     compilation), on a side stream on CUDA, as capturing asks. Without moving the random
     generators: the step's draws (sampling) would otherwise advance them, so that the same
     seed gave other tokens when a call captured a graph than when it replayed one."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if device.type != "cuda":
-            for _ in range(runs):
+            for _ in range(2):
                 step()
             return
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            for _ in range(runs):
+            for _ in range(2):
                 step()
         torch.cuda.current_stream(device).wait_stream(side)
 

@@ -7,6 +7,7 @@ with a TypeError or ZeroDivisionError that names neither.
 
 import json
 import math
+import operator
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -36,6 +37,18 @@ def is_count(value) -> bool:
     """A whole number of at least 1; not a bool (Python counts True as 1). Also the
     check of the library's own size arguments."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def whole_number(value) -> Optional[int]:
+    """`value` as an int if it is a whole number: an int, a numpy integer or an integer
+    0-d tensor, not a bool (Python counts True as 1) or a float; else None. For the
+    arguments of calls, which may come from numpy or torch."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def is_positive(value) -> bool:

@@ -2,12 +2,13 @@
 itself (greedy or nucleus sampling) from a step's logits."""
 
 import math
-import operator
 from dataclasses import dataclass, field
 from typing import FrozenSet, Optional
 
 import torch
 import torch.nn.functional as F
+
+from .hparams import whole_number
 
 
 @dataclass(frozen=True)
@@ -58,16 +59,13 @@ def _number(name: str, value, valid, rule: str) -> float:
 def _gen_len(value) -> Optional[int]:
     if value is None:
         return None
-    try:  # ints, numpy integers, integer 0-d tensors; not floats or bools
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)
-    except TypeError:
+    number = whole_number(value)
+    if number is None:
         raise ValueError(f"max_gen_len must be a whole number of tokens (or None for "
-                         f"max_seq_len - 1), got {value!r}") from None
-    if value < 0:
-        raise ValueError(f"max_gen_len must be >= 0, got {value}")
-    return value
+                         f"max_seq_len - 1), got {value!r}")
+    if number < 0:
+        raise ValueError(f"max_gen_len must be >= 0, got {number}")
+    return number
 
 
 def nucleus_sorted(probs: torch.Tensor, p):

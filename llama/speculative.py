@@ -23,7 +23,6 @@ two.
 """
 
 import functools
-import operator
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -33,6 +32,7 @@ from . import lookup_rounds
 from .chunk_steps import GraphedChunks, chunk_runner
 from .engine import Engine, HostCopy, Step
 from .graphs import to_device
+from .hparams import whole_number
 from .sampling import Sampling, draw, is_sampled, nucleus_sorted
 
 DEFAULT_DRAFT_TOKENS = 4
@@ -318,13 +318,8 @@ class Speculation:
 
 
 def check_draft_tokens(value) -> int:
-    try:  # ints, numpy integers, integer 0-d tensors; not floats or bools
-        if isinstance(value, bool):
-            raise TypeError
-        k = operator.index(value)
-    except TypeError:
-        k = 0
-    if k < 1:
+    k = whole_number(value)
+    if k is None or k < 1:
         raise ValueError(f"draft_tokens must be a whole number of tokens >= 1, "
                          f"got {value!r}")
     return k

@@ -4,6 +4,7 @@ for them, and how `Llama.configure` treats options it is not given."""
 import inspect
 
 import pytest
+import numpy as np
 import torch
 
 import llama
@@ -71,8 +72,9 @@ def test_configure_keeps_options_it_is_not_given():
     gen.configure(decode="compiled")
     compiled, decoder = engine.compiled_prefill, engine.decoder
     assert compiled is not None
-    gen.configure(prefill_chunk=8)  # changes the chunk only
+    gen.configure(prefill_chunk=np.int64(8))  # changes the chunk only; numpy ints are fine
     assert gen.prefill_chunk == 8 and gen.settings["decode"] == "compiled"
+    assert type(gen.settings["prefill_chunk"]) is int
     assert engine.compiled_prefill is compiled and engine.decoder is decoder  # not rebuilt
     gen.configure(decode="eager")
     assert engine.compiled_prefill is None and gen.prefill_chunk == 8

@@ -16,14 +16,14 @@ import torch
 
 from conftest import ROOT, build
 from llama import conversion, convert
-from llama.checkpoint import IGNORED_KEYS, load_rank_state
+from llama.checkpoint import IGNORED_KEYS, open_meta
 
 TOKENS = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(3))
 
 
 def full_state(folder):
     """A Meta folder's tensors, joined from its shards (rope.freqs left out)."""
-    return load_rank_state(folder, 0, 1)
+    return {k: part.load() for k, part in open_meta(folder).rank_state(0, 1).items()}
 
 
 def assert_same_tensors(got, want):
