@@ -15,9 +15,9 @@ for any `start_pos` (chunked prefill works); steps of up to 16 tokens per row on
 (decoding, speculative verify) use the Triton kernel of kernels.py, which reads each
 row's length from the device.
 
-Everything that makes decoding fast on a GPU is applied from outside, on a model built
-from this file: CUDA graphs and torch.compile (graphs.py), the fused sum over ranks at
-MP>1 (allreduce.py).
+Everything else that makes decoding fast on a GPU is applied from outside, on a model
+built from this file: CUDA graphs and torch.compile (graphs.py), the fused sum over ranks
+at MP>1 (allreduce.py), quantized products (quantize.py swaps the linear layers).
 """
 
 import contextlib
