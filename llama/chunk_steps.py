@@ -12,11 +12,10 @@ rows; `inputs` are tensors with one entry per row.
 from typing import Callable, List, Optional, Sequence
 
 import torch
-import torch._dynamo
 import torch.nn.functional as F
 
-from .graphs import (COMPILE_SETTINGS, MAX_STEP_COMPILATIONS, batch_bucket, record,
-                     to_device, warm_up)
+from .graphs import (batch_bucket, compiled, record, sampling_inputs, to_device,
+                     warm_up)
 
 
 def chunk_runner(model, decode: str):
@@ -92,13 +91,7 @@ class GraphedChunks:
         if not self.compile:
             return fn
         if fn not in self.compiled:
-            compiled = torch.compile(fn, dynamic=False, options=dict(COMPILE_SETTINGS))
-
-            def step(*args):  # past dynamo's default limit it would quietly run uncompiled
-                with torch._dynamo.config.patch(recompile_limit=max(
-                        torch._dynamo.config.recompile_limit, MAX_STEP_COMPILATIONS)):
-                    return compiled(*args)
-            self.compiled[fn] = step
+            self.compiled[fn] = compiled(fn)
         return self.compiled[fn]
 
     def capture(self, fn, padded, temperature, top_p):
@@ -106,10 +99,7 @@ class GraphedChunks:
         # Under no_grad, not inference_mode, as graphs.GraphedDecoder.capture explains.
         with torch.inference_mode(False), torch.no_grad():
             statics = [torch.empty_like(x).copy_(x) for x in padded]
-            settings = (0.0, 1.0)
-            if temperature > 0:  # tensors each call fills: one graph serves every setting
-                settings = tuple(torch.tensor(v, dtype=torch.float32, device=device)
-                                 for v in (temperature, top_p))
+            settings = sampling_inputs(temperature > 0, temperature, top_p, device)
             step_fn, whole_cache = self.step_fn(fn), self.model.params.max_seq_len
             step = lambda: step_fn(self.model, *statics[:2], whole_cache,  # noqa: E731
                                    *statics[2:], *settings)

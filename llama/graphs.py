@@ -71,17 +71,33 @@ def compile_step(settings: Optional[dict] = None):
     (torch._inductor.config names, e.g. {"triton.enable_pdl": True}). The settings go with
     this compiled function: another call of compile_step with other settings compiles
     decode_step anew instead of reusing this one's code."""
+    return compiled(decode_step, settings)
+
+
+def compiled(fn: Callable, settings: Optional[dict] = None) -> Callable:
+    """`fn` compiled with fixed shapes and COMPILE_SETTINGS (updated by `settings`), free
+    to compile once per batch bucket, greedy or sampled, past dynamo's default limit."""
     options = {**COMPILE_SETTINGS, **(settings or {})}
     check_inductor_settings(options)
-    compiled = torch.compile(decode_step, dynamic=False, options=options)
+    step_fn = torch.compile(fn, dynamic=False, options=options)
 
     def step(*args):
         # Past dynamo's default limit the step would quietly run uncompiled.
         with torch._dynamo.config.patch(recompile_limit=max(
                 torch._dynamo.config.recompile_limit, MAX_STEP_COMPILATIONS)):
-            return compiled(*args)
+            return step_fn(*args)
 
     return step
+
+
+def sampling_inputs(sampled: bool, temperature, top_p, device: torch.device) -> tuple:
+    """What a captured step reads its temperature and top_p from: for sampling, 0-d
+    tensors that each call fills, so that one graph (and one compilation) serves every
+    setting; a greedy step reads neither."""
+    if not sampled:
+        return (0.0, 1.0)
+    return tuple(torch.tensor(value, dtype=torch.float32, device=device)
+                 for value in (temperature, top_p))
 
 
 def warm_up(step, device: torch.device) -> None:
@@ -194,13 +210,7 @@ class GraphedDecoder:
         with torch.inference_mode(False), torch.no_grad():
             static_tokens = torch.empty_like(tokens).copy_(tokens)
             static_positions = torch.empty_like(positions).copy_(positions)
-            # A sampling step reads its temperature and top_p from tensors that each call
-            # fills, so that one graph (and one compilation) serves all settings; a greedy
-            # step reads neither.
-            settings = (0.0, 1.0)
-            if temperature > 0:
-                settings = tuple(torch.tensor(value, dtype=torch.float32, device=tokens.device)
-                                 for value in (temperature, top_p))
+            settings = sampling_inputs(temperature > 0, temperature, top_p, tokens.device)
             whole_cache = self.model.params.max_seq_len
             step = lambda: self.step(  # noqa: E731
                 self.model, static_tokens, static_positions, whole_cache, *settings)

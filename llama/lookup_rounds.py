@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .chunk_steps import GraphedChunks, pad_rows
 from .engine import HostCopy
-from .graphs import batch_bucket, record, to_device, warm_up
+from .graphs import batch_bucket, record, sampling_inputs, to_device, warm_up
 
 try:
     import triton
@@ -229,10 +229,7 @@ class DeviceRounds:
     def capture(self, rows: int, sampled: bool):
         chunks, device = self.chunks, self.history.device
         with torch.inference_mode(False), torch.no_grad():  # as GraphedChunks.capture
-            settings = (0.0, 1.0)
-            if sampled:
-                settings = tuple(torch.tensor(v, dtype=torch.float32, device=device)
-                                 for v in (1.0, 1.0))
+            settings = sampling_inputs(sampled, 1.0, 1.0, device)  # filled by each round
             step_fn = chunks.step_fn(self.step)
             history, lengths = self.history[:rows], self.lengths[:rows]
             step = functools.partial(step_fn, chunks.model, history, lengths, self.size,
