@@ -14,8 +14,8 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .graphs import (batch_bucket, compiled, record, sampling_inputs, to_device,
-                     warm_up)
+from .graphs import (batch_bucket, compiled, eager_start, record, sampling_inputs,
+                     to_device, warm_up)
 
 
 def chunk_runner(model, decode: str):
@@ -26,7 +26,7 @@ def chunk_runner(model, decode: str):
 
 
 class EagerChunks:
-    """Steps run as they are; rows all at one start attend with no mask."""
+    """Steps run as they are (graphs.eager_start)."""
 
     def __init__(self, model):
         self.model = model
@@ -34,10 +34,9 @@ class EagerChunks:
     def __call__(self, fn: Callable, tokens: torch.Tensor, starts: List[int],
                  inputs: Sequence[torch.Tensor] = (), temperature: float = 0.0,
                  top_p: float = 1.0):
-        same = all(s == starts[0] for s in starts)
-        start = starts[0] if same else to_device(starts, tokens.device)
         kv_len = max(starts) + tokens.shape[1]
-        return fn(self.model, tokens, start, kv_len, *inputs, temperature, top_p)
+        return fn(self.model, tokens, eager_start(starts, tokens.device), kv_len, *inputs,
+                  temperature, top_p)
 
 
 def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:

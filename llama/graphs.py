@@ -45,18 +45,21 @@ def to_device(values: List[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, pin_memory=True).to(device, non_blocking=True)
 
 
+def eager_start(starts: List[int], device: torch.device):
+    """Where an eager step's rows start: one int when they all start at one position
+    (attention then reads exactly their keys, with no mask), else a tensor of them."""
+    return starts[0] if all(s == starts[0] for s in starts) else to_device(starts, device)
+
+
 class EagerDecoder:
-    """decode_step run as it is (any device). Rows that are all at one position attend
-    over exactly their keys with no mask."""
+    """decode_step run as it is (any device)."""
 
     def __init__(self, model):
         self.model = model
 
     def __call__(self, tokens, positions: List[int], sampling: Sampling):
-        same = all(p == positions[0] for p in positions)
-        start = positions[0] if same else to_device(positions, tokens.device)
-        return decode_step(self.model, tokens, start, max(positions) + 1,
-                           sampling.temperature, sampling.top_p)
+        return decode_step(self.model, tokens, eager_start(positions, tokens.device),
+                           max(positions) + 1, sampling.temperature, sampling.top_p)
 
 
 def check_inductor_settings(settings: dict) -> None:
