@@ -15,9 +15,9 @@ from .hparams import whole_number
 class Sampling:
     """The settings of one generation call, checked once when made.
 
-    temperature: 0 or less is greedy (kept as 0.0); top_p: the nucleus mass in [0, 1]; max_gen_len:
-    new tokens per row at most (None: up to the cache's end); stop_ids: tokens that end
-    a row (not returned)."""
+    temperature: 0 or less is greedy (kept as 0.0); top_p: the nucleus mass in [0, 1];
+    max_gen_len: new tokens per row at most (None: up to the cache's end); stop_ids:
+    tokens that end a row (not returned)."""
 
     temperature: float = 0.6
     top_p: float = 0.9
@@ -88,7 +88,7 @@ def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus sampling: draw from the smallest set of most likely tokens whose mass
     reaches p (the most likely token is always kept). probs: (bsz, vocab) -> (bsz, 1)."""
     kept, order = nucleus_sorted(probs, p)
-    return torch.gather(order, -1, draw(kept)[:, None])
+    return torch.gather(order, -1, draw(kept).unsqueeze(-1))
 
 
 def is_sampled(temperature) -> bool:
