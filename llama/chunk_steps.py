@@ -61,7 +61,7 @@ class GraphedChunks:
         self.capture_graphs = on_cuda if capture is None else capture
         self.pool = torch.cuda.graph_pool_handle() if self.capture_graphs else None
         self.compile = compile
-        self.compiled = {}
+        self.compiled_steps = {}  # fn -> graphs.compiled(fn)
 
     def __call__(self, fn: Callable, tokens: torch.Tensor, starts: List[int],
                  inputs: Sequence[torch.Tensor] = (), temperature: float = 0.0,
@@ -89,9 +89,9 @@ class GraphedChunks:
     def step_fn(self, fn: Callable) -> Callable:
         if not self.compile:
             return fn
-        if fn not in self.compiled:
-            self.compiled[fn] = compiled(fn)
-        return self.compiled[fn]
+        if fn not in self.compiled_steps:
+            self.compiled_steps[fn] = compiled(fn)
+        return self.compiled_steps[fn]
 
     def capture(self, fn, padded, temperature, top_p):
         device = padded[0].device
