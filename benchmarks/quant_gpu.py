@@ -11,10 +11,10 @@ product is checked against dequantize-then-multiply of the same stored weights (
 products of the bf16 inputs, rounded to bf16 once; a kernel passes when it is within
 1e-3 of the float32-weight or of the bf16-weight reference), then timed from a CUDA
 graph of 20 calls that cycle through enough copies of the weights (>= 256 MB) that none
-is still in L2 cache, as in a real decoding step. The launch settings of the Triton kernel and of
-the int4 tensor-core kernel are then swept per shape and batch, in what is left of
---budget seconds (the whole run's). Prints a table and writes everything to --out as
-JSON. Imports only torch, triton and this package's quantize/quant_kernels/int4_mma
+is still in L2 cache, as in a real decoding step. The launch settings of the Triton
+kernel and of the int4 tensor-core kernel are then swept per shape and batch, in what is
+left of --budget seconds (the whole run's). Prints a table and writes everything to
+--out as JSON. Imports only torch, triton and this package's quantize/quant_kernels/int4_mma
 modules, not the model.
 """
 
@@ -281,7 +281,8 @@ def main():
                 print_row(row)
         del weight
     sweeps = [(shape, batch, mode, kernel) for shape, batch in inputs
-              for mode, kernel in (("int8", "triton"), ("int4", "triton"), ("int4", "cuda_int4"))
+              for mode, kernel in (("int8", "triton"), ("int4", "triton"),
+                                   ("int4", "cuda_int4"))
               if batch <= int4_mma.MAX_ROWS or kernel == "triton"]
     for i, (shape, batch, mode, kernel) in enumerate(sweeps):
         # An equal share of what is left of the budget for each sweep still to run.

@@ -6,9 +6,9 @@ one row and slows down quickly past a few rows. This kernel reads a layout made 
 each lane's one 16-byte load is exactly the 32 codes it feeds to four m16n8k16
 tensor-core products, turning 8 codes into bfloat16 costs 7 integer instructions, and the
 converted codes serve up to 16 rows, so one row costs 43-48% of bf16's product and 32
-rows 93% of bf16's over a 7B layer's four products (docs/quantization.md). The source is compiled at first use
-by NVRTC, which ships with PyTorch's CUDA builds (`torch.cuda._compile_kernel`), so no
-CUDA compiler is needed.
+rows 93% of bf16's over a 7B layer's four products (docs/quantization.md). The source is
+compiled at first use by NVRTC, which ships with PyTorch's CUDA builds
+(`torch.cuda._compile_kernel`), so no CUDA compiler is needed.
 
 `mma_layout` and `scale_pairs` build the layout from quantize.py's stored pieces;
 `matmul` multiplies any number of rows: up to MAX_ROWS through the kernel, more by
@@ -131,7 +131,8 @@ def product(x: torch.Tensor, weight: torch.Tensor, pairs: torch.Tensor, group: i
     m, k = x.shape
     n = weight.shape[0] * 16
     if k != weight.shape[1] * 64:
-        raise ValueError(f"x has {k} inputs per row; the int4 weights take {weight.shape[1] * 64}")
+        raise ValueError(f"x has {k} inputs per row; the int4 weights take "
+                         f"{weight.shape[1] * 64}")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
