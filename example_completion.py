@@ -42,8 +42,10 @@ def main(
     """Continue each code prompt: two built-in ones, or those of --prompt and
     --prompts_file."""
     from llama import Llama
+    from llama.prompts import completion_prompt_tokens
 
     prompts = cli.user_prompts(prompt, prompts_file) or PROMPTS
+    cli.check_draft(draft, draft_ckpt_dir, draft_tokens)
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
@@ -56,6 +58,9 @@ def main(
                        **cli.build_options(device, dtype, quantize)))
     if stats:
         cli.watch_speed(generator)
+    # All prompts are checked before the first runs, so an error names the right one.
+    generator.engine.check_prompts(
+        [completion_prompt_tokens(generator.tokenizer, text) for text in prompts])
     sampling = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, stop=stop)
     if stream:
         for text in prompts:

@@ -80,9 +80,11 @@ def main(
         max_gen_len: most tokens to generate per fill
     """
     from llama import Llama
+    from llama.prompts import infilling_prompt_tokens
 
     prompts = cli.user_prompts(prompt, prompts_file) or PROMPTS
     pairs = [split_at_fill(i, text) for i, text in enumerate(prompts)]
+    cli.check_draft(draft, draft_ckpt_dir, draft_tokens)
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
@@ -95,6 +97,9 @@ def main(
                        **cli.build_options(device, dtype, quantize)))
     if stats:
         cli.watch_speed(generator)
+    # All prompts are checked before the first runs, so an error names the right one.
+    generator.engine.check_prompts([infilling_prompt_tokens(generator.tokenizer, *pair)
+                                    for pair in pairs])
     sampling = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, stop=stop)
     if stream:
         for text, (prefix, suffix) in zip(prompts, pairs):

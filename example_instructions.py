@@ -61,6 +61,7 @@ def main(
     dialogs = INSTRUCTIONS if given is None else [
         item if isinstance(item, list) else [{"role": "user", "content": item}]
         for item in given]
+    cli.check_draft(draft, draft_ckpt_dir, draft_tokens)
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
@@ -73,6 +74,8 @@ def main(
                        **cli.build_options(device, dtype, quantize)))
     if stats:
         cli.watch_speed(generator)
+    # All dialogs are checked before the first runs, so an error names the right one.
+    generator.engine.check_prompts([generator.chat_prompt(dialog)[0] for dialog in dialogs])
     sampling = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, stop=stop)
     if stream:
         for dialog in dialogs:

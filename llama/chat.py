@@ -169,6 +169,7 @@ def chat(
     scripted = cli.user_prompts(prompt, prompts_file)
     if max_gen_len is not None and max_gen_len < 1:
         raise ValueError(f"--max_gen_len must be a positive number of tokens, got {max_gen_len}")
+    cli.check_draft(draft, draft_ckpt_dir, draft_tokens)
     build = dict(max_seq_len=max_seq_len, max_batch_size=1,
                  **cli.build_options(device, dtype, quantize))
     generator = Llama.build(ckpt_dir, tokenizer_path, **build)
@@ -237,6 +238,11 @@ def check_room(generator, system: Optional[str], answer_room: int) -> None:
                          "tokens (such as <PRE> or <step>), which would get every message "
                          "refused; remove those markers")
     if len(prompt) + answer_room > max_seq_len:
+        if system and len(prompt) + 1 > max_seq_len - max_seq_len // 4:
+            # The system prompt alone leaves less than the default answer room.
+            raise ValueError(f"--system takes {len(prompt)} of --max_seq_len {max_seq_len} "
+                             f"tokens with the chat tags, leaving no room for a message and "
+                             f"its answer; shorten --system or raise --max_seq_len")
         raise ValueError(f"--max_gen_len {answer_room} leaves no room within --max_seq_len "
                          f"{max_seq_len} for a prompt (at least {len(prompt)} tokens with "
                          f"the chat tags{' and the system prompt' if system else ''}); lower "

@@ -25,7 +25,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 # The small model that ships in this repository, so that everything runs with no download.
 DEMO = str(Path(__file__).resolve().parent.parent / "models" / "CodeLlama-demo")
-DTYPES = ("float32", "bfloat16", "float16")
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
                PermissionError, MemoryError)
 # Options whose text takes backslash escapes: fire reads them inside a list
@@ -54,8 +53,8 @@ OPTIONS = {
               "(\\n, \\t, \\r and \\\\ are read as escapes)",
     "prompts_file": "a file of prompts to run instead of the built-in ones: a .json file "
                     "holds a list of them, any other file is one prompt, read as is",
-    "dtype": f"weights and KV cache precision: {', '.join(DTYPES)} (none: bfloat16 on "
-             f"CUDA, float16 on MPS, float32 on CPU)",
+    "dtype": "weights and KV cache precision: float32, bfloat16 or float16 (none: bfloat16 "
+             "on CUDA, float16 on MPS, float32 on CPU)",
     "device": "cpu, cuda, cuda:N or mps (none: cuda if present, else mps, else cpu)",
     "quantize": "int8 or int4: store the linear layers' weights in 8 or 4 bits (none: "
                 "the checkpoint's precision)",
@@ -83,6 +82,7 @@ def run(main: Callable, argv: Optional[Sequence[str]] = None,
         if "-h" in argv or "--help" in argv:
             print(help_text(main, prog, repeatable, epilog))
             return
+        refuse_repeats(main, argv, prog)
         options = parse(main, argv, prog)
         options.update(given)
         main(**checked(main, options))
@@ -149,6 +149,23 @@ def take_repeated(argv: List[str], names: Sequence[str]) -> Tuple[Dict[str, list
     return given, rest
 
 
+def refuse_repeats(main: Callable, argv: List[str], prog: str) -> None:
+    """fire keeps the last of an option given twice and drops the others unseen
+    (`--stop a --stop b` would stop at b only): refuse that instead."""
+    names = set(inspect.signature(main).parameters)
+    seen = set()
+    for arg in argv:
+        name = arg[2:].partition("=")[0] if arg.startswith("--") else None
+        if name not in names and name and name.startswith("no") and name[2:] in names:
+            name = name[2:]  # --nostats is --stats
+        if name in names:
+            if name in seen:
+                fix = (" give several as one list: --stop '[\"a\", \"b\"]'"
+                       if name == "stop" else f" give it once (see {prog} --help)")
+                raise ValueError(f"--{name} is given more than once;{fix}")
+            seen.add(name)
+
+
 def parse(main: Callable, argv: List[str], prog: str) -> dict:
     """main's options from argv, parsed by fire. Arguments fire cannot place, and a
     required option left out, raise ValueError (one line, where fire would print its
@@ -211,7 +228,10 @@ def coerce(name: str, value, hint):
         return value
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) is typing.Union:
-        return None if value is None else coerce(name, value, args[0])
+        # --help writes the missing value as "none"; fire knows only "None".
+        if value is None or isinstance(value, str) and value.lower() == "none":
+            return None
+        return coerce(name, value, args[0])
     if hint is bool and isinstance(value, bool):
         return value
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
@@ -343,6 +363,9 @@ def user_prompts(prompt: Optional[List[str]], prompts_file: Optional[str],
 def read_prompts_file(path: Path) -> list:
     try:
         text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise ValueError(f"--prompts_file {path}: {e.strerror.lower()}; pass a file of "
+                         f"prompts") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"--prompts_file {path} is not UTF-8 text ({e.reason} at byte "
                          f"{e.start}); save it as UTF-8") from None
@@ -365,31 +388,43 @@ def batches(items: list, size: int) -> List[list]:
 
 def build_options(device: Optional[str], dtype: Optional[str],
                   quantize: Optional[str]) -> dict:
-    """Llama.build's keyword arguments for --device, --dtype and --quantize (those given)."""
-    import torch
+    """Llama.build's keyword arguments for --device, --dtype and --quantize (those given),
+    checked now, before any model is read."""
+    from .loading import model_device, model_dtype
 
     options = {}
     if device is not None:
-        try:
-            options["device"] = torch.device(device)
-        except RuntimeError:
-            raise ValueError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or "
-                             f"mps") from None
+        options["device"] = model_device(device)
     if dtype is not None:
-        if dtype not in DTYPES:
-            raise ValueError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-        options["dtype"] = getattr(torch, dtype)
+        options["dtype"] = model_dtype(dtype, options.get("device"))
     if quantize is not None:  # Llama.build names the choices if this is not one
         options["quantize"] = quantize
     return options
 
 
-def use_draft(generator, draft: Optional[str], draft_ckpt_dir: Optional[str],
-              draft_tokens: int, build: dict) -> None:
-    """Configure speculative decoding from --draft / --draft_ckpt_dir / --draft_tokens;
-    `build`: Llama.build's arguments of the target (the draft model gets the same)."""
+DRAFT_NAMES = ("lookup", "int4")
+
+
+def check_draft(draft: Optional[str], draft_ckpt_dir: Optional[str], draft_tokens) -> None:
+    """Refuse bad --draft / --draft_ckpt_dir / --draft_tokens before any model loads."""
     if draft is not None and draft_ckpt_dir is not None:
         raise ValueError("give either --draft or --draft_ckpt_dir, not both")
+    if draft is not None and draft not in DRAFT_NAMES:
+        raise ValueError(f"--draft {draft!r} is not a draft; use {' or '.join(DRAFT_NAMES)}, "
+                         f"or --draft_ckpt_dir for a draft model")
+    if draft_ckpt_dir is not None and not Path(draft_ckpt_dir).is_dir():
+        raise ValueError(f"--draft_ckpt_dir {draft_ckpt_dir} is not a folder; pass the draft "
+                         f"model's checkpoint folder")
+    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
+        raise ValueError(f"--draft_tokens must be a whole number of tokens >= 1, got "
+                         f"{draft_tokens!r}")
+
+
+def use_draft(generator, draft: Optional[str], draft_ckpt_dir: Optional[str],
+              draft_tokens: int, build: dict) -> None:
+    """Configure speculative decoding from --draft / --draft_ckpt_dir / --draft_tokens
+    (checked by check_draft); `build`: Llama.build's arguments of the target (the draft
+    model gets the same)."""
     if draft_ckpt_dir is not None:
         from .generation import Llama
         draft = Llama.build(draft_ckpt_dir, **{**build, "tokenizer_path": None})

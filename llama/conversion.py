@@ -230,8 +230,9 @@ def plan_files(sizes: List[Tuple[str, int]], max_bytes: int) -> List[List[str]]:
 def to_hf(ckpt_dir: str, out_dir: str, max_shard_size="5GB",
           max_position_embeddings: int = 16384) -> None:
     """Meta folder -> Hugging Face folder (safetensors shards of at most max_shard_size,
-    model.safetensors.index.json, config.json, tokenizer.model). Code Llama was trained
-    for 16384 positions, hence max_position_embeddings' default."""
+    model.safetensors.index.json, config.json, tokenizer.model and its
+    tokenizer_config.json). Code Llama was trained for 16384 positions, hence
+    max_position_embeddings' default."""
     save = safetensors_writer()
     positive_int(max_position_embeddings, "--max_position_embeddings")
     ckpt_dir, max_bytes = Path(ckpt_dir), parse_size(max_shard_size)
@@ -261,6 +262,8 @@ def to_hf(ckpt_dir: str, out_dir: str, max_shard_size="5GB",
         (out / "config.json").write_text(json.dumps(config, indent=2))
         if tokenizer:
             copy_file(tokenizer, out / "tokenizer.model")
+            (out / "tokenizer_config.json").write_text(
+                json.dumps(hf.hf_tokenizer_config(max_position_embeddings), indent=2))
 
 
 # What must agree for a kept params.json to describe the model of a config.json.

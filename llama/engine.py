@@ -122,6 +122,16 @@ class Engine:
             return self.compiled_prefill(tokens, start, kv_len=end)
 
     def check_batch(self, prompt_tokens: Sequence[List[int]]) -> None:
+        self.check_prompts(prompt_tokens)
+        max_batch_size = self.model.params.max_batch_size
+        if len(prompt_tokens) > max_batch_size:
+            raise ValueError(
+                f"{len(prompt_tokens)} prompts exceed max_batch_size={max_batch_size}; "
+                f"pass fewer prompts per call or build with a larger max_batch_size")
+
+    def check_prompts(self, prompt_tokens: Sequence[List[int]]) -> None:
+        """Refuse a prompt that no generation could run, numbered from 0 in this list
+        (the examples check all of theirs before running them batch by batch)."""
         params, vocab = self.model.params, self.model.vocab_size
         for i, p in enumerate(prompt_tokens):
             if not isinstance(p, (list, tuple)) or not all(
@@ -139,10 +149,6 @@ class Engine:
                 raise ValueError(
                     f"prompt {i} has {len(p)} tokens, more than max_seq_len="
                     f"{params.max_seq_len}; shorten it or build with a larger max_seq_len")
-        if len(prompt_tokens) > params.max_batch_size:
-            raise ValueError(
-                f"{len(prompt_tokens)} prompts exceed max_batch_size={params.max_batch_size}; "
-                f"pass fewer prompts per call or build with a larger max_batch_size")
 
     @torch.inference_mode()
     def prefill(self, prompt_tokens: List[List[int]], sampling: Sampling,

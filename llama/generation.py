@@ -73,7 +73,7 @@ class Llama:
         *,
         seed: int = 1,
         device=None,
-        dtype: Optional[torch.dtype] = None,
+        dtype=None,
         quantize: Optional[str] = None,
     ) -> "Llama":
         """Load a model folder and its tokenizer: Meta's format (`params.json`,
@@ -82,8 +82,10 @@ class Llama:
         Works in a plain Python process (a one-process group is made on the spot) and
         under `torchrun --nproc_per_node N`; the checkpoint's shards are re-split for N.
         The KV cache holds `max_batch_size` sequences of `max_seq_len` tokens.
-        tokenizer_path defaults to `<ckpt_dir>/tokenizer.model`; device to CUDA, else MPS,
-        else CPU; dtype to bf16 on CUDA (fp16 without bf16), fp16 on MPS, float32 on CPU.
+        tokenizer_path defaults to `<ckpt_dir>/tokenizer.model`; device (a torch.device or
+        a name such as "cuda:1") to CUDA, else MPS, else CPU; dtype (torch.float32,
+        bfloat16 or float16, or its name) to bf16 on CUDA (fp16 without bf16), fp16 on
+        MPS, float32 on CPU.
         All ranks must use the same `seed` so that they sample the same tokens.
         quantize: "int8" or "int4" stores the linear layers' weights in 8 or 4 bits
         (quantize.py), quantized one tensor at a time while loading.
@@ -102,7 +104,7 @@ class Llama:
         tokenizer_path: Optional[str] = None,
         seed: int = 1,
         device=None,
-        dtype: Optional[torch.dtype] = None,
+        dtype=None,
         quantize: Optional[str] = None,
         **overrides,
     ) -> "Llama":

@@ -137,6 +137,15 @@ def hf_config(args: ModelArgs) -> dict:
     return config
 
 
+def hf_tokenizer_config(max_length: int) -> dict:
+    """tokenizer_config.json for a folder holding Meta's tokenizer.model: without it
+    `transformers` loads the tokenizer with no BOS in front of a prompt, which every
+    Llama model was trained with."""
+    return {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True,
+            "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+            "unk_token": "<unk>", "model_max_length": max_length}
+
+
 def hf_rope(config: dict, key: str, default):
     """A RoPE setting of config.json: transformers 4 writes rope_theta and rope_scaling at
     the top level, transformers 5 writes both inside rope_parameters."""

@@ -42,10 +42,37 @@ def check_sizes(max_seq_len, max_batch_size) -> None:
             raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
 
 
+# The precisions a model may be built in, by name (the command line's --dtype too).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_device(device) -> torch.device:
+    """`device` (a torch.device or its name, or None for the default) as a torch.device."""
+    if device is None:
+        return distributed.default_device()
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device; use cpu, cuda, cuda:N or "
+                         f"mps") from None
+
+
+def model_dtype(dtype, device: torch.device) -> torch.dtype:
+    """`dtype` (one of DTYPES, as a torch.dtype or its name, or None for the device's
+    default) as a torch.dtype."""
+    if dtype is None:
+        return distributed.default_dtype(device)
+    named = DTYPES.get(dtype) if isinstance(dtype, str) else None
+    if named is None and dtype not in DTYPES.values():
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of "
+                         f"{', '.join(DTYPES)} (a torch.dtype or its name)")
+    return named or dtype
+
+
 def setup(model_parallel_size, seed: int, device, dtype) -> Tuple[torch.device, torch.dtype]:
     """The process group, the seed and the device and dtype in force."""
-    device = torch.device(device) if device is not None else distributed.default_device()
-    dtype = dtype or distributed.default_dtype(device)
+    device = model_device(device)
+    dtype = model_dtype(dtype, device)
     distributed.initialize(model_parallel_size, device)
     distributed.check_same_on_every_rank(seed, "seed")
     torch.manual_seed(seed)
@@ -64,6 +91,9 @@ def from_checkpoint(ckpt_dir, tokenizer_path, max_seq_len: int, max_batch_size: 
 
     start = time.time()
     ckpt_dir = Path(ckpt_dir)
+    if ckpt_dir.is_file():
+        raise NotADirectoryError(f"checkpoint folder {ckpt_dir} is a file; pass the folder "
+                                 f"that holds it ({ckpt_dir.parent})")
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"checkpoint folder {ckpt_dir} does not exist")
     rank = distributed.model_parallel_rank()

@@ -123,6 +123,18 @@ def test_bad_sizes_and_flat_token_lists_get_clear_errors():
         gen.generate([1, 2, 3], max_gen_len=2)  # more ints than max_batch_size rows
 
 
+def test_device_and_dtype_are_taken_by_name_or_refused_clearly():
+    gen = Llama.from_preset("tiny", 16, 1, device="cpu", dtype="bfloat16")
+    assert gen.model.tok_embeddings.weight.dtype == torch.bfloat16
+    assert gen.model.rope.device == torch.device("cpu")
+    for dtype in ("bf17", torch.int8, torch.float64):
+        with pytest.raises(ValueError, match="is not supported; use one of float32, "
+                                             "bfloat16, float16"):
+            Llama.from_preset("tiny", 16, 1, device="cpu", dtype=dtype)
+    with pytest.raises(ValueError, match="device 'tpu' is not a device; use cpu, cuda"):
+        Llama.from_preset("tiny", 16, 1, device="tpu")
+
+
 def test_stream_arguments_are_checked_when_called(make_model):
     from conftest import build
     gen = build(make_model()[0])

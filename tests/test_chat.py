@@ -176,3 +176,6 @@ def test_answer_room_must_leave_room_for_a_message(make_model):
         chat("unused", max_seq_len=64, max_gen_len=0)
     with pytest.raises(ValueError, match=r"--max_gen_len 60 leaves no room .*at least \d+"):
         chat(str(make_model()[0]), max_seq_len=64, max_gen_len=60)
+    with pytest.raises(ValueError, match=r"--system takes \d+ of --max_seq_len 64 tokens.*"
+                                         "shorten --system"):
+        chat(str(make_model()[0]), max_seq_len=64, system="one more word " * 20)

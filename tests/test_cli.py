@@ -127,7 +127,8 @@ def options(argv):
 
     def main(ckpt_dir: str = "x", temperature: float = 0.2,
              max_gen_len: Optional[int] = None, stream: bool = False,
-             stop: Optional[List[str]] = None, prompt: Optional[List[str]] = None):
+             stop: Optional[List[str]] = None, prompt: Optional[List[str]] = None,
+             quantize: Optional[str] = None, dtype: Optional[str] = None, stats: bool = True):
         got.update(locals())
 
     cli.run(main, argv)
@@ -144,6 +145,24 @@ def test_options_are_parsed_like_metas_scripts_then_checked():
     assert got["stream"] is True and got["ckpt_dir"] == "7"  # positional, as fire takes it
     assert options(["--prompt", "[1, 2]"])["prompt"] == ["[1, 2]"]  # taken as text
     assert cli.unescape(r"a\tb\\n\d") == "a\tb\\n\\d"  # other backslashes stay
+    # "none", as --help writes a missing value, is that (fire itself knows only None).
+    got = options(["--max_gen_len", "none", "--quantize", "NONE", "--dtype", "None"])
+    assert got["max_gen_len"] is None and got["quantize"] is None and got["dtype"] is None
+    assert options(["--prompt", "none"])["prompt"] == ["none"]  # text stays text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stop", "\\n", "--stop", "x"], "--stop is given more than once; give several as "
+                                       "one list: --stop '[\"a\", \"b\"]'"),
+    (["--max_gen_len=5", "--max_gen_len", "9"], "--max_gen_len is given more than once"),
+    (["--stats", "--nostats"], "--stats is given more than once"),
+])
+def test_an_option_given_twice_is_refused_unless_repeatable(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        options(argv)
+    said = capsys.readouterr().err
+    assert exit.value.code == 2 and said.startswith(f"error: {message}"), said
+    assert options(["--prompt", "a", "--prompt", "b"])["prompt"] == ["a", "b"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -223,8 +242,10 @@ def test_prompts_come_from_options_and_files(tmp_path):
     whole.write_bytes(b"caf\xe9\n")
     with pytest.raises(ValueError, match="is not UTF-8 text"):
         cli.user_prompts(None, str(whole))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="--prompts_file .*missing.txt: no such file"):
         cli.user_prompts(None, str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="--prompts_file .*: is a directory"):
+        cli.user_prompts(None, str(tmp_path))
     assert cli.batches([1, 2, 3, 4, 5], 2) == [[1, 2], [3, 4], [5]]
 
 
@@ -232,11 +253,23 @@ def test_build_options():
     assert cli.build_options(None, None, None) == {}
     assert cli.build_options("cpu", "bfloat16", None) == {"device": torch.device("cpu"),
                                                           "dtype": torch.bfloat16}
-    with pytest.raises(ValueError, match="--dtype 'fp64' is not supported; use one of float32"):
+    with pytest.raises(ValueError, match="dtype 'fp64' is not supported; use one of float32"):
         cli.build_options(None, "fp64", None)
-    with pytest.raises(ValueError, match="--device 'gpu' is not a device"):
+    with pytest.raises(ValueError, match="device 'gpu' is not a device"):
         cli.build_options("gpu", None, None)
     assert cli.build_options(None, None, "int8") == {"quantize": "int8"}
+
+
+def test_draft_options_are_checked_before_any_model_loads(tmp_path):
+    cli.check_draft(None, None, 4)
+    cli.check_draft("lookup", None, 1)
+    cli.check_draft(None, str(tmp_path), 7)
+    for args, message in [(("lookup", str(tmp_path), 4), "either --draft or --draft_ckpt_dir"),
+                          (("lookpu", None, 4), "--draft 'lookpu' is not a draft; use lookup"),
+                          ((None, str(tmp_path / "no"), 4), "--draft_ckpt_dir .* not a folder"),
+                          ((None, None, 0), "--draft_tokens must be .* >= 1, got 0")]:
+        with pytest.raises(ValueError, match=message):
+            cli.check_draft(*args)
 
 
 def test_speed_report_counts_the_generated_tokens(make_model, capsys):

@@ -372,3 +372,18 @@ def test_cli_on_the_demo_model_names_the_process_counts_that_work(tmp_path):
     assert "params.json: 6 attention heads do not split over 4" in proc.stderr
     assert "this model runs on 1 or 2 process(es)" in proc.stderr
     assert not (tmp_path / "mp4").exists()
+
+
+def test_transformers_reads_the_converted_tokenizer_with_bos(make_model, tmp_path):
+    """to_hf writes tokenizer_config.json: without it transformers encodes prompts with no
+    BOS. Text that does not start with a space gets our ids exactly."""
+    from transformers import AutoTokenizer
+
+    from llama.tokenizer import Tokenizer
+    meta = make_model()[0]
+    convert.to_hf(meta, tmp_path / "hf")
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    ours = Tokenizer(str(meta / "tokenizer.model"))
+    for text in ["def fib(n):\n    return n", "import os\nx = [1, 2]\n", "hello"]:
+        assert theirs(text).input_ids == ours.encode(text, bos=True, eos=False)
+    assert theirs.model_max_length == 16384

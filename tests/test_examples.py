@@ -128,6 +128,36 @@ def test_instructions_example_takes_messages_and_dialogs(make_model, capsys, tmp
     assert out.count("> Assistant: ") == 2
 
 
+@pytest.mark.parametrize("script", ["example_completion", "example_infilling",
+                                    "example_instructions"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_too_long_is_named_before_any_runs(make_model, capsys, script, stream):
+    """The examples run prompts batch by batch (or one by one streamed): a too long third
+    prompt is refused as prompt 2 before the first is answered."""
+    import importlib
+    main = importlib.import_module(script).main
+    short = "x = <FILL>\n" if script == "example_infilling" else "short"
+    long = "y = 1 " * 40 + ("<FILL>" if script == "example_infilling" else "")
+    args = ["--ckpt_dir", make_model()[0], "--prompt", short, "--prompt", short, "--prompt",
+            long, "--max_batch_size", 1, "--max_seq_len", 48, "--max_gen_len", 4]
+    with pytest.raises(SystemExit) as exit:
+        run_main(main, *args, *(["--stream"] if stream else []))
+    out, err = capsys.readouterr()
+    assert exit.value.code == 2 and err.startswith("error: prompt 2 has "), err
+    assert ">" not in out and "Filled text" not in out  # nothing was generated
+
+
+@pytest.mark.parametrize("script", ["example_completion", "example_infilling",
+                                    "example_instructions", "llama.chat"])
+def test_a_bad_draft_is_refused_before_the_model_loads(script, capsys):
+    import importlib
+    module = importlib.import_module(script)
+    main = module.chat if script == "llama.chat" else module.main
+    with pytest.raises(SystemExit):  # the folder does not exist either: never read
+        run_main(main, "--ckpt_dir", "/no/such/folder", "--draft", "lookpu")
+    assert capsys.readouterr().err.startswith("error: --draft 'lookpu' is not a draft")
+
+
 def test_a_wrong_ckpt_dir_is_one_line(capsys):
     import example_completion
     with pytest.raises(SystemExit) as exit:

@@ -119,8 +119,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         check(args)
     except ValueError as e:
         parser().error(str(e))
+    from ..cli import USER_ERRORS, user_errors
     from . import run  # imports torch only when a model is needed
-    return run.main(args)
+
+    # A missing folder, a bad --samples file, no network for the data: one line, exit 2.
+    with user_errors(USER_ERRORS + (ConnectionError,)):
+        return run.main(args)
 
 
 if __name__ == "__main__":

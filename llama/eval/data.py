@@ -47,7 +47,7 @@ def fetch(source: Source, folder: Optional[Path] = None) -> Path:
                     tmp.write(block)
         except OSError as e:
             os.unlink(tmp.name)
-            raise OSError(f"could not download {source.url} ({e}); download it yourself "
+            raise ConnectionError(f"could not download {source.url} ({e}); download it yourself "
                           f"and pass its path with --data") from e
     check_digest(Path(tmp.name), source)
     os.replace(tmp.name, path)
@@ -69,8 +69,17 @@ def read_jsonl(path) -> List[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
     with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {number} is not JSON ({e}); the file must "
+                                 f"hold one JSON object per line") from None
+    return rows
 
 
 def check_rows(rows: List[dict], fields, path) -> List[dict]:
