@@ -75,7 +75,8 @@ def main(
     if stats:
         cli.watch_speed(generator)
     # All dialogs are checked before the first runs, so an error names the right one.
-    generator.engine.check_prompts([generator.chat_prompt(dialog)[0] for dialog in dialogs])
+    generator.engine.check_prompts([dialog_tokens(generator, i, dialog)
+                                    for i, dialog in enumerate(dialogs)])
     sampling = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, stop=stop)
     if stream:
         for dialog in dialogs:
@@ -91,6 +92,13 @@ def main(
             answer = result["generation"]
             print(f"> {answer['role'].capitalize()}: {answer['content']}")
             print("\n==================================\n")
+
+
+def dialog_tokens(generator, i: int, dialog) -> list:
+    try:
+        return generator.chat_prompt(dialog)[0]
+    except ValueError as e:
+        raise ValueError(f"dialog {i}: {e}") from None
 
 
 def show_dialog(dialog) -> None:

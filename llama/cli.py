@@ -1,7 +1,9 @@
 r"""What the example scripts and the chat share on the command line.
 
-Arguments are parsed by `fire`, as in Meta's scripts (`--stop '["\n\n"]'` is a Python
-list, its escapes read by fire), then checked against the entry point's annotations.
+Arguments are parsed by `fire`, as in Meta's scripts, then checked against the entry
+point's annotations; options of text (str, lists of str) are taken as written instead, so
+that `--system '[x]'` stays text and `--stop 1e3` is not 1000.0, and a list option may be
+written as a Python list (`--stop '["\n\n", "def "]'`, its escapes read as Python does).
 `--help` is written here from the signature and the docstring: fire's own shows mangled
 types and cut defaults, and this module imports neither torch nor fire until after it,
 so help is instant. User errors (ValueError, missing files, a model too big, arguments
@@ -10,6 +12,7 @@ exceptions keep their traceback. `run_commands` does the same for a program of s
 commands (`python -m llama.convert to_hf ...`).
 """
 
+import ast
 import contextlib
 import inspect
 import io
@@ -83,8 +86,12 @@ def run(main: Callable, argv: Optional[Sequence[str]] = None,
             print(help_text(main, prog, repeatable, epilog))
             return
         refuse_repeats(main, argv, prog)
-        options = parse(main, argv, prog)
-        options.update(given)
+        # Text options keep their values as written, which fire would read as Python
+        # ('[x]' a list, 1e3 1000.0); fire still sees them, to place the positional ones.
+        text, rest = take_repeated(argv, set(text_options(main)) - set(repeatable))
+        given.update({name: values[0] for name, values in text.items()})
+        argv = rest + [f"--{name}={value}" for name, (value,) in text.items()]
+        options = {**parse(main, argv, prog, given), **given}
         main(**checked(main, options))
 
 
@@ -138,6 +145,7 @@ def take_repeated(argv: List[str], names: Sequence[str]) -> Tuple[Dict[str, list
     args = iter(argv)
     for arg in args:
         name, eq, value = arg[2:].partition("=")
+        name = name.replace("-", "_")  # fire takes --ckpt-dir for --ckpt_dir
         if not (arg.startswith("--") and name in names):
             rest.append(arg)
             continue
@@ -149,13 +157,19 @@ def take_repeated(argv: List[str], names: Sequence[str]) -> Tuple[Dict[str, list
     return given, rest
 
 
+def text_options(main: Callable) -> List[str]:
+    """main's options of text or lists of text (str, List[str], Optional of either)."""
+    return [name for name, hint in typing.get_type_hints(main).items()
+            if hint in (str, Optional[str], List[str], Optional[List[str]])]
+
+
 def refuse_repeats(main: Callable, argv: List[str], prog: str) -> None:
     """fire keeps the last of an option given twice and drops the others unseen
     (`--stop a --stop b` would stop at b only): refuse that instead."""
     names = set(inspect.signature(main).parameters)
     seen = set()
     for arg in argv:
-        name = arg[2:].partition("=")[0] if arg.startswith("--") else None
+        name = arg[2:].partition("=")[0].replace("-", "_") if arg.startswith("--") else None
         if name not in names and name and name.startswith("no") and name[2:] in names:
             name = name[2:]  # --nostats is --stats
         if name in names:
@@ -166,10 +180,10 @@ def refuse_repeats(main: Callable, argv: List[str], prog: str) -> None:
             seen.add(name)
 
 
-def parse(main: Callable, argv: List[str], prog: str) -> dict:
-    """main's options from argv, parsed by fire. Arguments fire cannot place, and a
-    required option left out, raise ValueError (one line, where fire would print its
-    usage screen)."""
+def parse(main: Callable, argv: List[str], prog: str, given: dict) -> dict:
+    """main's options from argv, parsed by fire, the `given` ones aside. Arguments fire
+    cannot place, and a required option left out, raise ValueError (one line, where fire
+    would print its usage screen)."""
     import fire
 
     # fire sees every option as optional, so that a missing one is reported here.
@@ -189,8 +203,8 @@ def parse(main: Callable, argv: List[str], prog: str) -> dict:
                                      serialize=lambda _: None))
     except fire.core.FireExit:  # also fire's own flags after `--`, which we do not offer
         raise ValueError(f"{fire_error(said.getvalue())} (see {prog} --help)") from None
-    missing = [name for name, p in signature.parameters.items()
-               if p.default is p.empty and options.get(name, MISSING) is MISSING]
+    missing = [name for name, p in signature.parameters.items() if p.default is p.empty
+               and options.get(name, MISSING) is MISSING and name not in given]
     if missing:
         raise ValueError(f"--{missing[0]} is required (see {prog} --help)")
     return options
@@ -241,12 +255,27 @@ def coerce(name: str, value, hint):
     if hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
     if typing.get_origin(hint) is list:
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            value = python_list(name, value)
         items = [value] if isinstance(value, (str, int, float)) else value
         if isinstance(items, (list, tuple)) and not any(isinstance(i, bool) for i in items):
             return [coerce(name, item, args[0]) for item in items]
     if hint is bool:
         raise ValueError(f"--{name} is a switch (--{name} or --no{name}), got {value!r}")
     raise ValueError(f"--{name} takes {type_name(hint)}, got {value!r}")
+
+
+def python_list(name: str, text: str) -> list:
+    """A list option written as a Python list of strings, such as '["\\n\\n", "def "]'
+    (its escapes read as Python reads them)."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = None
+    if not isinstance(value, list):
+        raise ValueError(f"--{name} {text!r} starts like a list but is not one; write it "
+                         f"as '[\"a\", \"b\"]'")
+    return value
 
 
 def unescape(text: str) -> str:

@@ -151,6 +151,26 @@ def test_options_are_parsed_like_metas_scripts_then_checked():
     assert options(["--prompt", "none"])["prompt"] == ["none"]  # text stays text
 
 
+def test_text_options_are_taken_as_written():
+    """fire reads Python literals; text options are not read: a system prompt that looks
+    like a list stays text, a number-like stop string keeps its spelling, and a list
+    option that starts like a list but is not one is an error, not a stop string."""
+    got = options(["--ckpt_dir", "1_000", "--stop", "1e3", "--quantize", "[x]"])
+    assert got["ckpt_dir"] == "1_000" and got["stop"] == ["1e3"] and got["quantize"] == "[x]"
+    assert options(["--stop=['a', \"b\\n\"]"])["stop"] == ["a", "b\n"]
+    with pytest.raises(SystemExit):
+        options(["--stop", '["\\n\\n",'])
+    got = {}
+
+    def convert_like(ckpt_dir: str, out_dir: str, mp: int = 1):
+        got.update(ckpt_dir=ckpt_dir, out_dir=out_dir, mp=mp)
+
+    cli.run(convert_like, ["--ckpt-dir", "IN", "OUT", "--mp", "2"])  # named and in order
+    assert got == {"ckpt_dir": "IN", "out_dir": "OUT", "mp": 2}
+    cli.run(convert_like, ["IN", "--out_dir", "-x"])
+    assert got == {"ckpt_dir": "IN", "out_dir": "-x", "mp": 1}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--stop", "\\n", "--stop", "x"], "--stop is given more than once; give several as "
                                        "one list: --stop '[\"a\", \"b\"]'"),

@@ -126,6 +126,11 @@ def test_instructions_example_takes_messages_and_dialogs(make_model, capsys, tmp
     out = capsys.readouterr().out
     assert "User: write a loop\n" in out and "System: Be brief.\n\nUser: hi\n" in out
     assert out.count("> Assistant: ") == 2
+    listed.write_text(json.dumps(["fine", [{"role": "assistant", "content": "first?"}]]))
+    with pytest.raises(SystemExit):
+        run_main(example_instructions.main, "--ckpt_dir", make_model()[0], "--prompts_file",
+                 listed)
+    assert capsys.readouterr().err.startswith("error: dialog 1: ")
 
 
 @pytest.mark.parametrize("script", ["example_completion", "example_infilling",
