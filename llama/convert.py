@@ -37,8 +37,9 @@ def to_hf(ckpt_dir: str, out_dir: str, max_shard_size: str = "5GB",
           max_position_embeddings: int = 16384) -> None:
     """Meta folder -> Hugging Face folder.
 
-    Writes safetensors shards, model.safetensors.index.json, config.json and
-    tokenizer.model (pip install safetensors, or pip install -e ".[hf]").
+    Writes safetensors shards, model.safetensors.index.json, config.json,
+    tokenizer.model and tokenizer_config.json (pip install safetensors, or pip install
+    -e ".[hf]").
 
     Args:
         ckpt_dir: Meta folder to convert (params.json, consolidated.NN.pth, tokenizer.model)
@@ -50,6 +51,7 @@ def to_hf(ckpt_dir: str, out_dir: str, max_shard_size: str = "5GB",
     """
     from . import conversion
     conversion.to_hf(ckpt_dir, out_dir, max_shard_size, max_position_embeddings)
+    print(f"wrote {out_dir}")
 
 
 def from_hf(hf_dir: str, out_dir: str, mp: int = 1) -> None:
@@ -65,6 +67,7 @@ def from_hf(hf_dir: str, out_dir: str, mp: int = 1) -> None:
     """
     from . import conversion
     conversion.from_hf(hf_dir, out_dir, mp)
+    print(f"wrote {out_dir}")
 
 
 def reshard(ckpt_dir: str, out_dir: str, mp: int) -> None:
@@ -80,6 +83,7 @@ def reshard(ckpt_dir: str, out_dir: str, mp: int) -> None:
     """
     from . import conversion
     conversion.reshard(ckpt_dir, out_dir, mp)
+    print(f"wrote {out_dir}")
 
 
 def quantize(ckpt_dir: str, out_dir: str, bits: int, mp: int = 1,
@@ -100,6 +104,7 @@ def quantize(ckpt_dir: str, out_dir: str, bits: int, mp: int = 1,
     """
     from . import conversion
     conversion.quantize(ckpt_dir, out_dir, bits, mp, group_size)
+    print(f"wrote {out_dir}")
 
 
 COMMANDS = {"to_hf": to_hf, "from_hf": from_hf, "reshard": reshard, "quantize": quantize}

@@ -148,14 +148,17 @@ def test_reshard_1_2_1_is_bit_exact(make_model, tmp_path):
     assert_same_tensors(full_state(tmp_path / "mp2"), state)
 
 
-def test_cli_spellings(make_model, tmp_path):
-    """fire takes to_hf and to-hf, --ckpt_dir and --ckpt-dir."""
+def test_cli_spellings(make_model, tmp_path, capsys):
+    """fire takes to_hf and to-hf, --ckpt_dir and --ckpt-dir; each command says where it
+    wrote."""
     meta = make_model()[0]
     convert.main(["to-hf", "--ckpt-dir", str(meta), "--out-dir", str(tmp_path / "hf")])
     convert.main(["from_hf", "--hf_dir", str(tmp_path / "hf"), "--out_dir",
                   str(tmp_path / "back"), "--mp", "2"])
     convert.main(["reshard", str(tmp_path / "back"), str(tmp_path / "one"), "--mp=1"])
     assert_same_tensors(full_state(tmp_path / "one"), make_model()[2])
+    assert capsys.readouterr().out.splitlines() == [
+        f"wrote {tmp_path / name}" for name in ("hf", "back", "one")]
 
 
 # ---- errors ------------------------------------------------------------------------------
