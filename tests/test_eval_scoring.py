@@ -91,3 +91,13 @@ def test_results_file_refuses_garbage(tmp_path):
     path.write_text("not json\n")
     with pytest.raises(ValueError, match="line 1 .* is not JSON"):
         ResultsFile(path)
+
+
+def test_the_printed_table_has_a_line_per_value():
+    from llama.eval.scoring import table
+    text = table({"pass@1": 0.5, "time": {"wall_s": 12.345678, "tests_s": 2.0}},
+                 {"temperature": 0.8, "sandbox": {"memory_mb": 4096}})
+    assert text.splitlines() == [
+        f"{k:<17}  {v}" for k, v in [("pass@1", "50.00%"), ("time.wall_s", "12.35"),
+                                      ("time.tests_s", "2"), ("temperature", "0.8"),
+                                      ("sandbox.memory_mb", "4096")]]

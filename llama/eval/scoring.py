@@ -103,7 +103,15 @@ def summarize(records: Iterable[dict], task_ids: Sequence,
 
 def table(summary: dict, settings: dict) -> str:
     """The summary and settings as aligned text lines."""
-    rows = [(k, f"{100 * v:.2f}%" if k.startswith("pass@") else v) for k, v in summary.items()]
-    rows += [(k, v) for k, v in settings.items()]
+    rows = []
+    for k, v in [*summary.items(), *settings.items()]:
+        # Nested ones (times, the sandbox's limits) a line each, as "time.wall_s".
+        rows += [(f"{k}.{i}", x) for i, x in v.items()] if isinstance(v, dict) else [(k, v)]
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return "\n".join(f"{k:<{width}}  {shown(k, v)}" for k, v in rows)
+
+
+def shown(key: str, value) -> str:
+    if key.startswith("pass@"):
+        return f"{100 * value:.2f}%"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
