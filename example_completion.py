@@ -58,15 +58,15 @@ def main(
                        **cli.build_options(device, dtype, quantize)))
     if stats:
         cli.watch_speed(generator)
-    # All prompts are checked before the first runs, so an error names the right one.
-    generator.engine.check_prompts(
-        [completion_prompt_tokens(generator.tokenizer, text) for text in prompts])
+    cli.check_prompts(generator, prompts,
+                      lambda text: completion_prompt_tokens(generator.tokenizer, text))
     sampling = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, stop=stop)
     if stream:
         for text in prompts:
+            pieces = generator.stream_completion(text, **sampling)  # checks the sampling
             print(text)
             print("> ", end="", flush=True)
-            for piece in generator.stream_completion(text, **sampling):
+            for piece in pieces:
                 print(piece, end="", flush=True)
             print("\n\n==================================\n")
         return

@@ -97,15 +97,15 @@ def main(
                        **cli.build_options(device, dtype, quantize)))
     if stats:
         cli.watch_speed(generator)
-    # All prompts are checked before the first runs, so an error names the right one.
-    generator.engine.check_prompts([infilling_prompt_tokens(generator.tokenizer, *pair)
-                                    for pair in pairs])
+    cli.check_prompts(generator, pairs,
+                      lambda pair: infilling_prompt_tokens(generator.tokenizer, *pair))
     sampling = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, stop=stop)
     if stream:
         for text, (prefix, suffix) in zip(prompts, pairs):
+            pieces = generator.stream_infilling(prefix, suffix, **sampling)
             show_prompt(text)
             print(prefix, end="", flush=True)
-            for piece in generator.stream_infilling(prefix, suffix, **sampling):
+            for piece in pieces:
                 print(piece, end="", flush=True)
             print(suffix)
         return

@@ -74,15 +74,15 @@ def main(
                        **cli.build_options(device, dtype, quantize)))
     if stats:
         cli.watch_speed(generator)
-    # All dialogs are checked before the first runs, so an error names the right one.
-    generator.engine.check_prompts([dialog_tokens(generator, i, dialog)
-                                    for i, dialog in enumerate(dialogs)])
+    cli.check_prompts(generator, dialogs, lambda dialog: run_tokens(generator, dialog),
+                      label="dialog")
     sampling = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, stop=stop)
     if stream:
         for dialog in dialogs:
+            pieces = generator.stream_chat_completion(dialog, **sampling)
             show_dialog(dialog)
             print("> Assistant: ", end="", flush=True)
-            for piece in generator.stream_chat_completion(dialog, **sampling):
+            for piece in pieces:
                 print(piece, end="", flush=True)
             print("\n\n==================================\n")
         return
@@ -94,11 +94,11 @@ def main(
             print("\n==================================\n")
 
 
-def dialog_tokens(generator, i: int, dialog) -> list:
-    try:
-        return generator.chat_prompt(dialog)[0]
-    except ValueError as e:
-        raise ValueError(f"dialog {i}: {e}") from None
+def run_tokens(generator, dialog):
+    """The dialog's prompt tokens, or None for one with chat tags in it, which
+    chat_completion answers with an error message instead of running it."""
+    tokens, unsafe = generator.chat_prompt(dialog)
+    return None if unsafe else tokens
 
 
 def show_dialog(dialog) -> None:

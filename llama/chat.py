@@ -177,7 +177,7 @@ def chat(
     if stats:
         cli.watch_speed(generator)
     answer_room = max_gen_len or max(1, max_seq_len // 4)
-    check_room(generator, system, answer_room)
+    check_room(generator, system, answer_room, given=max_gen_len is not None)
     conversation = Conversation(generator, system, answer_room, dict(
         temperature=temperature, top_p=top_p, max_gen_len=max_gen_len))
     if scripted is not None:
@@ -227,9 +227,10 @@ def check_system(system: Optional[str]) -> None:
                          f"get every message refused; remove them")
 
 
-def check_room(generator, system: Optional[str], answer_room: int) -> None:
-    """The smallest message must fit in max_seq_len with answer_room tokens to spare, and
-    the system prompt must not encode to control tokens."""
+def check_room(generator, system: Optional[str], answer_room: int, given: bool) -> None:
+    """The smallest message must fit in max_seq_len with answer_room tokens to spare
+    (`given`: by --max_gen_len), and the system prompt must not encode to control
+    tokens."""
     max_seq_len = generator.model.params.max_seq_len
     shortest = with_system_prompt(system, [{"role": "user", "content": "?"}])
     prompt, unsafe = generator.chat_prompt(shortest)
@@ -237,16 +238,20 @@ def check_room(generator, system: Optional[str], answer_room: int) -> None:
         raise ValueError("--system contains text that encodes to the model's control "
                          "tokens (such as <PRE> or <step>), which would get every message "
                          "refused; remove those markers")
-    if len(prompt) + answer_room > max_seq_len:
-        if system and len(prompt) + 1 > max_seq_len - max_seq_len // 4:
-            # The system prompt alone leaves less than the default answer room.
-            raise ValueError(f"--system takes {len(prompt)} of --max_seq_len {max_seq_len} "
-                             f"tokens with the chat tags, leaving no room for a message and "
-                             f"its answer; shorten --system or raise --max_seq_len")
+    if len(prompt) + answer_room <= max_seq_len:
+        return
+    if given:
         raise ValueError(f"--max_gen_len {answer_room} leaves no room within --max_seq_len "
                          f"{max_seq_len} for a prompt (at least {len(prompt)} tokens with "
                          f"the chat tags{' and the system prompt' if system else ''}); lower "
-                         f"it or raise --max_seq_len")
+                         f"it{', shorten --system' if system else ''} or raise --max_seq_len")
+    if system:
+        raise ValueError(f"--system takes {len(prompt)} of --max_seq_len {max_seq_len} tokens "
+                         f"with the chat tags, leaving too little for a message and its "
+                         f"answer ({answer_room} tokens); shorten --system or raise "
+                         f"--max_seq_len")
+    raise ValueError(f"--max_seq_len {max_seq_len} leaves no room for a message and its "
+                     f"answer ({answer_room} tokens, a quarter); raise --max_seq_len")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

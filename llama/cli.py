@@ -81,16 +81,15 @@ def run(main: Callable, argv: Optional[Sequence[str]] = None,
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or program_name()
     with user_errors(errors, status):
-        given, argv = take_repeated(argv, repeatable)
+        # Text options keep their values as written, which fire would read as Python
+        # ('[x]' a list, 1e3 1000.0); fire still sees them, to place the positional ones.
+        text, argv = take_text(argv, set(text_options(main)) | set(repeatable))
         if "-h" in argv or "--help" in argv:
             print(help_text(main, prog, repeatable, epilog))
             return
-        refuse_repeats(main, argv, prog)
-        # Text options keep their values as written, which fire would read as Python
-        # ('[x]' a list, 1e3 1000.0); fire still sees them, to place the positional ones.
-        text, rest = take_repeated(argv, set(text_options(main)) - set(repeatable))
-        given.update({name: values[0] for name, values in text.items()})
-        argv = rest + [f"--{name}={value}" for name, (value,) in text.items()]
+        refuse_repeats(main, argv, prog, repeatable)
+        given = {name: values if name in repeatable else values[0]
+                 for name, values in text.items()}
         options = {**parse(main, argv, prog, given), **given}
         main(**checked(main, options))
 
@@ -138,8 +137,9 @@ def program_name() -> str:
     return path.name
 
 
-def take_repeated(argv: List[str], names: Sequence[str]) -> Tuple[Dict[str, list], list]:
-    """Pull `--name value` and `--name=value` of each repeatable option out of argv."""
+def take_text(argv: List[str], names) -> Tuple[Dict[str, list], list]:
+    """The values of `--name value` and `--name=value` for each of `names`, as written,
+    and argv with each such pair as one `--name=value` where it stood."""
     given: Dict[str, list] = {}
     rest = []
     args = iter(argv)
@@ -154,6 +154,7 @@ def take_repeated(argv: List[str], names: Sequence[str]) -> Tuple[Dict[str, list
             if value is None:
                 raise ValueError(f"--{name} needs a value: --{name} TEXT")
         given.setdefault(name, []).append(value)
+        rest.append(f"--{name}={value}")
     return given, rest
 
 
@@ -163,16 +164,17 @@ def text_options(main: Callable) -> List[str]:
             if hint in (str, Optional[str], List[str], Optional[List[str]])]
 
 
-def refuse_repeats(main: Callable, argv: List[str], prog: str) -> None:
+def refuse_repeats(main: Callable, argv: List[str], prog: str,
+                   repeatable: Sequence[str]) -> None:
     """fire keeps the last of an option given twice and drops the others unseen
-    (`--stop a --stop b` would stop at b only): refuse that instead."""
+    (`--stop a --stop b` would stop at b only): refuse that, but for `repeatable` ones."""
     names = set(inspect.signature(main).parameters)
     seen = set()
     for arg in argv:
         name = arg[2:].partition("=")[0].replace("-", "_") if arg.startswith("--") else None
         if name not in names and name and name.startswith("no") and name[2:] in names:
             name = name[2:]  # --nostats is --stats
-        if name in names:
+        if name in names and name not in repeatable:
             if name in seen:
                 fix = (" give several as one list: --stop '[\"a\", \"b\"]'"
                        if name == "stop" else f" give it once (see {prog} --help)")
@@ -273,8 +275,9 @@ def python_list(name: str, text: str) -> list:
     except (ValueError, SyntaxError):
         value = None
     if not isinstance(value, list):
-        raise ValueError(f"--{name} {text!r} starts like a list but is not one; write it "
-                         f"as '[\"a\", \"b\"]'")
+        raise ValueError(f"--{name} {text!r} starts like a list but is not one; write a "
+                         f"list as '[\"a\", \"b\"]', and text that starts with [ inside "
+                         f"one: '[\"[INST]\"]'")
     return value
 
 
@@ -408,6 +411,19 @@ def read_prompts_file(path: Path) -> list:
     if not isinstance(items, list) or not items:
         raise ValueError(f"--prompts_file {path} must hold a non-empty JSON list of prompts")
     return items
+
+
+def check_prompts(generator, items: list, encode: Callable, label: str = "prompt") -> None:
+    """Encode and check every item before any runs, as the examples run them batch by
+    batch: an error names its item among all of them, and nothing is half printed.
+    `encode(item)` gives the item's prompt tokens, or None for one that will not run."""
+    for i, item in enumerate(items):
+        try:
+            tokens = encode(item)
+        except ValueError as e:
+            raise ValueError(f"{label} {i}: {e}") from None
+        if tokens is not None:
+            generator.engine.check_prompt(i, tokens, label)
 
 
 def batches(items: list, size: int) -> List[list]:

@@ -122,33 +122,33 @@ class Engine:
             return self.compiled_prefill(tokens, start, kv_len=end)
 
     def check_batch(self, prompt_tokens: Sequence[List[int]]) -> None:
-        self.check_prompts(prompt_tokens)
+        for i, p in enumerate(prompt_tokens):
+            self.check_prompt(i, p)
         max_batch_size = self.model.params.max_batch_size
         if len(prompt_tokens) > max_batch_size:
             raise ValueError(
                 f"{len(prompt_tokens)} prompts exceed max_batch_size={max_batch_size}; "
                 f"pass fewer prompts per call or build with a larger max_batch_size")
 
-    def check_prompts(self, prompt_tokens: Sequence[List[int]]) -> None:
-        """Refuse a prompt that no generation could run, numbered from 0 in this list
-        (the examples check all of theirs before running them batch by batch)."""
+    def check_prompt(self, i: int, p: List[int], label: str = "prompt") -> None:
+        """Refuse prompt number i, `p`, if no generation could run it (`label` names
+        what the prompt was made from)."""
         params, vocab = self.model.params, self.model.vocab_size
-        for i, p in enumerate(prompt_tokens):
-            if not isinstance(p, (list, tuple)) or not all(
-                    isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in p):
-                raise ValueError(f"prompt_tokens must be a list of token-id lists (one list of "
-                                 f"ints per prompt), but item {i} is {p!r}; wrap a single "
-                                 f"prompt in a list")
-            if not p:
-                raise ValueError(f"prompt {i} has no tokens")
-            if min(p) < 0 or max(p) >= vocab:
-                bad = next(t for t in p if not 0 <= t < vocab)
-                raise ValueError(f"prompt {i} holds token id {bad}, outside the vocabulary "
-                                 f"[0, {vocab}); encode text with this model's tokenizer")
-            if len(p) > params.max_seq_len:
-                raise ValueError(
-                    f"prompt {i} has {len(p)} tokens, more than max_seq_len="
-                    f"{params.max_seq_len}; shorten it or build with a larger max_seq_len")
+        if not isinstance(p, (list, tuple)) or not all(
+                isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in p):
+            raise ValueError(f"prompt_tokens must be a list of token-id lists (one list of "
+                             f"ints per prompt), but item {i} is {p!r}; wrap a single "
+                             f"prompt in a list")
+        if not p:
+            raise ValueError(f"{label} {i} has no tokens")
+        if min(p) < 0 or max(p) >= vocab:
+            bad = next(t for t in p if not 0 <= t < vocab)
+            raise ValueError(f"{label} {i} holds token id {bad}, outside the vocabulary "
+                             f"[0, {vocab}); encode text with this model's tokenizer")
+        if len(p) > params.max_seq_len:
+            raise ValueError(
+                f"{label} {i} has {len(p)} tokens, more than max_seq_len="
+                f"{params.max_seq_len}; shorten it or build with a larger max_seq_len")
 
     @torch.inference_mode()
     def prefill(self, prompt_tokens: List[List[int]], sampling: Sampling,

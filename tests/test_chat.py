@@ -176,6 +176,12 @@ def test_answer_room_must_leave_room_for_a_message(make_model):
         chat("unused", max_seq_len=64, max_gen_len=0)
     with pytest.raises(ValueError, match=r"--max_gen_len 60 leaves no room .*at least \d+"):
         chat(str(make_model()[0]), max_seq_len=64, max_gen_len=60)
+    long_system = "one more word " * 20
     with pytest.raises(ValueError, match=r"--system takes \d+ of --max_seq_len 64 tokens.*"
                                          "shorten --system"):
-        chat(str(make_model()[0]), max_seq_len=64, system="one more word " * 20)
+        chat(str(make_model()[0]), max_seq_len=64, system=long_system)
+    with pytest.raises(ValueError, match="--max_gen_len 40 leaves no room .*lower it, "
+                                         "shorten --system or raise"):
+        chat(str(make_model()[0]), max_seq_len=64, max_gen_len=40, system=long_system)
+    with pytest.raises(ValueError, match="--max_seq_len 4 leaves no room"):
+        chat(str(make_model()[0]), max_seq_len=4)

@@ -151,15 +151,24 @@ def test_options_are_parsed_like_metas_scripts_then_checked():
     assert options(["--prompt", "none"])["prompt"] == ["none"]  # text stays text
 
 
-def test_text_options_are_taken_as_written():
+def test_text_options_are_taken_as_written(capsys):
     """fire reads Python literals; text options are not read: a system prompt that looks
     like a list stays text, a number-like stop string keeps its spelling, and a list
     option that starts like a list but is not one is an error, not a stop string."""
     got = options(["--ckpt_dir", "1_000", "--stop", "1e3", "--quantize", "[x]"])
     assert got["ckpt_dir"] == "1_000" and got["stop"] == ["1e3"] and got["quantize"] == "[x]"
     assert options(["--stop=['a', \"b\\n\"]"])["stop"] == ["a", "b\n"]
-    with pytest.raises(SystemExit):
-        options(["--stop", '["\\n\\n",'])
+    for stop in ('["\\n\\n",', "[INST]"):
+        with pytest.raises(SystemExit):
+            options(["--stop", stop])
+        assert "starts like a list but is not one" in capsys.readouterr().err
+    assert options(["--stop", '["[INST]"]'])["stop"] == ["[INST]"]
+    # A switch, then a text option, then a positional argument: fire must see them in
+    # that order, or it reads the positional one as the switch's value.
+    got = options(["--nostream", "--stop", "x", "folder", "--prompt", "p", "--nostats"])
+    assert (got["ckpt_dir"], got["stream"], got["stop"], got["prompt"]) == (
+        "folder", False, ["x"], ["p"])
+    assert options(["--prompt", "--help"])["prompt"] == ["--help"]  # a value, not a flag
     got = {}
 
     def convert_like(ckpt_dir: str, out_dir: str, mp: int = 1):

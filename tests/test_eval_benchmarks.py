@@ -131,7 +131,10 @@ def test_user_errors_after_parsing_are_one_line(tmp_path, monkeypatch):
     assert "nope" in said
     garbage = tmp_path / "garbage.jsonl"
     garbage.write_text('{"task_id": "Fixture/0", "completion": ""}\nnot json\n')
-    assert f"{garbage} line 2 is not JSON" in refused(
+    assert f"{garbage} line 2 is not a JSON object (Expecting value" in refused(
+        ["humaneval", "--samples", str(garbage), "--data", str(problems)])
+    garbage.write_text('{"task_id": "Fixture/0", "completion": ""}\n\n3\n')
+    assert f"{garbage} line 3 is not a JSON object; the file must" in refused(
         ["humaneval", "--samples", str(garbage), "--data", str(problems)])
     assert "does not exist" in refused(["humaneval", "--samples", str(tmp_path / "none.jsonl"),
                                         "--data", str(problems)])

@@ -107,6 +107,16 @@ def test_infilling_example_takes_a_prompts_file_and_checks_the_gap(make_model, c
              "--max_gen_len", 4, "--stream", "--nostats")
     out, err = capsys.readouterr()
     assert out.count("Filled text") == 2 and "def add(a, b):\n    " in out and err == ""
+    listed.write_text(json.dumps(["x = <FILL>\n", "<FILL> <EOT>"]))
+    with pytest.raises(SystemExit):
+        run_main(example_infilling.main, "--ckpt_dir", folder, "--prompts_file", listed,
+                 "--stream")
+    out, err = capsys.readouterr()
+    assert err.startswith("error: prompt 1: the suffix") and "Filled text" not in out
+    with pytest.raises(SystemExit):  # sampling options are checked before any printing
+        run_main(example_infilling.main, "--ckpt_dir", folder, "--top_p", 2, "--stream")
+    out, err = capsys.readouterr()
+    assert "top_p" in err and "Filled text" not in out
     listed.write_text(json.dumps(["x = <FILL> + <FILL>"]))
     with pytest.raises(SystemExit) as exit:
         run_main(example_infilling.main, "--ckpt_dir", folder, "--prompts_file", listed)
@@ -131,6 +141,11 @@ def test_instructions_example_takes_messages_and_dialogs(make_model, capsys, tmp
         run_main(example_instructions.main, "--ckpt_dir", make_model()[0], "--prompts_file",
                  listed)
     assert capsys.readouterr().err.startswith("error: dialog 1: ")
+    # A dialog with chat tags is answered with an error message, however long.
+    listed.write_text(json.dumps(["[INST] " * 60]))
+    run_main(example_instructions.main, "--ckpt_dir", make_model()[0], "--prompts_file",
+             listed, "--max_seq_len", 64, "--nostats")
+    assert "Error: special tags are not allowed" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("script", ["example_completion", "example_infilling",
@@ -148,7 +163,8 @@ def test_a_prompt_too_long_is_named_before_any_runs(make_model, capsys, script, 
     with pytest.raises(SystemExit) as exit:
         run_main(main, *args, *(["--stream"] if stream else []))
     out, err = capsys.readouterr()
-    assert exit.value.code == 2 and err.startswith("error: prompt 2 has "), err
+    label = "dialog" if script == "example_instructions" else "prompt"
+    assert exit.value.code == 2 and err.startswith(f"error: {label} 2 has "), err
     assert ">" not in out and "Filled text" not in out  # nothing was generated
 
 

@@ -75,10 +75,14 @@ def read_jsonl(path) -> List[dict]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {number} is not JSON ({e}); the file must "
-                                 f"hold one JSON object per line") from None
+                row = e
+            if not isinstance(row, dict):
+                why = f" ({row})" if isinstance(row, json.JSONDecodeError) else ""
+                raise ValueError(f"{path} line {number} is not a JSON object{why}; the file "
+                                 f"must hold one JSON object per line")
+            rows.append(row)
     return rows
 
 
@@ -87,8 +91,8 @@ def check_rows(rows: List[dict], fields, path) -> List[dict]:
     for i, row in enumerate(rows):
         missing = [f for f in fields if f not in row]
         if missing:
-            raise ValueError(f"row {i} of {path} has no {', '.join(missing)}: it is not a "
-                             f"file of this benchmark")
+            raise ValueError(f"record {i + 1} of {path} has no {', '.join(missing)}: it is "
+                             f"not a file of this benchmark")
     return rows
 
 
