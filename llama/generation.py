@@ -6,6 +6,7 @@ generation core (engine.Engine.generate) and shapes its output; text-level rules
 strings, streamed deltas) live in text.TextRow.
 """
 
+import numbers
 import warnings
 from typing import Iterator, List, Optional, Set, Tuple, TypedDict
 
@@ -188,7 +189,11 @@ class Llama:
         the first prompt token). Generation stops at `stop_token` (default: EOS), which is
         not returned."""
         if stop_token is not None:
-            stop_ids = {stop_token}
+            if isinstance(stop_token, bool) or not isinstance(stop_token, numbers.Integral):
+                raise ValueError(f"stop_token must be one token id (an int), got "
+                                 f"{stop_token!r}; to stop at text, use the text methods' "
+                                 f"stop=[...]")
+            stop_ids = {int(stop_token)}
         else:  # a model from from_preset without a tokenizer has no EOS: run to max_gen_len
             stop_ids = {self.tokenizer.eos_id} if self.tokenizer is not None else set()
         prompt_tokens = [p.tolist() if hasattr(p, "tolist") else p for p in as_batch(

@@ -290,6 +290,13 @@ def quantize(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
     Otherwise each weight is quantized on its device and released as its layer goes.
     """
     check_mode(mode)
+    # Layers left out before may be quantized now, in the same format only.
+    for name, layer in quantized_layers(model).items():
+        if (layer.mode, layer.group_size if mode == "int4" else None) != (
+                mode, group_size if mode == "int4" else None):
+            raise ValueError(f"the model is quantized already ({name} holds {layer.mode}"
+                             f"{f', groups of {layer.group_size}' if layer.mode == 'int4' else ''}"
+                             f"); its other layers can take that format only")
     # Names only: a reference kept to a replaced layer would keep its full-precision
     # weight alive until the end.
     targets = linear_layers(model, skip)

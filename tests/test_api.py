@@ -152,3 +152,14 @@ def test_compiling_a_decode_step_is_announced(capsys):
     assert "compiling the decode step for 1 row(s), greedy" in capsys.readouterr().err
     gen.generate([[1, 2, 3]], max_gen_len=3, temperature=0)  # compiled once: no word
     assert "compiling" not in capsys.readouterr().err
+
+
+def test_stop_token_must_be_one_token_id():
+    gen = Llama.from_preset("tiny", 16, 1, device="cpu")
+    for bad in ("\n", [13, 2], True, 2.0):
+        with pytest.raises(ValueError, match="stop_token must be one token id"):
+            gen.generate([[1, 5]], max_gen_len=2, stop_token=bad)
+    tokens, _ = gen.generate([[1, 5]], max_gen_len=4, temperature=0)
+    stop = tokens[0][1]
+    stopped, _ = gen.generate([[1, 5]], max_gen_len=4, temperature=0, stop_token=stop)
+    assert stopped[0] == tokens[0][:tokens[0].index(stop)]

@@ -406,3 +406,12 @@ def test_triton_kernel_in_the_interpreter():
     for case, result in cases.items():
         assert result["shape_ok"], case
         assert result["error"] < result["limit"], (case, result)
+
+
+def test_a_quantized_model_is_not_quantized_again():
+    from llama import Llama
+    model = Llama.from_preset("tiny", 16, 1, device="cpu").model
+    q.quantize(model, "int4", 64, skip=["output"])
+    with pytest.raises(ValueError, match="quantized already .*holds int4, groups of 64"):
+        q.quantize(model, "int8")
+    assert not isinstance(model.output, q.QuantizedLinear)  # nothing was touched
