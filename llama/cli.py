@@ -447,22 +447,23 @@ def build_options(device: Optional[str], dtype: Optional[str],
     return options
 
 
-DRAFT_NAMES = ("lookup", "int4")
-
-
 def check_draft(draft: Optional[str], draft_ckpt_dir: Optional[str], draft_tokens) -> None:
     """Refuse bad --draft / --draft_ckpt_dir / --draft_tokens before any model loads."""
+    from .drafting import BY_NAME
+    from .speculative import check_draft_tokens
+
     if draft is not None and draft_ckpt_dir is not None:
         raise ValueError("give either --draft or --draft_ckpt_dir, not both")
-    if draft is not None and draft not in DRAFT_NAMES:
-        raise ValueError(f"--draft {draft!r} is not a draft; use {' or '.join(DRAFT_NAMES)}, "
+    if draft is not None and draft not in BY_NAME:
+        raise ValueError(f"--draft {draft!r} is not a draft; use {' or '.join(BY_NAME)}, "
                          f"or --draft_ckpt_dir for a draft model")
     if draft_ckpt_dir is not None and not Path(draft_ckpt_dir).is_dir():
         raise ValueError(f"--draft_ckpt_dir {draft_ckpt_dir} is not a folder; pass the draft "
                          f"model's checkpoint folder")
-    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
-        raise ValueError(f"--draft_tokens must be a whole number of tokens >= 1, got "
-                         f"{draft_tokens!r}")
+    try:
+        check_draft_tokens(draft_tokens)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
 
 
 def use_draft(generator, draft: Optional[str], draft_ckpt_dir: Optional[str],

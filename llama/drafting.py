@@ -38,10 +38,8 @@ def make_drafter(target, draft):
     if draft is None:
         return None
     if isinstance(draft, str):
-        if draft == "lookup":
-            return LookupDrafter()
-        if draft == "int4":
-            return int4_drafter(target)
+        if draft in BY_NAME:
+            return BY_NAME[draft](target)
         raise ValueError(f"draft must be None, 'lookup', 'int4' or another Llama, "
                          f"got {draft!r}")
     if not isinstance(getattr(draft, "engine", None), Engine):
@@ -131,6 +129,10 @@ class LookupDrafter:
     @contextlib.contextmanager
     def session(self, prompt_tokens, target):
         yield LookupSession(len(prompt_tokens))
+
+
+# configure(draft=NAME): the drafts that need no second model.
+BY_NAME = {"lookup": lambda target: LookupDrafter(), "int4": int4_drafter}
 
 
 class LookupSession:

@@ -291,12 +291,12 @@ def quantize(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
     """
     check_mode(mode)
     # Layers left out before may be quantized now, in the same format only.
+    wanted = (mode, group_size if mode == "int4" else None)  # QuantizedLinear's own rule
     for name, layer in quantized_layers(model).items():
-        if (layer.mode, layer.group_size if mode == "int4" else None) != (
-                mode, group_size if mode == "int4" else None):
+        if (layer.mode, layer.group_size) != wanted:
+            groups = f", groups of {layer.group_size}" if layer.group_size else ""
             raise ValueError(f"the model is quantized already ({name} holds {layer.mode}"
-                             f"{f', groups of {layer.group_size}' if layer.mode == 'int4' else ''}"
-                             f"); its other layers can take that format only")
+                             f"{groups}); its other layers can take that format only")
     # Names only: a reference kept to a replaced layer would keep its full-precision
     # weight alive until the end.
     targets = linear_layers(model, skip)

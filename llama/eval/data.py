@@ -47,8 +47,8 @@ def fetch(source: Source, folder: Optional[Path] = None) -> Path:
                     tmp.write(block)
         except OSError as e:
             os.unlink(tmp.name)
-            raise ConnectionError(f"could not download {source.url} ({e}); download it yourself "
-                          f"and pass its path with --data") from e
+            raise ConnectionError(f"could not download {source.url} ({e}); download it "
+                                  f"yourself and pass its path with --data") from e
     check_digest(Path(tmp.name), source)
     os.replace(tmp.name, path)
     return path
@@ -63,6 +63,9 @@ def check_digest(path: Path, source: Source) -> None:
                          f"or pass a good copy with --data")
 
 
+ONE_OBJECT_PER_LINE = "the file must hold one JSON object per line"
+
+
 def read_jsonl(path) -> List[dict]:
     """Rows of a .jsonl or .jsonl.gz file."""
     path = Path(path)
@@ -74,14 +77,13 @@ def read_jsonl(path) -> List[dict]:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"{path} line {number} is not a JSON object"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                row = e
+                raise ValueError(f"{where} ({e}); {ONE_OBJECT_PER_LINE}") from None
             if not isinstance(row, dict):
-                why = f" ({row})" if isinstance(row, json.JSONDecodeError) else ""
-                raise ValueError(f"{path} line {number} is not a JSON object{why}; the file "
-                                 f"must hold one JSON object per line")
+                raise ValueError(f"{where}; {ONE_OBJECT_PER_LINE}")
             rows.append(row)
     return rows
 
